@@ -1,0 +1,1 @@
+"""The ``fedproxy-secure`` command line (typer). Thin: parses, calls the SDK, prints."""
