@@ -1,0 +1,265 @@
+"""The one YAML schema of a federation run, validated before any work starts.
+
+``load_run_config(path)`` returns a :class:`RunConfig` or raises :class:`ConfigError` whose message
+names the field path, the bad value and the fix, e.g.::
+
+    config error: train.lr = -0.001: must be > 0 (fix: use a positive learning rate such as 2e-4)
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedproxy_secure.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelSpec(_Strict):
+    """A tiny randomly initialised model built from a config (tests, demos; no download)."""
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    layers: int = Field(8, ge=2, le=64)
+    hidden: int = Field(64, ge=8)
+    heads: int = Field(4, ge=1)
+    intermediate: int = Field(128, ge=8)
+    vocab: int = Field(512, ge=64, description="byte-level tokenizer needs >= 260")
+    max_positions: int = Field(256, ge=16)
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    """The server's LLM: a local Hugging Face folder, or a tiny model built from a spec."""
+
+    llm: Optional[Path] = None
+    tiny: Optional[TinyModelSpec] = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.llm is None) == (self.tiny is None):
+            raise ValueError("give exactly one of model.llm (a local HF folder) or model.tiny (a spec)")
+        if self.llm is not None and not (Path(self.llm) / "config.json").is_file():
+            raise ValueError(f"model.llm: {self.llm} has no config.json; point it at a Hugging Face model folder")
+        return self
+
+
+class CompressConfig(_Strict):
+    """Stage i: server-guided compression of the LLM into the proxy."""
+
+    strategy: Literal["bi", "uniform"] = "bi"
+    keep_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of blocks kept (1 - p)")
+    distill: bool = False
+    distill_steps: int = Field(0, ge=0)
+    distill_lr: float = Field(1e-4, gt=0)
+    calib_examples: int = Field(64, ge=1)
+    ot_adapter_blocks: int = Field(2, ge=0, description="Offsite-Tuning: first/last n blocks")
+
+
+class DataConfig(_Strict):
+    """Client data and evaluation data (BIG-bench multiple-choice tasks or JSONL prompt/response)."""
+
+    source: Literal["bigbench", "jsonl"] = "bigbench"
+    dir: Path
+    tasks: Optional[list[str]] = None
+    calib_tasks: list[str] = Field(default_factory=list, description="server-only tasks for calibration")
+    partition: Literal["task", "iid", "dirichlet"] = "task"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    limit_train: int = Field(200, ge=1)
+    limit_test: int = Field(100, ge=1)
+    max_length: int = Field(256, ge=16)
+
+    @model_validator(mode="after")
+    def _dir_exists(self) -> "DataConfig":
+        if not Path(self.dir).is_dir():
+            raise ValueError(
+                f"data.dir: folder {str(self.dir)!r} does not exist; create it or run "
+                "`fedproxy-secure data fetch bigbench` and point data.dir at the cache"
+            )
+        return self
+
+
+class ClientsConfig(_Strict):
+    count: int = Field(4, ge=1, le=10000)
+
+
+class TrainConfig(_Strict):
+    """Local training on each client (per round)."""
+
+    lr: float = Field(2e-4, gt=0)
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    update_clip_norm: float = Field(1.0, gt=0, description="L2 bound of each client's update")
+    device: str = "cpu"
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Optional[list[str]] = None
+    ffa: bool = Field(True, description="freeze A (FFA-LoRA): exact aggregation of B")
+
+
+class AggregatorConfig(_Strict):
+    name: Literal["fedavg", "fedprox", "ties", "hties", "sa_hties"] = "fedavg"
+    pcr_lambda: float = Field(1e-5, ge=0)
+    fedprox_mu: float = Field(0.01, ge=0)
+    r0: float = Field(1.0, ge=0, le=1)
+    delta: float = Field(0.2, ge=0, le=1)
+    rho: float = Field(1.1, ge=1.0)
+    ties_density: float = Field(0.2, gt=0, le=1)
+    server_lr: float = Field(1.0, gt=0)
+
+
+class SecAggConfig(_Strict):
+    mode: Literal["none", "masking", "he"] = "none"
+    threshold: Optional[int] = Field(None, ge=2, description="t; default ceil(2n/3)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="simulated fraction of clients that drop")
+
+    def threshold_for(self, n: int) -> int:
+        """The threshold t for a cohort of ``n`` clients (explicit, else ceil(2n/3), at least 1)."""
+        return self.threshold if self.threshold is not None else max(1, math.ceil(2 * n / 3))
+
+
+class DPConfig(_Strict):
+    enabled: bool = False
+    epsilon: float = Field(8.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+
+
+class FusionConfig(_Strict):
+    method: Literal["weight", "logit"] = "weight"
+    scale: float = Field(1.0, ge=0)
+    logit_beta: float = Field(1.0, ge=0)
+
+
+class OutputConfig(_Strict):
+    dir: Path = Path("runs/default")
+
+
+class RunConfig(_Strict):
+    """A whole federation run: what ``simulate`` and ``demo`` execute."""
+
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig
+    compress: CompressConfig = CompressConfig()
+    data: DataConfig
+    clients: ClientsConfig = ClientsConfig()
+    rounds: int = Field(2, ge=1, le=10000)
+    train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    secagg: SecAggConfig = SecAggConfig()
+    dp: DPConfig = DPConfig()
+    fusion: FusionConfig = FusionConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        n = self.clients.count
+        if self.secagg.mode != "none" and self.secagg.threshold_for(n) > n:
+            raise ValueError(
+                f"secagg.threshold: {self.secagg.threshold} exceeds clients.count={n}; use t <= n"
+            )
+        if self.aggregator.name == "sa_hties" and self.secagg.mode == "none":
+            pass  # SA-H-TIES over plaintext sums is allowed (the reference it is tested against)
+        return self
+
+
+_FIXES = {
+    "greater_than": "use a value above the bound",
+    "greater_than_equal": "use a value at or above the bound",
+    "less_than": "use a value below the bound",
+    "less_than_equal": "use a value at or below the bound",
+    "literal_error": "use one of the allowed values",
+    "missing": "add this field",
+    "int_parsing": "use an integer",
+    "float_parsing": "use a number",
+    "bool_parsing": "use true or false",
+}
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at ``loc``'s parent (for 'did you mean' hints)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cur = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cur is None:
+            return []
+    return list(getattr(cur, "model_fields", {}))
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel] = None) -> str:
+    """One line per problem: ``field.path = value: what is wrong (fix: ...)``."""
+    model = model or RunConfig
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        value = err.get("input")
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = _known_fields(model, loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(known)}"
+            lines.append(f"{path}: unknown field (fix: remove it; {hint})")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        fix = _FIXES.get(kind)
+        shown = "" if kind == "missing" or isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"{path}{shown}: {msg}" + (f" (fix: {fix})" if fix else ""))
+    return "; ".join(lines)
+
+
+def parse_run_config(data: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
+    """Validate a config mapping; relative paths resolve against ``base_dir`` (the YAML's folder)."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping of sections (model, data, ...)")
+    data = _resolve_paths(data, base_dir) if base_dir else data
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("config error: " + format_validation_error(exc)) from None
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for section, key in (("model", "llm"), ("data", "dir")):
+        sec = out.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            p = Path(sec[key]).expanduser()
+            sec[key] = str(p if p.is_absolute() or p.exists() else base / p)
+    return out
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; raise ConfigError naming the field on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
+    return parse_run_config(data or {}, base_dir=path.parent.resolve())
+
+
+def dump_config(cfg: BaseModel) -> dict[str, Any]:
+    """A JSON-able dict of ``cfg`` (paths as strings), for results files."""
+    return cfg.model_dump(mode="json")
