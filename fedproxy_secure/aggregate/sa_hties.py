@@ -56,7 +56,7 @@ def _vec(x) -> np.ndarray:
 
 def _normalised(delta: np.ndarray) -> np.ndarray:
     n = float(np.linalg.norm(delta))
-    return delta / n if n > 0 else np.zeros_like(delta)
+    return np.clip(delta / n, -1.0, 1.0) if n > 0 else np.zeros_like(delta)
 
 
 # ----------------------------------------------------------------------------------- client side
