@@ -327,7 +327,7 @@ class ClientProtocol:
         t0 = time.perf_counter()
         self._expect(ClientState.MASKED_INPUT, msg, M.ShareBroadcast)
         senders = self._check_ids([c.peer_id for c in msg.ciphertexts], "share broadcast", self._neighbours)
-        if len(senders) + 1 < self._holders_t or len(senders) + 1 < min(self.config.threshold, len(self._peers)):
+        if len(senders) + 1 < self._holders_t:
             raise self._abort(f"only {len(senders)} peers sent shares, too few for the threshold")
         for c in msg.ciphertexts:
             u = c.peer_id
