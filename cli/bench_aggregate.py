@@ -1,0 +1,41 @@
+"""``fedproxy-secure bench aggregate``: how far SA-H-TIES departs from plaintext H-TIES."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from cli.app import bench_app
+
+
+@bench_app.command("aggregate")
+def bench_aggregate(
+    clients: int = typer.Option(8, "--clients", min=2, help="Number of clients K."),
+    values: int = typer.Option(10000, "--values", min=10, help="Update length P."),
+    seeds: int = typer.Option(5, "--seeds", min=1, help="Random seeds per scenario."),
+    json_file: Optional[str] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+) -> None:
+    """Relative L2 of SA-H-TIES (h revealed / not) vs H-TIES, and of secure sums vs the plain sum."""
+    import torch
+
+    torch.set_num_threads(1)
+    mod = _load_bench()
+    mod.print_table(mod.run_departure_bench(clients, values, seeds, json_path=json_file))
+
+
+def _load_bench():
+    """Import ``benchmarks/aggregate_departure.py`` from this repository."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        from benchmarks import aggregate_departure  # works when the repo root is first on sys.path
+
+        return aggregate_departure
+    except ImportError:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "aggregate_departure.py"
+        spec = importlib.util.spec_from_file_location("fedproxy_aggregate_departure", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
