@@ -1,0 +1,1 @@
+"""Networked federation server: durable store (``store``), round engine (``rounds``), HTTPS app (``app``)."""

@@ -1,0 +1,339 @@
+"""FastAPI application of the federation server (served by uvicorn over TLS 1.3 with mTLS).
+
+Routes (all JSON, all but ``/v1/enroll`` signed by an enrolled client, see ``transport.signing``):
+
+- ``POST /v1/enroll``                   spend a one-time token, register the client's Ed25519 key
+- ``GET  /v1/federation``               federation progress (rounds done/total, finished)
+- ``GET  /v1/round``                    the current round id, stage and status
+- ``GET  /v1/round/{rid}/config``       the operator-signed round config (once the cohort is fixed)
+- ``GET  /v1/state/{round}``            global LoRA state after ``round`` (safetensors bytes)
+- ``POST /v1/round/{rid}/{stage}``      a client's protocol message for a stage
+- ``GET  /v1/round/{rid}/{stage}``      the server's message to this client for a stage (long poll)
+- ``POST /v1/round/{rid}/report``       what the client spent (ε) and trained on
+- ``GET  /v1/bundle/{name}``            a file of the signed proxy bundle (manifest-listed only)
+- ``GET  /v1/status``                   rounds and clients summary
+
+Bodies larger than the limit are refused from ``Content-Length`` before any byte is read, and a
+streamed body is cut off as soon as it passes the limit. No route returns the server's LLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.errors import ProtocolAbort, SecurityError
+from fedproxy_secure.server.rounds import RoundEngine
+from fedproxy_secure.server.store import Storage
+from fedproxy_secure.transport.signing import RequestVerifier, VerifiedRequest, b64u_decode
+
+ROUTE_STAGES = ("join", "advertise", "share", "masked_input", "consistency", "unmask")
+MAX_JSON_DEPTH = 32
+
+
+class _TooBig(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 when Content-Length or the streamed body exceeds ``max_bytes``."""
+
+    def __init__(self, app, max_bytes: int, small_paths: dict[str, int] | None = None) -> None:
+        self.app, self.max_bytes, self.small = app, max_bytes, small_paths or {}
+
+    async def _reply(self, send, status: int, msg: str) -> None:
+        body = json.dumps({"error": msg}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.small.get(scope.get("path", ""), self.max_bytes)
+        headers = dict(scope.get("headers") or [])
+        cl = headers.get(b"content-length")
+        if cl is not None:
+            try:
+                n = int(cl)
+            except ValueError:
+                return await self._reply(send, 400, "bad Content-Length")
+            if n > limit:
+                return await self._reply(send, 413, f"body of {n} bytes exceeds the {limit}-byte limit")
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise _TooBig()
+            return msg
+
+        async def tracking_send(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooBig:
+            if not started:
+                await self._reply(send, 413, f"streamed body exceeds the {limit}-byte limit")
+
+
+def _err(status: int, msg: str) -> JSONResponse:
+    return JSONResponse({"error": msg}, status_code=status)
+
+
+def parse_json(body: bytes) -> object:
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded nesting; ``ProtocolAbort`` else."""
+    def no_const(x):
+        raise ValueError(f"{x} is not allowed")
+
+    def no_dupes(pairs):
+        d = {}
+        for k, v in pairs:
+            if k in d:
+                raise ValueError(f"duplicate key {k!r}")
+            d[k] = v
+        return d
+
+    try:
+        text = body.decode("utf-8")
+        depth = max_depth = 0
+        for ch in text:
+            if ch in "[{":
+                depth += 1
+                max_depth = max(max_depth, depth)
+                if max_depth > MAX_JSON_DEPTH:
+                    raise ValueError("nesting too deep")
+            elif ch in "]}":
+                depth -= 1
+        return json.loads(text, parse_constant=no_const, object_pairs_hook=no_dupes)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolAbort(f"malformed JSON body: {exc}") from None
+
+
+@dataclass
+class ServerContext:
+    """Everything the routes need (no globals)."""
+
+    store: Storage
+    engine: RoundEngine
+    audit: AuditLog
+    verifier: RequestVerifier
+    bundle_dir: Path | None = None
+    max_body: int = 64 << 20
+    poll_s: float = 10.0
+    tick_s: float = 0.2
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    """The federation API over ``ctx``; starts a background ticker enforcing stage deadlines."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await run_in_threadpool(ctx.engine.recover)
+
+        async def ticker():
+            while True:
+                await asyncio.sleep(ctx.tick_s)
+                try:
+                    await run_in_threadpool(ctx.engine.tick)
+                except Exception as exc:  # never let the clock die; audit and continue
+                    ctx.audit.append("error", {"where": "tick", "error": repr(exc)[:300]})
+
+        task = asyncio.create_task(ticker())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="fedproxy-secure federation", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+
+    def reject(status: int, reason: str, request: Request, client: str | None = None) -> JSONResponse:
+        ctx.audit.append("reject", {"method": request.method, "path": request.url.path, "status": status,
+                                    "reason": reason[:300], "client": client})
+        return _err(status, reason)
+
+    async def authed(request: Request) -> tuple[VerifiedRequest | None, bytes, JSONResponse | None]:
+        body = await request.body()
+        path = request.url.path + (("?" + request.url.query) if request.url.query else "")
+        try:
+            v = await run_in_threadpool(ctx.verifier.verify, request.method, path, body, request.headers)
+        except SecurityError as exc:
+            return None, body, reject(401, str(exc), request)
+        return v, body, None
+
+    def check_round(v: VerifiedRequest, rid: int, request: Request) -> JSONResponse | None:
+        if v.round_id != str(rid):
+            return reject(409, f"wrong round id: signed for {v.round_id}, path says {rid}", request, v.client_id)
+        cur = ctx.engine.current()
+        if cur is None or cur.round_id != rid:
+            return reject(409, f"wrong round id {rid}: current round is {cur.round_id if cur else None}",
+                          request, v.client_id)
+        return None
+
+    @app.post("/v1/enroll")
+    async def enroll(request: Request):
+        body = await request.body()
+        try:
+            msg = parse_json(body)
+            if not isinstance(msg, dict) or set(msg) != {"token", "pubkey"}:
+                raise ProtocolAbort("enroll body must be {token, pubkey}")
+            pub = b64u_decode(str(msg["pubkey"]))
+        except (ProtocolAbort, ValueError) as exc:
+            return reject(400, str(exc), request)
+        # proof of possession: the request is signed by the key being enrolled
+        pop = RequestVerifier(lambda _cid: pub, ctx.store, ctx.verifier.skew_s, ctx.verifier._clock)
+        try:
+            await run_in_threadpool(pop.verify, request.method, request.url.path, body, request.headers)
+            cid, name = await run_in_threadpool(ctx.store.enroll, str(msg["token"]), pub)
+        except SecurityError as exc:
+            return reject(403, str(exc), request)
+        ctx.audit.append("enrol", {"client": cid, "name": name,
+                                   "pubkey_sha256": hashlib.sha256(pub).hexdigest()})
+        return {"client_id": cid, "name": name}
+
+    @app.get("/v1/federation")
+    async def federation(request: Request):
+        v, _, bad = await authed(request)
+        if bad:
+            return bad
+        cur = ctx.engine.current()
+        return {"rounds_total": ctx.engine.s.rounds, "rounds_done": ctx.engine.completed_rounds(),
+                "finished": ctx.engine.finished(),
+                "round": cur.round_id if cur else None, "stage": cur.stage if cur else None,
+                "status": cur.status if cur else None}
+
+    @app.get("/v1/round")
+    async def round_now(request: Request):
+        return await federation(request)
+
+    @app.get("/v1/state/{rnd}")
+    async def state(rnd: int, request: Request):
+        v, _, bad = await authed(request)
+        if bad:
+            return bad
+        gs = ctx.store.global_state(rnd)
+        if gs is None:
+            return _err(404, f"no global state for round {rnd}")
+        return Response(gs[1], media_type="application/octet-stream")
+
+    @app.get("/v1/status")
+    async def status(request: Request):
+        v, _, bad = await authed(request)
+        if bad:
+            return bad
+        return status_summary(ctx.store)
+
+    @app.get("/v1/bundle/{name:path}")
+    async def bundle(name: str, request: Request):
+        v, _, bad = await authed(request)
+        if bad:
+            return bad
+        if ctx.bundle_dir is None:
+            return _err(404, "this server publishes no proxy bundle")
+        allowed = {"MANIFEST.json", "MANIFEST.sig"}
+        try:
+            man = json.loads((ctx.bundle_dir / "MANIFEST.json").read_bytes())
+            allowed |= {f["path"] for f in man.get("files", [])}
+        except (OSError, ValueError):
+            return _err(500, "bundle manifest unreadable")
+        if name not in allowed:
+            return reject(404, f"{name!r} is not a file of the proxy bundle", request, v.client_id)
+        p = (ctx.bundle_dir / name)
+        if p.is_symlink() or not p.resolve().is_relative_to(ctx.bundle_dir.resolve()):
+            return reject(404, "refusing a path outside the bundle", request, v.client_id)
+        return Response(p.read_bytes(), media_type="application/octet-stream")
+
+    @app.get("/v1/round/{rid}/{stage}")
+    async def fetch(rid: int, stage: str, request: Request):
+        v, _, bad = await authed(request)
+        if bad:
+            return bad
+        if stage not in ROUTE_STAGES + ("config", "result"):
+            return reject(404, f"unknown stage {stage!r}", request, v.client_id)
+        if v.round_id != str(rid):
+            return reject(409, f"wrong round id: signed for {v.round_id}, path says {rid}", request, v.client_id)
+        end = time.monotonic() + ctx.poll_s
+        while True:
+            st, msg = await run_in_threadpool(ctx.engine.fetch, v.client_id, rid, stage)
+            if st == "ready":
+                return msg
+            if st == "gone":
+                return _err(410, msg["reason"])
+            if time.monotonic() >= end:
+                return JSONResponse({"wait": True}, status_code=202)
+            await asyncio.sleep(0.1)
+
+    @app.post("/v1/round/{rid}/report")
+    async def report(rid: int, request: Request):
+        v, body, bad = await authed(request)
+        if bad:
+            return bad
+        if v.round_id != str(rid):
+            return reject(409, "wrong round id", request, v.client_id)
+        try:
+            msg = parse_json(body)
+            if not isinstance(msg, dict) or len(body) > 4096:
+                raise ProtocolAbort("report must be a small JSON object")
+        except ProtocolAbort as exc:
+            return reject(400, str(exc), request, v.client_id)
+        await run_in_threadpool(ctx.store.put_client_report, rid, v.client_id, msg)
+        ctx.audit.append("client_report", {"round": rid, "client": v.client_id, "report": msg})
+        return {"ok": True}
+
+    @app.post("/v1/round/{rid}/{stage}")
+    async def submit(rid: int, stage: str, request: Request):
+        v, body, bad = await authed(request)
+        if bad:
+            return bad
+        if stage not in ROUTE_STAGES:
+            return reject(404, f"unknown stage {stage!r}", request, v.client_id)
+        if (bad := check_round(v, rid, request)) is not None:
+            return bad
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return reject(415, "only application/json bodies are accepted", request, v.client_id)
+        try:
+            msg = parse_json(body)
+            if not isinstance(msg, dict):
+                raise ProtocolAbort("body must be a JSON object")
+            return await run_in_threadpool(ctx.engine.submit, v.client_id, rid, stage, msg)
+        except LookupError as exc:
+            return reject(409, str(exc), request, v.client_id)
+        except PermissionError as exc:
+            return reject(403, str(exc), request, v.client_id)
+        except (ProtocolAbort, SecurityError) as exc:
+            return reject(400, str(exc), request, v.client_id)
+
+    return app
+
+
+def status_summary(store: Storage) -> dict:
+    """Rounds (id, status, stage, survivors, dropouts, ε reported) and clients, JSON-able."""
+    rounds = []
+    for r in store.rounds():
+        dropped = sorted({c for t in store.transitions(r.round_id) for c in t["data"].get("dropped", [])})
+        reps = store.client_reports(r.round_id)
+        eps = [x.get("epsilon") for x in reps.values() if isinstance(x.get("epsilon"), (int, float))]
+        rounds.append({"round": r.round_id, "status": r.status, "stage": r.stage,
+                       "cohort": len(r.config.get("cohort", []) or []),
+                       "survivors": len((r.result or {}).get("survivors", [])), "dropouts": dropped,
+                       "epsilon_max": max(eps) if eps else None, "reason": r.reason,
+                       "seconds": round((r.closed_at or time.time()) - r.opened_at, 3)})
+    return {"rounds": rounds, "clients": store.clients()}

@@ -1,0 +1,430 @@
+"""The round state machine of the networked federation.
+
+A round moves through ``join`` (clients check in; the cohort is fixed and the signed round config
+published), then the stages of the secure-aggregation mode (``advertise``, ``share``,
+``masked_input``, ``consistency``, ``unmask`` for masking), then ``done`` or ``aborted``. Each stage
+has a deadline: it closes early when every live cohort member has submitted, else at the
+deadline, and a client that sent nothing is declared dropped (audited). Fewer than ``t`` live
+clients aborts the round (nothing is revealed). Every transition is committed to the store
+before it is acted on; :meth:`RoundEngine.recover` resumes an open round after a crash by
+replaying the stored messages, or aborts it, and the next round always gets a fresh session id.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from fedproxy_secure.audit.log import AuditLog, canonical_json
+from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
+from fedproxy_secure.server.protocols import PlainStages, make_server_stages
+from fedproxy_secure.server.store import RoundRow, Storage
+
+ROUND_CONFIG_DOMAIN = b"fedproxy-secure/v1/round-config\n"
+DEFAULT_DEADLINES = {"join": 30.0, "advertise": 120.0, "share": 20.0, "masked_input": 20.0,
+                     "consistency": 20.0, "unmask": 20.0}
+
+
+@dataclass
+class FederationSettings:
+    """What the operator fixes for a federation (stored in the store's meta table as JSON)."""
+
+    rounds: int = 3
+    min_clients: int = 3
+    threshold: int = 2
+    mode: str = "masking"
+    dim: int = 16
+    clip_norm: float = 1.0
+    aggregator: str = "fedavg"
+    deadlines: dict = field(default_factory=lambda: dict(DEFAULT_DEADLINES))
+    train: dict = field(default_factory=dict)   # passed to clients verbatim (lr, epochs, dp, ...)
+    max_aborts: int = 10
+    on_restart: str = "resume"                  # resume | abort
+
+    def validate(self) -> "FederationSettings":
+        """Raise ``ConfigError`` naming the field for any impossible value."""
+        if self.rounds < 1:
+            raise ConfigError(f"federation.rounds={self.rounds}: must be >= 1")
+        if self.min_clients < 2:
+            raise ConfigError(f"federation.min_clients={self.min_clients}: secure aggregation needs >= 2")
+        if not 1 <= self.threshold <= self.min_clients:
+            raise ConfigError(f"federation.threshold={self.threshold}: must be in [1, min_clients]")
+        if self.mode not in ("masking", "plain", "none"):
+            raise ConfigError(f"federation.mode={self.mode!r}: use masking or plain over the network")
+        if self.dim < 1 or not self.clip_norm > 0:
+            raise ConfigError("federation.dim and federation.clip_norm must be positive")
+        if self.on_restart not in ("resume", "abort"):
+            raise ConfigError("federation.on_restart: use resume or abort")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FederationSettings":
+        """Build from a dict, refusing unknown keys."""
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"federation: unknown keys {sorted(unknown)}")
+        s = cls(**d)
+        s.deadlines = {**DEFAULT_DEADLINES, **(s.deadlines or {})}
+        return s.validate()
+
+
+def state_to_bytes(theta: np.ndarray, conflict: np.ndarray | None = None) -> bytes:
+    """Global state as safetensors bytes (``theta`` and optional ``conflict``, float64)."""
+    from safetensors.numpy import save
+
+    t = {"theta": np.ascontiguousarray(theta, dtype=np.float64)}
+    if conflict is not None:
+        t["conflict"] = np.ascontiguousarray(conflict, dtype=np.float64)
+    return save(t)
+
+
+def state_from_bytes(blob: bytes) -> dict[str, np.ndarray]:
+    """Inverse of :func:`state_to_bytes` (safetensors only, never pickle)."""
+    from safetensors.numpy import load
+
+    return load(blob)
+
+
+class RoundEngine:
+    """Drives rounds over a :class:`Storage`; thread-safe (one lock around every transition)."""
+
+    def __init__(self, store: Storage, audit: AuditLog, settings: FederationSettings,
+                 signer=None, clock: Callable[[], float] = time.time) -> None:
+        self.store, self.audit, self.s, self.signer, self.clock = store, audit, settings, signer, clock
+        self.lock = threading.RLock()
+        self._proto = None          # ServerStages of the open round (rebuilt on recovery)
+        self._proto_round = None
+
+    # ---------------------------------------------------------------- helpers
+    def stages_for(self, mode: str) -> tuple[str, ...]:
+        """Protocol stages of ``mode`` (after ``join``)."""
+        if mode in ("plain", "none"):
+            return PlainStages.stages
+        from fedproxy_secure.server.masking_stages import MaskingServerStages
+
+        return MaskingServerStages.stages
+
+    def _deadline(self, stage: str) -> float:
+        return self.clock() + float(self.s.deadlines.get(stage, 30.0))
+
+    def completed_rounds(self) -> int:
+        """Rounds closed as done."""
+        return sum(1 for r in self.store.rounds() if r.status == "done")
+
+    def finished(self) -> bool:
+        """True once the federation has run all its rounds (or too many aborts)."""
+        if self.completed_rounds() >= self.s.rounds:
+            return True
+        return sum(1 for r in self.store.rounds() if r.status == "aborted") > self.s.max_aborts
+
+    def ensure_initial_state(self) -> None:
+        """Store the round-0 global state (zeros) if there is none."""
+        if self.store.global_state() is None:
+            self.store.put_global_state(0, state_to_bytes(np.zeros(self.s.dim)))
+
+    # ---------------------------------------------------------------- round lifecycle
+    def open_round(self) -> RoundRow | None:
+        """Open the next round (fresh random session id) unless the federation is finished."""
+        with self.lock:
+            if self.finished():
+                return None
+            last = self.store.latest_round()
+            if last is not None and last.status == "open":
+                return last
+            rid = (last.round_id + 1) if last else 1
+            session = secrets.token_bytes(32)
+            self.store.open_round(rid, session.hex(), "join", self._deadline("join"), {})
+            self.audit.append("round_open", {"round": rid, "session_sha256": hashlib.sha256(session).hexdigest()})
+            self._proto, self._proto_round = None, None
+            return self.store.get_round(rid)
+
+    def abort(self, rid: int, reason: str) -> None:
+        """Abort round ``rid`` (durably, then audited) and open the next one."""
+        with self.lock:
+            self.store.close_round(rid, "aborted", reason, None, None)
+            self.audit.append("round_abort", {"round": rid, "reason": reason})
+            self._proto, self._proto_round = None, None
+            self.open_round()
+
+    def current(self) -> RoundRow | None:
+        """The latest round."""
+        return self.store.latest_round()
+
+    def _cohort(self, row: RoundRow) -> dict[str, int]:
+        return {c: i for c, i in row.config.get("cohort", [])}
+
+    def _threshold(self, n: int) -> int:
+        return max(self.s.threshold, n // 2 + 1, 2) if self.s.mode == "masking" else self.s.threshold
+
+    def _build_proto(self, row: RoundRow):
+        cfg = row.config
+        cohort = sorted(i for _, i in cfg["cohort"])
+        return make_server_stages(self.s.mode, cohort=cohort, dim=self.s.dim, threshold=cfg["threshold"],
+                                  session_id=bytes.fromhex(row.session_id), clip_norm=self.s.clip_norm,
+                                  options=cfg.get("secagg_options", {}))
+
+    # ---------------------------------------------------------------- client actions
+    def submit(self, client_id: str, rid: int, stage: str, msg: dict) -> dict:
+        """Accept a client's message for ``stage`` of round ``rid`` (durably), or raise.
+
+        Raises ``SecurityError``/``ProtocolAbort`` with the reason; the caller maps to HTTP.
+        """
+        with self.lock:
+            row = self.store.get_round(rid)
+            if row is None or row.status != "open":
+                raise LookupError(f"round {rid} is not open")
+            if stage != row.stage:
+                raise LookupError(f"round {rid} is at stage {row.stage!r}, not {stage!r}")
+            if stage == "join":
+                if not isinstance(msg, dict) or set(msg) - {"type", "epsilon_spent"}:
+                    raise ProtocolAbort("join: unexpected fields")
+                body = canonical_json(msg)
+            else:
+                cohort = self._cohort(row)
+                if client_id not in cohort:
+                    raise PermissionError(f"client {client_id} is not in the cohort of round {rid}")
+                if client_id not in self._alive(row):
+                    raise PermissionError(f"client {client_id} was declared dropped in round {rid}")
+                self._validate(stage, msg, cohort[client_id], row)
+                body = canonical_json(msg)
+            if not self.store.add_submission(rid, stage, client_id, body):
+                raise LookupError(f"duplicate submission for round {rid} stage {stage}")
+            self.audit.append("accept", {"round": rid, "stage": stage, "client": client_id,
+                                         "sha256": hashlib.sha256(body).hexdigest()})
+            self.tick()
+            return {"accepted": True, "round": rid, "stage": stage}
+
+    def _validate(self, stage: str, msg: dict, sid: int, row: RoundRow) -> None:
+        if self.s.mode in ("plain", "none"):
+            PlainStages.validate(stage, msg, self.s.dim)
+            return
+        from fedproxy_secure.server.masking_stages import MaskingServerStages
+
+        MaskingServerStages.validate(stage, msg, sid, bytes.fromhex(row.session_id))
+
+    def _alive(self, row: RoundRow) -> set[str]:
+        """Cohort members not yet declared dropped in ``row``."""
+        alive = set(self._cohort(row))
+        for t in self.store.transitions(row.round_id):
+            alive -= set(t["data"].get("dropped", []))
+        return alive
+
+    def fetch(self, client_id: str, rid: int, stage: str) -> tuple[str, dict | None]:
+        """The server's message to ``client_id`` for ``stage``: ("ready", msg) | ("wait", None) | ("gone", reason)."""
+        row = self.store.get_round(rid)
+        if row is None:
+            return "gone", {"reason": f"no round {rid}"}
+        if row.status == "aborted":
+            return "gone", {"reason": f"round aborted: {row.reason}"}
+        if stage == "config":
+            if row.config.get("cohort") is None:
+                return ("wait", None) if row.status == "open" else ("gone", {"reason": "round closed"})
+            return "ready", row.config
+        if stage == "result":
+            if row.status == "done":
+                return "ready", row.result
+            return "wait", None
+        cohort = self._cohort(row)
+        if cohort and client_id not in cohort:
+            return "gone", {"reason": "not in the cohort of this round"}
+        out = self.store.submissions(rid, "out:" + stage)
+        if client_id in out:
+            return "ready", json.loads(out[client_id])
+        if cohort and client_id not in self._alive(row):
+            return "gone", {"reason": "declared dropped"}
+        return "wait", None
+
+    # ---------------------------------------------------------------- the clock
+    def tick(self) -> None:
+        """Close the current stage if everyone live submitted or its deadline passed; open rounds."""
+        with self.lock:
+            row = self.store.latest_round()
+            if row is None or row.status != "open":
+                self.open_round()
+                return
+            subs = self.store.submissions(row.round_id, row.stage)
+            now = self.clock()
+            if row.stage == "join":
+                active = {c["client_id"] for c in self.store.clients() if c["status"] == "active"}
+                everyone = len(subs) >= max(len(active), self.s.min_clients)
+                if everyone or (now >= row.stage_deadline and len(subs) >= self.s.min_clients):
+                    self._close_join(row, subs)
+                elif now >= row.stage_deadline:
+                    self.abort(row.round_id, f"only {len(subs)} clients joined by the deadline, need {self.s.min_clients}")
+                return
+            alive = self._alive(row)
+            if set(subs) >= alive or now >= row.stage_deadline:
+                self._close_stage(row, subs, alive)
+
+    def _close_join(self, row: RoundRow, subs: dict[str, bytes]) -> None:
+        members = sorted(subs)
+        cohort = [[c, i + 1] for i, c in enumerate(members)]
+        n = len(cohort)
+        t = self._threshold(n)
+        gs = self.store.global_state()
+        assert gs is not None
+        cfg = {
+            "round_id": row.round_id, "session_id": row.session_id, "cohort": cohort,
+            "state_round": gs[0], "state_sha256": hashlib.sha256(gs[1]).hexdigest(),
+            "aggregator": self.s.aggregator, "mode": self.s.mode, "threshold": t, "dim": self.s.dim,
+            "clip_norm": self.s.clip_norm, "train": self.s.train, "deadlines": self.s.deadlines,
+            "a_seed": int.from_bytes(hashlib.sha256(b"a-seed" + bytes.fromhex(row.session_id)).digest()[:4], "big"),
+            "total_rounds": self.s.rounds, "issued_at": int(self.clock()),
+            "secagg_options": {"identities": {str(i): base64.b64encode(self.store.client_key(c)).decode()
+                                              for c, i in cohort},
+                               "max_clients": max(n, 2)},
+        }
+        if self.signer is not None:
+            cfg = self.signer(cfg)
+        first = self.stages_for(self.s.mode)[0]
+        outbox = {c: b"{}" for c in members}
+        self.store.advance_stage(row.round_id, first, self._deadline(first),
+                                 {"cohort": members, "threshold": t}, outbox=outbox, config=cfg)
+        self.audit.append("cohort", {"round": row.round_id, "clients": members, "threshold": t})
+        self._proto, self._proto_round = None, None
+
+    def _proto_for(self, row: RoundRow):
+        if self._proto is None or self._proto_round != row.round_id:
+            self._proto = self._replay(row)
+            self._proto_round = row.round_id
+        return self._proto
+
+    def _replay(self, row: RoundRow):
+        """Fresh server stages for ``row`` with every closed stage replayed from the store."""
+        proto = self._build_proto(row)
+        cohort = self._cohort(row)
+        stages = self.stages_for(self.s.mode)
+        for st in stages[: stages.index(row.stage)]:
+            subs = self.store.submissions(row.round_id, st)
+            proto.close(st, {cohort[c]: json.loads(b) for c, b in subs.items()})
+        return proto
+
+    def _close_stage(self, row: RoundRow, subs: dict[str, bytes], alive: set[str]) -> None:
+        rid, stage = row.round_id, row.stage
+        cohort = self._cohort(row)
+        got = {c: b for c, b in subs.items() if c in alive}
+        dropped = sorted(alive - set(got))
+        for c in dropped:
+            self.audit.append("dropout", {"round": rid, "stage": stage, "client": c})
+        t = row.config["threshold"]
+        if len(got) < t:
+            self.abort(rid, f"only {len(got)} clients alive at stage {stage}, threshold {t}")
+            return
+        try:
+            proto = self._proto_for(row)
+            out = proto.close(stage, {cohort[c]: json.loads(b) for c, b in got.items()})
+        except (ProtocolAbort, SecurityError, ValueError) as exc:
+            self.abort(rid, f"stage {stage} failed: {exc}")
+            return
+        stages = self.stages_for(self.s.mode)
+        if out is None:
+            self._finish(row, proto, dropped)
+            return
+        nxt = stages[stages.index(stage) + 1]
+        by_sid = {i: c for c, i in cohort.items()}
+        outbox = {by_sid[i]: canonical_json(m) for i, m in out.items()}
+        refused = sorted(c for c in got if c not in outbox)  # messages the protocol rejected
+        for c in refused:
+            self.audit.append("reject", {"round": rid, "stage": stage, "client": c,
+                                         "reason": "message refused by the secure-aggregation protocol"})
+        dropped = sorted(set(dropped) | set(refused))
+        self.store.advance_stage(rid, nxt, self._deadline(nxt), {"dropped": dropped, "closed": stage}, outbox=outbox)
+        self.audit.append("stage", {"round": rid, "closed": stage, "next": nxt, "alive": len(got),
+                                    "dropped": dropped})
+
+    def _finish(self, row: RoundRow, proto, dropped: list[str]) -> None:
+        rid = row.round_id
+        total, survivors = proto.result()
+        by_sid = {i: c for c, i in self._cohort(row).items()}
+        surv_ids = [by_sid[i] for i in survivors]
+        gs = self.store.global_state()
+        theta = state_from_bytes(gs[1])["theta"]
+        k = len(survivors)
+        delta = total / k  # FedAvg over survivors: the only rule that needs just the sum
+        new_theta = theta + delta
+        norm = float(np.linalg.norm(total))
+        if norm > k * self.s.clip_norm * (1 + 1e-3) + 1e-6:
+            self.abort(rid, f"aggregate norm {norm:.4g} exceeds {k} x clip norm: refusing the update")
+            return
+        result = {"survivors": surv_ids, "dropped_last_stage": dropped, "sum_sha256":
+                  hashlib.sha256(np.ascontiguousarray(total, dtype="<f8").tobytes()).hexdigest(),
+                  "sum_b64": base64.b64encode(np.ascontiguousarray(total, dtype="<f8").tobytes()).decode(),
+                  "aggregate_norm": norm, "delta_norm": float(np.linalg.norm(delta))}
+        blob = state_to_bytes(new_theta)
+        self.store.close_round(rid, "done", "ok", result, blob)
+        self.audit.append("round_close", {"round": rid, "survivors": surv_ids,
+                                          "state_sha256": hashlib.sha256(blob).hexdigest(),
+                                          "aggregate_norm": norm})
+        self._proto, self._proto_round = None, None
+        if self.finished():
+            self.audit.append("federation_end", {"rounds_done": self.completed_rounds()})
+        else:
+            self.open_round()
+
+    # ---------------------------------------------------------------- restart
+    def recover(self) -> None:
+        """After a (possibly unclean) restart: resume or abort the open round, with fresh deadlines."""
+        with self.lock:
+            self.ensure_initial_state()
+            row = self.store.latest_round()
+            if row is None:
+                self.audit.append("federation_start", {"settings": asdict(self.s)})
+                self.open_round()
+                return
+            if row.status != "open":
+                if not self.finished():
+                    self.open_round()
+                return
+            if self.s.on_restart == "abort":
+                self.abort(row.round_id, "server restarted (on_restart=abort)")
+                return
+            try:
+                if row.stage != "join":
+                    self._proto = self._replay(row)
+                    self._proto_round = row.round_id
+                self.store.advance_stage(row.round_id, row.stage, self._deadline(row.stage),
+                                         {"resumed": True})
+                self.audit.append("round_resume", {"round": row.round_id, "stage": row.stage})
+            except Exception as exc:  # any replay failure: abort cleanly, fresh keys next round
+                self.abort(row.round_id, f"server restarted and could not resume: {exc}")
+
+
+def sign_round_config(key, cfg: dict) -> dict:
+    """Return ``cfg`` plus ``kid`` and ``signature`` (Ed25519 over the canonical JSON of the rest)."""
+    from fedproxy_secure.artifacts.keys import key_id, sign
+
+    body = dict(cfg)
+    body["kid"] = key_id(key)
+    sig = sign(key, ROUND_CONFIG_DOMAIN, canonical_json(body))
+    return {**body, "signature": base64.b64encode(sig).decode()}
+
+
+def verify_round_config(pub, cfg: dict) -> dict:
+    """Check the operator's signature on a round config; returns it without the signature.
+
+    Raises ``SecurityError`` on a missing/bad signature or a key id other than ``pub``'s.
+    """
+    from fedproxy_secure.artifacts.keys import key_id, verify_signature
+
+    if not isinstance(cfg, dict) or "signature" not in cfg or "kid" not in cfg:
+        raise SecurityError("round config is not signed")
+    body = {k: v for k, v in cfg.items() if k != "signature"}
+    if body["kid"] != key_id(pub):
+        raise SecurityError(f"round config signed by unknown key {str(body['kid'])[:16]}")
+    try:
+        sig = base64.b64decode(cfg["signature"], validate=True)
+    except (ValueError, TypeError):
+        raise SecurityError("round config signature is not base64") from None
+    if not verify_signature(pub, sig, ROUND_CONFIG_DOMAIN, canonical_json(body)):
+        raise SecurityError("round config signature does not verify")
+    return body

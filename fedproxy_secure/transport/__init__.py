@@ -1,0 +1,1 @@
+"""Transport: PKI for mTLS (``pki``), TLS contexts (``tls``), signed requests (``signing``), client (``http``)."""
