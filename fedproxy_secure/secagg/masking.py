@@ -643,10 +643,13 @@ class ServerProtocol:
                     shared = sk.exchange(X25519PublicKey.from_public_bytes(self._keys[v].mask_pk))
                     # v added sign(v, u) * PRG(s_uv); remove it
                     prg.add_into(total, pairwise_key(shared, sid, u, v), -_mask_sign(v, u))
-        except ProtocolAbort:
+        except ProtocolAbort as exc:
             self.state = ServerState.ABORTED
             total[:] = 0
-            raise
+            raise ProtocolAbort(
+                f"secagg unmasking: cannot remove every mask ({exc}); too many share holders of one "
+                f"client dropped (with neighbours, raise the degree or lower neighbour_threshold): round aborted"
+            ) from exc
         self._result = total
 
     def result(self) -> np.ndarray:
