@@ -12,13 +12,12 @@ import json
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import tenseal as ts
 
 from fedproxy_secure.secagg.he import ClientEncryptor, KeyHolder, ServerAggregatorHE, _chunk_sizes, _ckks_from
 from fedproxy_secure.secagg.he_params import validate_params
-
-import msgpack
 
 
 def nvflare_default_figures(n_values: int = 100_000) -> dict:
