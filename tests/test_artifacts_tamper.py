@@ -291,3 +291,22 @@ def test_corrupt_rollback_state_fails_closed(env: Env) -> None:
     for f in env.state.iterdir():
         f.write_text("garbage")
     refused(b, env, "anti-rollback state")
+
+
+def test_signed_manifest_with_other_base_model_refused(env: Env) -> None:
+    """fedproxy.json (hashed) must name the same base model as the signed manifest."""
+    b = env.issue()
+    m = json.loads((b / "MANIFEST.json").read_bytes())
+    m["base_model_hash"] = "sha256:" + "cd" * 32
+    resign(b, env.key, canonical_dumps(m))
+    refused(b, env, "base_model_hash differs")
+
+
+def test_verify_with_private_copy(env: Env, tmp_path: Path) -> None:
+    b = env.issue()
+    dest = tmp_path / "private"
+    dest.mkdir(mode=0o700)
+    vb = verify_bundle(b, env.keyset, now=NOW, copy_to=dest)
+    assert vb.root == dest and vb.is_private_copy
+    for f in vb.manifest.files:
+        assert (dest / f.path).read_bytes() == (b / f.path).read_bytes()

@@ -20,6 +20,7 @@ Verification order (nothing from a model file is parsed before step 6):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -303,7 +304,24 @@ def _find_signer(keyset: Keyset, sig: bytes, data: bytes) -> KeyEntry:
     )
 
 
-def _verify_files(root_fd: int, manifest: Manifest, copy_to: Path | None) -> None:
+class _Sink:
+    """Receives the hashed bytes: keeps the first ``keep`` bytes and forwards everything to ``out``."""
+
+    def __init__(self, keep: int, out: BinaryIO | None) -> None:
+        self.keep, self.out, self.head = keep, out, bytearray()
+
+    def write(self, data: memoryview) -> None:
+        if len(self.head) < self.keep:
+            self.head += data[: self.keep - len(self.head)]
+        if self.out is not None:
+            self.out.write(data)
+
+
+def _verify_files(root_fd: int, manifest: Manifest, copy_to: Path | None) -> bytes:
+    """Check the tree and every file; return the verified bytes of fedproxy.json.
+
+    Header checks and fedproxy.json use the very bytes that were hashed (never a second read).
+    """
     on_disk = [p for p in list_tree(root_fd) if p not in RESERVED]
     want = manifest.by_path()
     extra = sorted(set(on_disk) - set(want))
@@ -321,40 +339,32 @@ def _verify_files(root_fd: int, manifest: Manifest, copy_to: Path | None) -> Non
             parts.append(f"extra file(s) not in manifest {extra[:5]}")
         hint = " (renamed file?)" if extra and missing else ""
         raise SecurityError("bundle files differ from MANIFEST.json: " + "; ".join(parts) + hint)
+    meta = b""
     for entry in manifest.files:
+        keep = (4 << 20) if entry.path == "fedproxy.json" else 16
         fd = _open_beneath(root_fd, entry.path)
-        with os.fdopen(fd, "rb", buffering=0) as src:
-            if os.fstat(src.fileno()).st_size != entry.size:
-                raise SecurityError(
-                    f"file {entry.path!r} has size {os.fstat(src.fileno()).st_size}, manifest says {entry.size} (tampered)"
-                )
-            head = b""
+        with os.fdopen(fd, "rb", buffering=0) as src, contextlib.ExitStack() as stack:
+            actual = os.fstat(src.fileno()).st_size
+            if actual != entry.size:
+                raise SecurityError(f"file {entry.path!r} has size {actual}, manifest says {entry.size} (tampered)")
+            out = None
             if copy_to is not None:
                 dest = copy_to / entry.path
                 dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 fdo = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fdo, "wb") as dst:
-                    try:
-                        size, digest = hash_stream(src, entry.size, dst)
-                    except SecurityError:
-                        raise SecurityError(f"file {entry.path!r} grew while being read (tampered)") from None
-            else:
-                try:
-                    size, digest = hash_stream(src, entry.size)
-                except SecurityError:
-                    raise SecurityError(f"file {entry.path!r} grew while being read (tampered)") from None
+                out = stack.enter_context(os.fdopen(fdo, "wb"))
+            sink = _Sink(keep, out)
+            try:
+                size, digest = hash_stream(src, entry.size, sink)  # type: ignore[arg-type]
+            except SecurityError:
+                raise SecurityError(f"file {entry.path!r} grew while being read (tampered)") from None
         if size != entry.size or not hmac.compare_digest(digest, entry.sha256):
             raise SecurityError(f"SHA-256 mismatch for {entry.path!r}: file content differs from the signed manifest (tampered)")
         if entry.path.endswith(".safetensors"):
-            base = copy_to if copy_to is not None else None
-            if base is not None:
-                with open(base / entry.path, "rb") as fh:
-                    head = fh.read(16)
-            else:
-                hfd = _open_beneath(root_fd, entry.path)
-                with os.fdopen(hfd, "rb") as fh:
-                    head = fh.read(16)
-            _check_safetensors_header(entry.path, head, entry.size)
+            _check_safetensors_header(entry.path, bytes(sink.head), entry.size)
+        if entry.path == "fedproxy.json":
+            meta = bytes(sink.head)
+    return meta
 
 
 def verify_bundle(
@@ -397,12 +407,7 @@ def verify_bundle(
             raise SecurityError(f"bundle expired at {format_time(manifest.not_after)} (not_after passed)")
         if state_dir is not None:
             check_rollback(state_dir, keyset.name, manifest.base_model_hash, manifest.version, manifest.bundle_id)
-        _verify_files(root_fd, manifest, dest)
-        meta_src = dest if dest is not None else None
-        if meta_src is not None:
-            meta_bytes = (meta_src / "fedproxy.json").read_bytes()
-        else:
-            meta_bytes = _read_small(root_fd, "fedproxy.json", 4 << 20)
+        meta_bytes = _verify_files(root_fd, manifest, dest)
         try:
             meta = json.loads(meta_bytes)
         except ValueError:

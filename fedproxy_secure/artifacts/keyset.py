@@ -62,6 +62,7 @@ class KeyEntry:
     status: str
 
     def to_json(self) -> dict[str, Any]:
+        """The entry as stored in a keyset payload."""
         return {
             "key_id": self.key_id,
             "public_key": public_key_b64(self.public_key),
@@ -87,6 +88,7 @@ class Keyset:
     signature: bytes
 
     def payload(self) -> dict[str, Any]:
+        """The signed part of the keyset (keys sorted by key id)."""
         return {
             "format": KEYSET_FORMAT,
             "name": self.name,
@@ -102,6 +104,7 @@ class Keyset:
         )
 
     def get(self, kid: str) -> KeyEntry | None:
+        """The entry with key id ``kid``, whatever its status, or None."""
         for k in self.keys:
             if k.key_id == kid:
                 return k

@@ -106,6 +106,7 @@ class Manifest:
     files: tuple[FileEntry, ...]
 
     def to_json(self) -> dict[str, Any]:
+        """The manifest document (files sorted by path)."""
         return {
             "format": MANIFEST_FORMAT,
             "bundle_id": self.bundle_id,
@@ -123,6 +124,7 @@ class Manifest:
         return canonical_dumps(self.to_json())
 
     def by_path(self) -> dict[str, FileEntry]:
+        """Files keyed by path."""
         return {f.path: f for f in self.files}
 
 
