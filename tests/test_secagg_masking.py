@@ -93,15 +93,30 @@ def test_abort_below_threshold_at_each_stage(stage):
 
 def test_secagg_plus_neighbour_graph_exact_with_dropouts():
     vs = _vectors(20, seed=3)
-    plan = DropoutPlan({"share": frozenset({4}), "masked_input": frozenset({5, 9}), "unmask": frozenset({11})})
+    # 3 drops in all: every client keeps >= 4 of its 7 share holders (itself + 6 neighbours), which
+    # is the default neighbourhood threshold, whatever the (session-keyed random) graph
+    plan = DropoutPlan({"share": frozenset({4}), "masked_input": frozenset({5}), "unmask": frozenset({11})})
     summer = make_summer("masking", neighbours=6)
     r = summer.secure_sum(vs, threshold=10, session_id=_sid(), dropouts=plan)
-    expect = [i for i in vs if i not in (4, 5, 9)]
+    expect = [i for i in vs if i not in (4, 5)]
     np.testing.assert_array_equal(r.total, _expected(vs, expect))
     # each client sends shares to its 6 neighbours only (not 19 peers)
     cfg = MaskingConfig(10, P, neighbours=6)
     g = cfg.graph(b"s" * 32, range(1, 21))
     assert all(len(nb) == 6 for nb in g.values()) and all(u in g[v] for u in g for v in g[u])
+    assert r.stats["bytes_per_client"]["share"]["up"] < 0.5 * make_summer("masking").secure_sum(
+        vs, threshold=10, session_id=_sid()).stats["bytes_per_client"]["share"]["up"]
+
+
+def test_secagg_plus_too_many_lost_holders_aborts_cleanly():
+    vs = _vectors(12, p=16)
+    cfg = MaskingConfig(3, 16, neighbours=2)  # ring: holders = self + 2, threshold 2
+    g = cfg.graph(b"q" * 32, vs)
+    u = 1
+    a, b = sorted(g[u])
+    plan = DropoutPlan({"masked_input": frozenset({a}), "unmask": frozenset({b})})
+    with pytest.raises(ProtocolAbort, match="round aborted"):
+        make_summer("masking", neighbours=2).secure_sum(vs, threshold=3, session_id=b"q" * 32, dropouts=plan)
 
 
 def test_weighted_and_clip_semantics():
