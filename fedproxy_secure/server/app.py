@@ -182,8 +182,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
     def check_round(v: VerifiedRequest, rid: int, request: Request) -> JSONResponse | None:
         if v.round_id != str(rid):
             return reject(409, f"wrong round id: signed for {v.round_id}, path says {rid}", request, v.client_id)
-        cur = ctx.engine.current()
-        if cur is None or cur.round_id != rid:
+        if ctx.store.get_round(rid) is None:
+            cur = ctx.engine.current()
             return reject(409, f"wrong round id {rid}: current round is {cur.round_id if cur else None}",
                           request, v.client_id)
         return None

@@ -181,6 +181,12 @@ class RoundEngine:
         """
         with self.lock:
             row = self.store.get_round(rid)
+            if row is not None:  # idempotent retry (reply lost, e.g. across a server restart)
+                prev = self.store.submissions(rid, stage).get(client_id)
+                if prev is not None:
+                    if prev == canonical_json(msg):
+                        return {"accepted": True, "round": rid, "stage": stage, "duplicate": True}
+                    raise LookupError(f"a different message was already accepted for round {rid} stage {stage}")
             if row is None or row.status != "open":
                 raise LookupError(f"round {rid} is not open")
             if stage != row.stage:

@@ -1,0 +1,109 @@
+"""Helpers for network tests: a real server process and client processes on loopback TLS."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_server(tmp: Path, n_sites: int, **settings) -> tuple[Path, int]:
+    from fedproxy_secure.server.rounds import FederationSettings
+    from fedproxy_secure.server.setup import enroll_site, init_server
+
+    port = free_port()
+    base = dict(rounds=2, min_clients=3, threshold=2, mode="masking", dim=8, clip_norm=1.0,
+                deadlines={"join": 20, "advertise": 20, "share": 6, "masked_input": 6, "consistency": 6, "unmask": 6})
+    base.update(settings)
+    d = tmp / "srv"
+    init_server(d, FederationSettings.from_dict(base))
+    for i in range(n_sites):
+        enroll_site(d, f"site{i}", f"https://127.0.0.1:{port}")
+    return d, port
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def start_server(d: Path, port: int, extra: list[str] | None = None) -> subprocess.Popen:
+    log = open(d / "server.log", "ab")
+    p = subprocess.Popen([PY, "-m", "fedproxy_secure.server.runner", str(d), "--port", str(port), "--poll", "2",
+                          *(extra or [])], cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    t_end = time.time() + 30
+    while time.time() < t_end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return p
+        except OSError:
+            if p.poll() is not None:
+                raise RuntimeError((d / "server.log").read_text())
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+def start_client(d: Path, i: int, tmp: Path, die_at: str | None = None, port: int | None = None) -> subprocess.Popen:
+    cmd = [PY, "-m", "fedproxy_secure.client.join_main", "--enrol", str(d / "enrol" / f"site{i}"),
+           "--state", str(tmp / f"client{i}"), "--seed", str(i), "--out", str(tmp / f"client{i}.json")]
+    if die_at:
+        cmd += ["--die-at", die_at]
+    log = open(tmp / f"client{i}.log", "ab")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def db_rounds(d: Path) -> list[tuple]:
+    con = sqlite3.connect(f"file:{d / 'state.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        return con.execute("SELECT round_id, status, stage, result FROM rounds ORDER BY round_id").fetchall()
+    finally:
+        con.close()
+
+
+def wait_for(pred, timeout: float, what: str):
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def expected_sum(seeds, round_id: int, dim: int, clip: float = 1.0) -> np.ndarray:
+    from fedproxy_secure.client.join import clip_update, synthetic_train_fn
+
+    return sum(clip_update(synthetic_train_fn(s, 0.1)(np.zeros(dim), {"round_id": round_id})[0], clip) for s in seeds)
+
+
+def result_sum(result_json: str) -> np.ndarray:
+    import json
+
+    return np.frombuffer(base64.b64decode(json.loads(result_json)["sum_b64"]), "<f8")
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
