@@ -41,10 +41,6 @@ ROUTE_STAGES = ("join", "advertise", "share", "masked_input", "consistency", "un
 MAX_JSON_DEPTH = 32
 
 
-class _TooBig(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware: 413 when Content-Length or the streamed body exceeds ``max_bytes``."""
 
@@ -71,29 +67,31 @@ class BodyLimit:
                 return await self._reply(send, 400, "bad Content-Length")
             if n > limit:
                 return await self._reply(send, 413, f"body of {n} bytes exceeds the {limit}-byte limit")
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
+        if cl is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            # streamed (chunked) body: buffer at most ``limit`` bytes here, refuse beyond that
+            chunks, seen = [], 0
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise _TooBig()
-            return msg
+                    return await self._reply(send, 413, f"streamed body exceeds the {limit}-byte limit")
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            sent = False
 
-        async def tracking_send(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooBig:
-            if not started:
-                await self._reply(send, 413, f"streamed body exceeds the {limit}-byte limit")
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
 
 
 def _err(status: int, msg: str) -> JSONResponse:
