@@ -244,7 +244,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         sec = out.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             p = Path(sec[key]).expanduser()
-            sec[key] = str(p if p.is_absolute() or p.exists() else base / p)
+            sec[key] = str(p if p.is_absolute() else base / p)  # relative to the YAML file
     return out
 
 

@@ -1,0 +1,303 @@
+"""The whole FedProxy method in one process: compress -> clients train LoRA -> aggregate -> fuse -> evaluate.
+
+Each stage is its own module; this file only wires them in protocol order so a reader sees a round
+top to bottom. The network deployment (``fedproxy_secure.server``) runs the same stages across
+processes; benchmarks reuse :func:`prepare` and :func:`federate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fedproxy_secure.aggregate import AggState, make_aggregator
+from fedproxy_secure.config import RunConfig, dump_config
+from fedproxy_secure.data import MCExample, list_tasks, load_task, partition_by_task, partition_iid, split_task
+from fedproxy_secure.data.partition import partition_dirichlet
+from fedproxy_secure.errors import ConfigError, FedProxyError
+from fedproxy_secure.eval import evaluate_tasks, model_logits_fn
+from fedproxy_secure.secagg import DropoutPlan, make_summer
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    """Everything a federation needs, built once: the LLM, the proxy and the data split."""
+
+    llm: torch.nn.Module
+    tokenizer: object
+    proxy: object  # fedproxy_secure.compress.CompressedProxy
+    client_data: list[list[MCExample]]
+    client_tasks: list[list[str]]
+    test_sets: dict[str, list[MCExample]]
+    calib_texts: list[str]
+    llm_hash: str
+
+
+@dataclass
+class FederationOutcome:
+    """The global LoRA after the last round and the per-round log."""
+
+    theta: np.ndarray
+    rounds: list[dict] = field(default_factory=list)
+    peft_proxy: object = None  # the proxy with LoRA attached, holding ``theta``
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def load_llm(cfg: RunConfig):
+    """The server's LLM and tokenizer: a local HF folder or a tiny model built from the spec."""
+    from fedproxy_secure.models import build_tiny_model, byte_tokenizer, load_causal_lm, load_tokenizer, weights_hash
+
+    if cfg.model.llm is not None:
+        return load_causal_lm(cfg.model.llm, device=cfg.train.device), load_tokenizer(cfg.model.llm), weights_hash(cfg.model.llm)
+    spec = cfg.model.tiny
+    model = build_tiny_model(spec).to(cfg.train.device)
+    h = hashlib.sha256(json.dumps(spec.model_dump(), sort_keys=True).encode()).hexdigest()
+    return model, byte_tokenizer(), h
+
+
+def split_data(cfg: RunConfig) -> tuple[list[list[MCExample]], list[list[str]], dict[str, list[MCExample]], list[str]]:
+    """Client training sets, client task names, test sets per task and server calibration texts.
+
+    Calibration texts come only from ``data.calib_tasks`` (server data no client holds).
+    """
+    d = cfg.data
+    available = list_tasks(d.dir)
+    for t in (d.tasks or []) + d.calib_tasks:
+        if t not in available:
+            raise ConfigError(f"data.tasks: task {t!r} is not in {d.dir} (available: {', '.join(available)})")
+    tasks = [t for t in (d.tasks or available) if t not in d.calib_tasks]
+    if not tasks:
+        raise ConfigError("data.tasks: no client tasks left after removing data.calib_tasks")
+    train, test = {}, {}
+    for t in tasks:
+        train[t], test[t] = split_task(load_task(d.dir, t), d.limit_train, d.limit_test, seed=cfg.seed)
+    n = cfg.clients.count
+    if d.partition == "task":
+        client_tasks = partition_by_task(tasks, n)
+        client_data = [[ex for t in ts for ex in train[t]] for ts in client_tasks]
+    else:
+        pool = [ex for t in tasks for ex in train[t]]
+        if d.partition == "iid":
+            client_data = partition_iid(pool, n, seed=cfg.seed)
+        else:
+            parts = partition_dirichlet([ex.task for ex in pool], n, d.dirichlet_alpha, seed=cfg.seed)
+            client_data = [[pool[i] for i in p] for p in parts]
+        client_tasks = [sorted({ex.task for ex in part}) for part in client_data]
+    calib = [ex.prompt for t in d.calib_tasks for ex in load_task(d.dir, t).examples[: cfg.compress.calib_examples]]
+    return client_data, client_tasks, test, calib
+
+
+def prepare(cfg: RunConfig, log: Log = print) -> Prepared:
+    """Load the LLM, split the data and compress the LLM into the proxy (stage i)."""
+    from fedproxy_secure.compress import compress
+
+    _seed_all(cfg.seed)
+    llm, tok, llm_hash = load_llm(cfg)
+    client_data, client_tasks, test_sets, calib = split_data(cfg)
+    if not calib:
+        if cfg.compress.strategy == "bi" or cfg.compress.distill:
+            raise ConfigError(
+                "data.calib_tasks: empty, but compress.strategy=bi / compress.distill needs server calibration "
+                "text (fix: name tasks no client holds in data.calib_tasks, or use compress.strategy: uniform)"
+            )
+    log(f"stage i: compressing ({cfg.compress.strategy}, keep {cfg.compress.keep_ratio:.2f}) on {len(calib)} server texts")
+    proxy = compress(llm, tok, calib, cfg.compress, progress=True, device=cfg.train.device)
+    proxy.meta["base_model_hash"] = llm_hash
+    return Prepared(llm, tok, proxy, client_data, client_tasks, test_sets, calib, llm_hash)
+
+
+def _secure_sum_fn(cfg: RunConfig, cohort: list[int], dropped: set[int], round_id: int, record: dict):
+    """A ``list[vector] -> sum`` over the configured secure-aggregation mode for one phase of one round.
+
+    The list is aligned with the surviving cohort members; clients in ``dropped`` advertised keys
+    and shared them, then went silent before sending their masked input, so the protocol must
+    recover their pairwise masks. Records survivors and the error against the plaintext sum.
+    """
+    mode = cfg.secagg.mode
+    summer = make_summer("plain" if mode == "none" else mode)
+    survivors = [c for c in cohort if c not in dropped]
+    t = cfg.secagg.threshold_for(len(cohort)) if mode != "none" else 1
+    phase = [0]
+
+    def fn(vectors: list[np.ndarray]) -> np.ndarray:
+        phase[0] += 1
+        if len(vectors) != len(survivors):
+            raise FedProxyError(f"internal: {len(vectors)} vectors for {len(survivors)} surviving clients")
+        by_id = {cid + 1: np.asarray(v, dtype=np.float64) for cid, v in zip(survivors, vectors)}
+        zero = np.zeros_like(next(iter(by_id.values())))
+        for cid in dropped:  # never sent: their inputs cannot enter the sum
+            by_id[cid + 1] = zero
+        sid = hashlib.sha256(f"{cfg.name}/{cfg.seed}/round{round_id}/phase{phase[0]}".encode()).digest()
+        plan = DropoutPlan({"masked_input": frozenset(c + 1 for c in dropped)}) if dropped else None
+        res = summer.secure_sum(by_id, threshold=t, session_id=sid, dropouts=plan)
+        plain = np.sum(np.stack(vectors), axis=0)
+        err = float(np.max(np.abs(res.total - plain))) if plain.size else 0.0
+        record.setdefault("secure_sum", []).append({
+            "mode": res.mode, "survivors": len(res.survivors), "cohort": len(cohort), "threshold": t,
+            "max_abs_error_vs_plaintext": err,
+            "bytes_per_client": res.stats.get("bytes_per_client"),
+        })
+        return res.total
+
+    return fn
+
+
+def _make_aggregator(cfg: RunConfig, secure_sum):
+    a = cfg.aggregator
+    hparams = dict(r0=a.r0, delta=a.delta, rho=a.rho)
+    if a.name == "fedavg":
+        return make_aggregator("fedavg", secure_sum=secure_sum)
+    if a.name == "fedprox":
+        return make_aggregator("fedprox", mu=a.fedprox_mu, secure_sum=secure_sum)
+    if a.name == "sa_hties":
+        return make_aggregator("sa_hties", secure_sum=secure_sum, **hparams)
+    if cfg.secagg.mode != "none":
+        raise ConfigError(
+            f"aggregator.name = {a.name!r} needs every client's update in the clear, but secagg.mode = "
+            f"{cfg.secagg.mode!r} (fix: use sa_hties or fedavg with secure aggregation, or secagg.mode: none)"
+        )
+    if a.name == "ties":
+        return make_aggregator("ties", density=a.ties_density)
+    return make_aggregator("hties", **hparams)
+
+
+def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progress=None) -> FederationOutcome:
+    """Stage ii: ``cfg.rounds`` rounds of local LoRA training on the proxy + (secure) aggregation."""
+    from fedproxy_secure.client.trainer import ClientRoundSpec, TrainingAborted, train_round
+    from fedproxy_secure.lora import attach_lora, get_lora_vector
+    from fedproxy_secure.privacy import PrivacyBudget
+
+    a_seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/lora-A".encode()).digest()[:8], "big") % (2**63)
+    model = attach_lora(copy.deepcopy(prep.proxy.model), cfg.lora, a_seed)
+    theta = get_lora_vector(model)
+    state = AggState(round=0, conflict=None)
+    n = cfg.clients.count
+    rng = np.random.default_rng(cfg.seed)
+    budgets = []
+    for k in range(n):
+        if cfg.dp.enabled:
+            budgets.append(PrivacyBudget(out / "clients" / f"client{k}" / "privacy_budget.json", cfg.dp.epsilon, cfg.dp.delta))
+        else:
+            budgets.append(None)
+    outcome = FederationOutcome(theta=theta)
+    clip = cfg.train.update_clip_norm
+    for r in range(cfg.rounds):
+        t0 = time.time()
+        record: dict = {"round": r, "clients": []}
+        updates, counts, ids = [], [], []
+        for k in range(n):
+            spec = ClientRoundSpec(
+                round_id=r, a_seed=a_seed, theta_global=theta, conflict=state.conflict,
+                pcr_lambda=cfg.aggregator.pcr_lambda if cfg.aggregator.name in ("hties", "sa_hties") else 0.0,
+                lr=cfg.train.lr, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
+                max_length=cfg.data.max_length, clip_norm=clip, dp=cfg.dp if cfg.dp.enabled else None,
+                planned_rounds=cfg.rounds,
+                fedprox_mu=cfg.aggregator.fedprox_mu if cfg.aggregator.name == "fedprox" else 0.0,
+            )
+            try:
+                upd = train_round(model, prep.tokenizer, prep.client_data[k], spec, budget=budgets[k],
+                                  device=cfg.train.device)
+            except TrainingAborted as exc:
+                log(f"round {r}: client {k} aborted its round ({exc}); nothing sent")
+                record["clients"].append({"client": k, "aborted": str(exc)})
+                continue
+            record["clients"].append({"client": k, "tasks": prep.client_tasks[k], **upd.metrics})
+            updates.append(upd.delta / clip)  # every summed value now lies in [-1, 1]
+            counts.append(upd.num_examples)
+            ids.append(k)
+            if progress is not None:
+                progress()
+        n_drop = int(round(cfg.secagg.dropout * len(ids))) if cfg.secagg.mode != "none" else 0
+        dropped = set(rng.choice(ids, size=n_drop, replace=False).tolist()) if n_drop else set()
+        keep = [i for i, k in enumerate(ids) if k not in dropped]
+        record["dropped"] = sorted(dropped)
+        agg = _make_aggregator(cfg, _secure_sum_fn(cfg, ids, dropped, r, record))
+        res = agg.aggregate([updates[i] for i in keep], [counts[i] for i in keep], state)
+        theta = theta + cfg.aggregator.server_lr * clip * res.delta
+        state = AggState(round=r + 1, conflict=res.conflict)
+        losses = [c["train_loss"] for c in record["clients"] if "train_loss" in c]
+        record.update({
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "aggregator": res.info,
+            "mean_conflict": float(np.mean(res.conflict)) if res.conflict is not None else None,
+            "global_norm": float(np.linalg.norm(theta)),
+            "seconds": round(time.time() - t0, 3),
+        })
+        outcome.rounds.append(record)
+        log(f"round {r}: loss {record['train_loss']}, survivors {len(keep)}/{len(ids)}, |theta| {record['global_norm']:.4f}")
+    from fedproxy_secure.lora import set_lora_vector
+
+    set_lora_vector(model, theta)
+    outcome.theta, outcome.peft_proxy = theta, model
+    return outcome
+
+
+def fuse_outcome(cfg: RunConfig, prep: Prepared, outcome: FederationOutcome):
+    """Stage iii on the server: the LLM with the global LoRA plugged in, as a logits function."""
+    from fedproxy_secure.fuse import fuse_into_llm
+
+    return fuse_into_llm(prep.llm, prep.proxy, outcome.peft_proxy, method=cfg.fusion.method,
+                         scale=cfg.fusion.scale, beta=cfg.fusion.logit_beta)
+
+
+def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print) -> dict:
+    """Run every stage and write ``out/results.json``; return the results dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    prep = prepare(cfg, log)
+    ev = dict(batch_size=16, max_length=cfg.data.max_length, device=cfg.train.device)
+    log("evaluating the LLM and the proxy before federation")
+    llm_before = evaluate_tasks(model_logits_fn(prep.llm), prep.tokenizer, prep.test_sets, **ev)
+    proxy_before = evaluate_tasks(model_logits_fn(prep.proxy.model), prep.tokenizer, prep.test_sets, **ev)
+    outcome = federate(cfg, prep, out, log)
+    proxy_after = evaluate_tasks(model_logits_fn(outcome.peft_proxy), prep.tokenizer, prep.test_sets, **ev)
+    fused = fuse_outcome(cfg, prep, outcome)
+    llm_after = evaluate_tasks(fused.logits_fn, prep.tokenizer, prep.test_sets, **ev)
+    from fedproxy_secure.lora import save_adapter
+
+    save_adapter(outcome.peft_proxy, out / "global_adapter")
+    results = {
+        "name": cfg.name,
+        "config": dump_config(cfg),
+        "compression": {k: v for k, v in prep.proxy.meta.items() if k != "bi_scores"} | {"bi_scores": prep.proxy.meta.get("bi_scores")},
+        "client_tasks": prep.client_tasks,
+        "client_examples": [len(d) for d in prep.client_data],
+        "llm_before": llm_before.to_dict(),
+        "proxy_before": proxy_before.to_dict(),
+        "proxy_after": proxy_after.to_dict(),
+        "llm_after": llm_after.to_dict(),
+        "fusion": {"method": cfg.fusion.method, "scale": cfg.fusion.scale, **fused.info},
+        "secagg_mode": cfg.secagg.mode,
+        "aggregator": cfg.aggregator.name,
+        "dp": {"enabled": cfg.dp.enabled, "epsilon_budget": cfg.dp.epsilon, "delta": cfg.dp.delta},
+        "rounds": outcome.rounds,
+        "train_loss": [r["train_loss"] for r in outcome.rounds],
+        "seconds": round(time.time() - t_start, 2),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    return results
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
