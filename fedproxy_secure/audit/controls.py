@@ -80,7 +80,7 @@ class Finding:
 
 def dp_enabled(d: Deployment, p: Policy) -> Finding:
     """FAIL when DP-SGD is off (or not stated): updates and the global model then carry raw gradients."""
-    th = ("T01", "T02", "T03", "T04")
+    th = ("T01", "T02", "T03")
     if d.dp_enabled:
         return Finding("dp.enabled", "PASS", "client-side DP-SGD is on (example-level, not institution-level)", th)
     why = "not stated" if d.dp_enabled is None else "off"
@@ -108,7 +108,7 @@ def dp_epsilon(d: Deployment, p: Policy) -> Finding:
 
 def secagg_mode(d: Deployment, p: Policy) -> Finding:
     """FAIL when updates are sent in the clear (mode none/plain): the server sees each client's update."""
-    th = ("T01", "T06")
+    th = ("T01", "T03")
     if d.mode in ("none", "plain"):
         return Finding("secagg.mode", "FAIL", f"secure aggregation is off (mode={d.mode}): the server sees every "
                        "individual update (fix: secagg.mode / federation.mode: masking)", th)
@@ -117,7 +117,7 @@ def secagg_mode(d: Deployment, p: Policy) -> Finding:
 
 def secagg_threshold(d: Deployment, p: Policy) -> Finding:
     """FAIL when t <= n/2 (malicious-server bound of SecAgg) or t < 2; WARN when t < 3 (sum of 2 reveals the peer)."""
-    th = ("T06", "T07", "T13")
+    th = ("T01", "T07", "T19", "T20")
     if d.mode not in ("masking", "he"):
         return Finding("secagg.threshold", "N/A", "no secure aggregation", th)
     n, t = d.n_clients, d.effective_threshold
@@ -138,7 +138,7 @@ def secagg_threshold(d: Deployment, p: Policy) -> Finding:
 
 def secagg_identity(d: Deployment, p: Policy) -> Finding:
     """WARN for masking without enrolled identity keys (a malicious server can substitute advertised keys)."""
-    th = ("T07",)
+    th = ("T07", "T08")
     if d.mode != "masking":
         return Finding("secagg.identity", "N/A", "not masking mode", th)
     if d.identity_keys:
@@ -150,7 +150,7 @@ def secagg_identity(d: Deployment, p: Policy) -> Finding:
 
 def he_flooding(d: Deployment, p: Policy) -> Finding:
     """FAIL for HE mode with noise flooding off (CKKS IND-CPA-D key recovery, eprint 2020/1533)."""
-    th = ("T10",)
+    th = ("T11",)
     if d.mode != "he":
         return Finding("he.flooding", "N/A", "not HE mode", th)
     if d.he_flood is False:
@@ -162,7 +162,7 @@ def he_flooding(d: Deployment, p: Policy) -> Finding:
 
 def he_shared_key(d: Deployment, p: Policy) -> Finding:
     """WARN in HE mode: the server plus any one key holder can decrypt every individual update."""
-    th = ("T11",)
+    th = ("T12",)
     if d.mode != "he":
         return Finding("he.shared_key", "N/A", "not HE mode", th)
     k = d.he_key_holders or 1
@@ -172,7 +172,7 @@ def he_shared_key(d: Deployment, p: Policy) -> Finding:
 
 def transport_mtls(d: Deployment, p: Policy) -> Finding:
     """FAIL when mutual TLS is off or TLS older than 1.3 is allowed; N/A for in-process simulation."""
-    th = ("T08", "T09")
+    th = ("T05", "T09", "T10")
     if d.mtls is None:
         return Finding("transport.mtls", "N/A", "in-process simulation: nothing goes over a network", th)
     if not d.mtls:
@@ -186,7 +186,7 @@ def transport_mtls(d: Deployment, p: Policy) -> Finding:
 
 def update_clip(d: Deployment, p: Policy) -> Finding:
     """FAIL without a finite positive update clip norm; PASS notes that the server cannot verify clipping."""
-    th = ("T04", "T05")
+    th = ("T04",)
     if d.clip_norm is None or not (d.clip_norm > 0) or d.clip_norm == float("inf"):
         return Finding("update.clip", "FAIL", "no finite update clip norm (fix: train.update_clip_norm / "
                        "federation.clip_norm)", th)
@@ -196,7 +196,7 @@ def update_clip(d: Deployment, p: Policy) -> Finding:
 
 def proxy_exposure(d: Deployment, p: Policy) -> Finding:
     """WARN when the proxy keeps more than half of the LLM's blocks verbatim (more LLM IP shipped to clients)."""
-    th = ("T12",)
+    th = ("T13",)
     if d.keep_ratio is None:
         return Finding("proxy.exposure", "N/A", "no compression settings in this config", th)
     if d.keep_ratio > 0.5:
@@ -208,7 +208,7 @@ def proxy_exposure(d: Deployment, p: Policy) -> Finding:
 
 def keys_expiry(d: Deployment, p: Policy, now: _dt.datetime | None = None) -> Finding:
     """FAIL if a certificate or active signing key in the server state has expired; WARN if it expires soon."""
-    th = ("T08", "T14")
+    th = ("T09", "T16")
     if d.server_state is None:
         return Finding("keys.expiry", "N/A", "pass --server-state DIR to check certificates and keysets", th)
     if not d.keys:
@@ -229,7 +229,7 @@ def keys_expiry(d: Deployment, p: Policy, now: _dt.datetime | None = None) -> Fi
 
 def audit_chain(d: Deployment, p: Policy) -> Finding:
     """FAIL if the server's hash-chained audit log is missing or does not verify."""
-    th = ("T15",)
+    th = ("T06", "T17")
     if d.audit_log is None:
         return Finding("audit.chain", "N/A", "pass --server-state DIR (or --audit-log FILE) to verify the audit log", th)
     a = d.audit_log
