@@ -8,13 +8,22 @@ history ``[(σ, q, steps), ...]``.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 ACCOUNTANT_NAME = "prv"
 
 
 def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
-    """σ such that ``total_steps`` steps at ``sample_rate`` spend at most ``target_epsilon`` at ``delta`` (PRV)."""
+    """σ such that ``total_steps`` steps at ``sample_rate`` spend at most ``target_epsilon`` at ``delta`` (PRV).
+
+    Pure and cached (the PRV binary search takes seconds; every round of a plan asks the same question).
+    """
+    return _noise_multiplier(float(target_epsilon), float(delta), float(sample_rate), int(total_steps))
+
+
+@lru_cache(maxsize=64)
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     if not 0 < sample_rate <= 1:
@@ -29,9 +38,12 @@ def epsilon_spent(history: Sequence[tuple[float, float, int]], delta: float) -> 
     """ε(δ) upper bound (PRV) after every ``(noise_multiplier, sample_rate, steps)`` entry; 0.0 if empty."""
     from opacus.accountants import PRVAccountant
 
-    hist = [(float(s), float(q), int(k)) for s, q, k in history if int(k) > 0]
-    if not hist:
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, k in history:  # composition is commutative: same (σ, q) entries add their steps
+        if int(k) > 0:
+            merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(k)
+    if not merged:
         return 0.0
     acc = PRVAccountant()
-    acc.history = hist
+    acc.history = [(s, q, k) for (s, q), k in sorted(merged.items())]
     return float(acc.get_epsilon(delta=delta))
