@@ -179,3 +179,15 @@ def test_layout_mismatch_is_refused() -> None:
         train_round(model, tok(), pairs(), spec(model, theta_global=np.zeros(5)))
     with pytest.raises(ModelError, match="conflict"):
         train_round(model, tok(), pairs(), spec(model, conflict=np.zeros(5)))
+
+
+def test_round_train_fn_adapter() -> None:
+    from fedproxy_secure.client.round_fn import make_round_train_fn
+
+    model = tiny_peft("llama", a_seed=7)
+    fn = make_round_train_fn(model, tok(), pairs(), a_seed=7, defaults={"local_steps": 2, "lr": 1e-2, "max_length": 64})
+    theta = get_lora_vector(model)
+    delta, rep = fn(theta, {"round_id": 1, "clip_norm": 0.1, "a_seed": 7, "conflict": [1.0] * theta.size})
+    assert delta.shape == theta.shape and np.linalg.norm(delta) <= 0.1 + 1e-12 and rep["steps"] == 2
+    with pytest.raises(ModelError, match="a_seed"):
+        fn(theta, {"round_id": 2, "clip_norm": 0.1, "a_seed": 8})

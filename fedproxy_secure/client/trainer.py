@@ -27,7 +27,7 @@ from fedproxy_secure.client.batches import (
 )
 from fedproxy_secure.config import DPConfig
 from fedproxy_secure.errors import ConfigError, FedProxyError, ModelError
-from fedproxy_secure.lora import get_lora_vector, lora_names, set_lora_vector, trainable_lora_params
+from fedproxy_secure.lora import get_lora_vector, set_lora_vector, trainable_lora_params
 from fedproxy_secure.privacy.accountant import ACCOUNTANT_NAME, epsilon_spent, noise_multiplier_for
 from fedproxy_secure.privacy.budget import PrivacyBudget
 from fedproxy_secure.privacy.clip import clip_l2
