@@ -1,0 +1,38 @@
+"""``fedproxy-secure bench client-dp``: ε per round and DP-SGD cost on a proxy (3 rounds + a refused 4th)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.app import bench_app
+
+
+@bench_app.command("client-dp")
+def bench_client_dp(
+    model: Path = typer.Option(..., "--model", help="local HF folder of the LLM (the proxy keeps every other block)"),
+    data: Path = typer.Option(..., "--data", help="folder of BIG-bench task files"),
+    task: str = typer.Option("sports_understanding", "--task"),
+    n_train: int = typer.Option(64, "--n-train", min=2),
+    rounds: int = typer.Option(3, "--rounds", min=1),
+    local_steps: int = typer.Option(5, "--local-steps", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    epsilon: float = typer.Option(8.0, "--epsilon"),
+    threads: int = typer.Option(2, "--threads", min=1),
+    json_file: Optional[str] = typer.Option(None, "--json", help="write the figures to this JSON file"),
+) -> None:
+    """Seconds per step with and without DP (same batch size), ε after each round, refusal past the budget."""
+    import importlib.util
+
+    import torch
+
+    torch.set_num_threads(threads)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "client_dp.py"
+    spec = importlib.util.spec_from_file_location("fedproxy_client_dp_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.run_client_dp(str(model), str(data), task=task, n_train=n_train, rounds=rounds, local_steps=local_steps,
+                            batch_size=batch_size, epsilon=epsilon, json_file=json_file)
+    mod.print_table(res)
