@@ -70,6 +70,7 @@ class DataConfig(_Strict):
     dir: Path
     tasks: Optional[list[str]] = None
     calib_tasks: list[str] = Field(default_factory=list, description="server-only tasks for calibration")
+    calib_dir: Optional[Path] = Field(None, description="folder of the calib_tasks (default: data.dir)")
     partition: Literal["task", "iid", "dirichlet"] = "task"
     dirichlet_alpha: float = Field(0.5, gt=0)
     limit_train: int = Field(200, ge=1)
@@ -240,7 +241,7 @@ def parse_run_config(data: dict[str, Any], base_dir: Path | None = None) -> RunC
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for section, key in (("model", "llm"), ("data", "dir")):
+    for section, key in (("model", "llm"), ("data", "dir"), ("data", "calib_dir")):
         sec = out.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             p = Path(sec[key]).expanduser()

@@ -76,9 +76,14 @@ def split_data(cfg: RunConfig) -> tuple[list[list[MCExample]], list[list[str]], 
     """
     d = cfg.data
     available = list_tasks(d.dir)
-    for t in (d.tasks or []) + d.calib_tasks:
+    calib_dir = d.calib_dir or d.dir
+    calib_available = list_tasks(calib_dir)
+    for t in d.tasks or []:
         if t not in available:
             raise ConfigError(f"data.tasks: task {t!r} is not in {d.dir} (available: {', '.join(available)})")
+    for t in d.calib_tasks:
+        if t not in calib_available:
+            raise ConfigError(f"data.calib_tasks: task {t!r} is not in {calib_dir} (available: {', '.join(calib_available)})")
     tasks = [t for t in (d.tasks or available) if t not in d.calib_tasks]
     if not tasks:
         raise ConfigError("data.tasks: no client tasks left after removing data.calib_tasks")
@@ -97,7 +102,7 @@ def split_data(cfg: RunConfig) -> tuple[list[list[MCExample]], list[list[str]], 
             parts = partition_dirichlet([ex.task for ex in pool], n, d.dirichlet_alpha, seed=cfg.seed)
             client_data = [[pool[i] for i in p] for p in parts]
         client_tasks = [sorted({ex.task for ex in part}) for part in client_data]
-    calib = [ex.prompt for t in d.calib_tasks for ex in load_task(d.dir, t).examples[: cfg.compress.calib_examples]]
+    calib = [ex.prompt for t in d.calib_tasks for ex in load_task(calib_dir, t).examples[: cfg.compress.calib_examples]]
     return client_data, client_tasks, test, calib
 
 
@@ -175,8 +180,13 @@ def _make_aggregator(cfg: RunConfig, secure_sum):
     return make_aggregator("hties", **hparams)
 
 
-def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progress=None) -> FederationOutcome:
-    """Stage ii: ``cfg.rounds`` rounds of local LoRA training on the proxy + (secure) aggregation."""
+def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progress=None,
+             on_round: Callable[[int, object], dict] | None = None) -> FederationOutcome:
+    """Stage ii: ``cfg.rounds`` rounds of local LoRA training on the proxy + (secure) aggregation.
+
+    ``on_round(r, peft_proxy)`` (optional) runs after round ``r`` with the proxy holding the new
+    global LoRA; whatever dict it returns is stored in that round's record under ``"eval"``.
+    """
     from fedproxy_secure.client.trainer import ClientRoundSpec, TrainingAborted, train_round
     from fedproxy_secure.lora import attach_lora, get_lora_vector
     from fedproxy_secure.privacy import PrivacyBudget
@@ -237,6 +247,11 @@ def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progre
             "global_norm": float(np.linalg.norm(theta)),
             "seconds": round(time.time() - t0, 3),
         })
+        if on_round is not None:
+            from fedproxy_secure.lora import set_lora_vector
+
+            set_lora_vector(model, theta)
+            record["eval"] = on_round(r, model)
         outcome.rounds.append(record)
         log(f"round {r}: loss {record['train_loss']}, survivors {len(keep)}/{len(ids)}, |theta| {record['global_norm']:.4f}")
     from fedproxy_secure.lora import set_lora_vector
@@ -246,12 +261,30 @@ def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progre
     return outcome
 
 
-def fuse_outcome(cfg: RunConfig, prep: Prepared, outcome: FederationOutcome):
-    """Stage iii on the server: the LLM with the global LoRA plugged in, as a logits function."""
-    from fedproxy_secure.fuse import fuse_into_llm
+@dataclass
+class Fused:
+    """The server's LLM with the global LoRA plugged in: a scorer, and the dense model when weight-fused."""
 
-    return fuse_into_llm(prep.llm, prep.proxy, outcome.peft_proxy, method=cfg.fusion.method,
-                         scale=cfg.fusion.scale, beta=cfg.fusion.logit_beta)
+    logits_fn: Callable
+    model: torch.nn.Module | None
+    info: dict
+
+
+def fuse_outcome(cfg: RunConfig, prep: Prepared, outcome: FederationOutcome) -> Fused:
+    """Stage iii, on the server only: weight plug-in (dense LLM) or logit plug-in (proxy-tuning)."""
+    from fedproxy_secure.fuse.adapter import deltas_from_peft_model
+    from fedproxy_secure.fuse.logit import logit_plugin_fn
+    from fedproxy_secure.fuse.weight import fuse_weights
+
+    meta = prep.proxy.meta
+    if cfg.fusion.method == "logit":
+        fn = logit_plugin_fn(prep.llm, outcome.peft_proxy, prep.proxy.model, beta=cfg.fusion.logit_beta)
+        return Fused(fn, None, {"beta": cfg.fusion.logit_beta})
+    deltas = deltas_from_peft_model(outcome.peft_proxy)
+    fused = fuse_weights(prep.llm, meta, deltas, scale=cfg.fusion.scale)
+    return Fused(model_logits_fn(fused), fused, {"layer_map": list(meta["layer_map"]),
+                                                 "fusion_mode": meta.get("fusion_mode"),
+                                                 "modules_fused": len(deltas)})
 
 
 def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print) -> dict:
