@@ -1,0 +1,54 @@
+"""``fedproxy-secure bench fusion``: centralized LoRA on a proxy, then every plug-in variant side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli.app import bench_app
+
+
+@bench_app.command("fusion")
+def bench_fusion(
+    llm: Path = typer.Option(..., "--llm", help="server LLM folder (HF, safetensors)"),
+    data_dir: Path = typer.Option(..., "--data-dir", help="BIG-bench task folder (the evaluation tasks)"),
+    out: Path = typer.Option(..., "--out", help="results folder (resumable: finished variants are reused)"),
+    server_dir: Path = typer.Option(Path(".cache/bigbench-extra"), "--server-dir", help="server-only BIG-bench tasks (calibration/distillation text; never client data)"),
+    limit_train: int = typer.Option(200, "--limit-train", min=1),
+    limit_test: int = typer.Option(100, "--limit-test", min=1),
+    lr: float = typer.Option(2e-4, "--lr"),
+    epochs: int = typer.Option(1, "--epochs", min=1),
+    distill_steps: int = typer.Option(120, "--distill-steps", min=0),
+    beta: float = typer.Option(1.0, "--beta", help="logit plug-in strength"),
+    threads: int = typer.Option(2, "--threads", min=1),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", help="run only these variants (repeatable), in order"),
+) -> None:
+    """Proxy accuracy, fused accuracy and transfer for each plug-in variant; results.json + PNG in --out."""
+    mod = _load()
+    cfg = mod.StudyConfig(llm=str(llm), data_dir=str(data_dir), out=str(out), server_dir=str(server_dir),
+                          limit_train=limit_train, limit_test=limit_test, lr=lr, epochs=epochs,
+                          distill_steps=distill_steps, beta=beta, threads=threads,
+                          variants=tuple(variant) if variant else mod.ALL_VARIANTS)
+    summary = mod.run_fusion_study(cfg, log=lambda m: typer.echo(m, err=True))
+    mod.print_table(summary)
+
+
+def _load():
+    """Import ``benchmarks/fusion_study.py`` from this repository (opacus ships a ``benchmarks`` package)."""
+    import importlib.util
+
+    try:
+        from benchmarks import fusion_study
+
+        return fusion_study
+    except ImportError:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "fusion_study.py"
+        spec = importlib.util.spec_from_file_location("fedproxy_fusion_study", path)
+        mod = importlib.util.module_from_spec(spec)
+        import sys
+
+        sys.modules[spec.name] = mod  # dataclasses resolve their module
+        spec.loader.exec_module(mod)
+        return mod
