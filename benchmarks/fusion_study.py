@@ -113,11 +113,9 @@ def bi_keep(bi: list[float], keep_ratio: float) -> list[int]:
 
 def ot_keep(L: int, keep_ratio: float, n_adapt: int = 2) -> list[int]:
     """Offsite-Tuning emulator: first/last ``n_adapt`` blocks + uniformly spaced middle blocks."""
-    k = L - math.floor(L * (1 - keep_ratio))
-    mid = list(range(n_adapt, L - n_adapt))
-    m = k - 2 * n_adapt
-    picked = sorted({mid[round(i * (len(mid) - 1) / max(m - 1, 1))] for i in range(m)})
-    return list(range(n_adapt)) + picked + list(range(L - n_adapt, L))
+    from fedproxy_secure.fuse.offsite import emulator_layer_map
+
+    return emulator_layer_map(L, keep_ratio, n_adapt)
 
 
 def make_proxy(llm, keep: list[int]):
