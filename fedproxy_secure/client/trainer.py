@@ -229,9 +229,9 @@ def _loop_plain(model, items, spec, params, theta_g_t, tokenizer, device, losses
         _finite_or_abort(loss, spec, step)
         loss.backward()
         _apply_step(opt, params, theta_g_t, spec)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress:
-            progress(step + 1, spec.local_steps, float(loss))
+            progress(step + 1, spec.local_steps, float(loss.detach()))
 
 
 def _loop_dp(model, items, spec, params, theta_g_t, tokenizer, device, losses, progress, sigma, q, dp) -> None:
@@ -257,7 +257,7 @@ def _loop_dp(model, items, spec, params, theta_g_t, tokenizer, device, losses, p
                     loss = per_example_loss(out.logits, b["labels"]).mean()
                     _finite_or_abort(loss, spec, step)
                     loss.backward()
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                 else:
                     set_empty_grad_samples(params)  # empty Poisson batch: a pure-noise step
                 if opt.pre_step():
@@ -311,10 +311,10 @@ def train_centralized(model, tokenizer, examples: Sequence, *, epochs: int = 1, 
                 raise TrainingAborted(f"centralized training: loss is {float(loss)} at step {step + 1}; lower lr")
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if progress:
-                progress(step, total, float(loss))
+                progress(step, total, float(loss.detach()))
     model.eval()
     return {"model": model, "train_loss": float(np.mean(losses)), "steps": step,
             "seconds": time.perf_counter() - t0, "truncated": enc.truncated}
