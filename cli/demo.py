@@ -1,4 +1,4 @@
-"""``demo --preset tiny|smollm --out DIR``: the whole networked federation on loopback."""
+"""``demo --preset tiny|smollm | --config F --out DIR``: the whole networked federation on loopback."""
 
 from __future__ import annotations
 
@@ -13,15 +13,19 @@ from cli.common import console, fail
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(..., "--out", help="empty output folder"),
-    preset: str = typer.Option("tiny", "--preset", help="tiny | smollm"),
-    config: Path = typer.Option(None, "--config", help="YAML with 'clients' and 'federation' sections"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny (examples/demo-tiny.yaml) | smollm (examples/demo.yaml)"),
+    config: Path = typer.Option(None, "--config", help="demo YAML (clients, model, data, compress, lora, dp, "
+                                                       "federation, transport, eval); overrides --preset"),
 ) -> None:
-    """Server + client processes over HTTPS/mTLS with masking; writes report.md, results.json, audit.jsonl."""
-    from fedproxy_secure.server.demo import load_demo_config, run_demo
+    """Server + client processes over HTTPS/mTLS: compress, signed bundle, DP LoRA training with masking,
+    fusion and evaluation; writes report.md, results.json, rounds.png, audit.jsonl, server/."""
+    from fedproxy_secure.server.demo import load_demo_spec, run_demo
 
-    n, settings = load_demo_config(None if config else preset, config)
-    res = run_demo(out, n, settings, log=console.print)
-    console.print(f"rounds done {res['rounds_done']}/{settings.rounds} in {res['seconds']} s; "
-                  f"audit log {'ok' if res['audit_log_ok'] else 'BROKEN'}; report {out / 'report.md'}")
-    if res["rounds_done"] < settings.rounds or not res["audit_log_ok"]:
+    spec, path = load_demo_spec(None if config else preset, config)
+    res = run_demo(out, spec, log=console.print, config_path=path)
+    rounds = res["settings"]["rounds"]
+    console.print(f"rounds done {res['rounds_done']}/{rounds} in {res['seconds']} s; LLM accuracy "
+                  f"{res['llm_before']['mean_accuracy']:.3f} -> {res['llm_after']['mean_accuracy']:.3f}; audit log "
+                  f"{'ok' if res['audit_log_ok'] else 'BROKEN'}; report {out / 'report.md'}")
+    if res["rounds_done"] < rounds or not res["audit_log_ok"]:
         raise fail("demo did not complete every round")

@@ -78,16 +78,19 @@ def status_cmd(dir: Path = typer.Option(Path("fedserver"), "--dir"),
         console.print_json(json.dumps(s))
         return
     t = Table(title=f"rounds ({dir})")
-    for col in ("round", "status", "stage", "cohort", "survivors", "dropouts", "ε max", "seconds", "reason"):
+    names = {x["client_id"]: x["name"] for x in s["clients"]}
+    for col in ("round", "status", "stage", "cohort", "survivors", "dropouts", "ε reported (per site)", "seconds",
+                "reason"):
         t.add_column(col)
     for r in s["rounds"]:
+        eps = ", ".join(f"{names.get(c, c[:8])}={e:.3g}" for c, e in sorted(r.get("epsilon", {}).items(),
+                                                                           key=lambda kv: names.get(kv[0], kv[0])))
         t.add_row(str(r["round"]), r["status"], r["stage"], str(r["cohort"]), str(r["survivors"]),
-                  str(len(r["dropouts"])), "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.3g}",
-                  str(r["seconds"]), r["reason"] or "")
+                  str(len(r["dropouts"])), eps or "-", str(r["seconds"]), r["reason"] or "")
     console.print(t)
     c = Table(title="clients")
-    for col in ("client", "site", "status"):
+    for col in ("client", "site", "status", "ε reported (latest)"):
         c.add_column(col)
     for x in s["clients"]:
-        c.add_row(x["client_id"], x["name"], x["status"])
+        c.add_row(x["client_id"], x["name"], x["status"], "-" if x.get("epsilon") is None else f"{x['epsilon']:.3g}")
     console.print(c)

@@ -1,4 +1,6 @@
-"""`fedproxy-secure demo --preset tiny` runs the networked flow; its audit log verifies, an edit fails."""
+"""`fedproxy-secure demo` on the tiny preset file: real DP LoRA training through the networked flow
+(signed bundle fetched and verified by each client, masking, fusion, evaluation); its audit log
+verifies and an edit fails; `server status` shows ε per client; `audit check` passes on its state."""
 
 from __future__ import annotations
 
@@ -6,19 +8,60 @@ import json
 import subprocess
 import sys
 
+import yaml
+
 from tests.net_helpers import ROOT, env
 
 
-def test_demo_tiny_and_audit_verify(tmp_path):
+def test_demo_tiny_real_training_and_audit(tmp_path):
+    cfg = yaml.safe_load((ROOT / "examples" / "demo-tiny.yaml").read_text())
+    cfg["federation"]["rounds"] = 2           # keep the suite fast: 2 rounds, fewer test examples
+    cfg["data"]["limit_test"] = 10
+    cfg["data"]["dir"] = str(ROOT / "examples" / "data" / "bigbench-mini")
+    cfg["eval"]["proxy"] = False
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--preset", "tiny", "--out", str(out)],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    for f in ("report.md", "results.json", "rounds.png", "audit.jsonl", "server/state.db"):
+    r = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--config", str(tmp_path / "demo.yaml"),
+                        "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for f in ("report.md", "results.json", "rounds.png", "audit.jsonl", "server/state.db",
+              "server/global_adapter/adapter_model.safetensors", "server/bundle/MANIFEST.sig"):
         assert (out / f).is_file(), f
     res = json.loads((out / "results.json").read_text())
-    assert res["rounds_done"] == 3 and res["audit_log_ok"]
-    assert not (out / "server" / "pki" / "ca.key").exists()  # no private keys left in the output
+    assert res["rounds_done"] == 2 and res["audit_log_ok"] and res["trainer"].startswith("lora")
+    # every site trained for real in both rounds: DP ε reported, growing, within the budget
+    for rnd in res["rounds"]:
+        assert rnd["status"] == "done" and rnd["survivors"] == 3
+        eps = rnd["epsilon_by_site"]
+        assert sorted(eps) == ["site0", "site1", "site2"]
+        assert all(0 < e <= 8.0 for e in eps.values())
+        assert all(l is not None and l > 0 for l in rnd["train_loss_by_site"].values())
+        assert 0 < rnd["aggregate_norm"] <= 3 * 1.0 + 1e-6  # secure sum of 3 updates clipped to 1
+    assert all(res["rounds"][1]["epsilon_by_site"][s] > res["rounds"][0]["epsilon_by_site"][s] for s in ("site0",))
+    assert res["global_theta_norm"] > 0 and res["lora_dim"] == res["settings"]["dim"]
+    assert set(res["llm_before"]["per_task"]) == set(res["llm_after"]["per_task"]) and len(res["llm_after"]["per_task"]) == 6
+    for s in res["client_summaries"]:
+        assert s["rounds_done"] == [1, 2] and s["rounds_dropped"] == []
+    logs = "".join((out / "logs" / f"client{i}.log").read_text() for i in range(3))
+    assert logs.count("verified (key") == 3  # each client verified the bundle against its pinned keyset
+    report = (out / "report.md").read_text()
+    assert "| **mean** |" in report and "operator's evaluation data" in report
+    # no private key or token left in the output
+    leftovers = [p for p in out.rglob("*") if p.name in ("ca.key", "server.key", "operator.key", "client.key",
+                                                          "identity.key", "token")]
+    assert not leftovers, leftovers
+    # server status shows ε per client
+    st = subprocess.run([sys.executable, "-m", "cli.main", "server", "status", "--dir", str(out / "server"), "--json"],
+                        cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert all(c["epsilon"] is not None and 0 < c["epsilon"] <= 8 for c in status["clients"])
+    assert all(len(r_["epsilon"]) == 3 for r_ in status["rounds"])
+    # the config and the server state it produced pass the audit
+    chk = subprocess.run([sys.executable, "-m", "cli.main", "audit", "check", "--config", str(tmp_path / "demo.yaml"),
+                          "--server-state", str(out / "server")], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert chk.returncode == 0, chk.stdout[-3000:]
+    # the audit log verifies; an edited line is caught
     cmd = [sys.executable, "-m", "cli.main", "audit", "verify-log", str(out / "audit.jsonl")]
     assert subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True).returncode == 0
     lines = (out / "audit.jsonl").read_text().splitlines(keepends=True)

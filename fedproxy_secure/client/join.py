@@ -138,12 +138,17 @@ class ClientSession:
         if st.status != 200 or hashlib.sha256(st.content).hexdigest() != cfg["state_sha256"]:
             raise SecurityError(f"round {rid}: global state does not match the signed hash")
         theta = state_from_bytes(st.content)["theta"]
+        if theta.shape != (int(cfg["dim"]),):
+            raise SecurityError(f"round {rid}: global state has {theta.shape[0]} values, the signed config says {cfg['dim']}")
         update, report = train_fn(theta, cfg)
         update = clip_update(update, float(cfg["clip_norm"]))
         stages = make_client_stages(cfg, update, cohort[self.client_id], identity_key=self.key,
                                     used_sessions=self.used)
         self._save_used()  # durable before any key of this session leaves the client
-        self.http.post_json(f"/v1/round/{rid}/report", report, round_id=rid)
+        report = public_report(report)
+        r = self.http.post_json(f"/v1/round/{rid}/report", report, round_id=rid)
+        if r.status != 200:
+            self.log(f"round {rid}: report refused ({r.status}): {r.content[:200]!r}")
         deadlines = cfg.get("deadlines", {})
         for stage in stages.stages:
             if die_at == stage:
@@ -160,14 +165,46 @@ class ClientSession:
         return report
 
 
-def join_federation(enrol_dir, state_dir, train_fn: TrainFn, server_url: str | None = None,
+#: keys of a trainer's report that may leave the client (scalars about the round, never data)
+REPORT_KEYS = ("round_id", "epsilon", "delta", "accountant", "epsilon_scope", "noise_multiplier", "sample_rate",
+               "max_grad_norm", "dp", "num_examples", "steps", "train_loss", "pre_clip_norm", "post_clip_norm",
+               "seconds", "seconds_per_step", "truncated")
+
+
+def public_report(report: dict) -> dict:
+    """The part of a trainer report sent to the server: :data:`REPORT_KEYS` only, JSON scalars only
+    (NaN/inf become null, so the server's strict JSON parser accepts it)."""
+    out = {}
+    for k in REPORT_KEYS:
+        v = (report or {}).get(k)
+        if isinstance(v, (bool, int, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (float, np.floating)):
+            out[k] = float(v) if np.isfinite(v) else None
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def join_federation(enrol_dir, state_dir, train_fn: TrainFn | None, server_url: str | None = None,
                     log: Callable[[str], None] | None = None, die_at: tuple[int, str] | None = None,
-                    max_wait_s: float = 900.0) -> JoinResult:
-    """Enrol if needed and take part in rounds until the server says the federation is finished."""
+                    max_wait_s: float = 900.0,
+                    setup: Callable[[ClientSession], TrainFn] | None = None) -> JoinResult:
+    """Enrol if needed and take part in rounds until the server says the federation is finished.
+
+    ``setup(session)`` (optional, used when ``train_fn`` is None) runs once after enrolment and
+    returns the train_fn, e.g. after fetching and verifying the proxy bundle over the session.
+    A training failure (budget exhausted, NaN loss, config refused) drops this client from the
+    round, nothing is sent; an exhausted privacy budget also ends its participation.
+    """
+    from fedproxy_secure.errors import FedProxyError, PrivacyBudgetExceeded
+
     s = ClientSession(enrol_dir, state_dir, server_url, log=log)
     try:
         cid = s.enroll()
         res = JoinResult(cid)
+        if train_fn is None:
+            if setup is None:
+                raise ValueError("join_federation: give train_fn or setup")
+            train_fn = setup(s)
         tried: set[int] = set()
         t_end = time.monotonic() + max_wait_s
         while time.monotonic() < t_end:
@@ -180,10 +217,19 @@ def join_federation(enrol_dir, state_dir, train_fn: TrainFn, server_url: str | N
                 continue
             tried.add(rid)
             kill = die_at[1] if die_at and die_at[0] == rid else None
+            stop = False
             try:
                 rep = s.run_round(rid, train_fn, die_at=kill)
             except ProtocolAbort as exc:
                 (log or print)(f"round {rid}: aborted by this client: {exc}")
+                rep = None
+            except PrivacyBudgetExceeded as exc:
+                (log or print)(f"round {rid}: not training: {exc}")
+                rep, stop = None, True
+            except SecurityError:
+                raise
+            except FedProxyError as exc:  # TrainingAborted, ConfigError, ModelError: nothing is sent
+                (log or print)(f"round {rid}: training failed, nothing sent: {exc}")
                 rep = None
             if rep is None:
                 res.rounds_dropped.append(rid)
@@ -191,6 +237,8 @@ def join_federation(enrol_dir, state_dir, train_fn: TrainFn, server_url: str | N
                 res.rounds_done.append(rid)
                 res.reports.append(rep)
                 (log or (lambda _m: None))(f"round {rid}: submitted")
+            if stop:
+                break
         return res
     finally:
         s.close()

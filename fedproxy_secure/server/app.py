@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from fedproxy_secure.audit.log import AuditLog
@@ -257,7 +257,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         p = (ctx.bundle_dir / name)
         if p.is_symlink() or not p.resolve().is_relative_to(ctx.bundle_dir.resolve()):
             return reject(404, "refusing a path outside the bundle", request, v.client_id)
-        return Response(p.read_bytes(), media_type="application/octet-stream")
+        return FileResponse(p, media_type="application/octet-stream")  # streamed in chunks, not read whole
 
     @app.get("/v1/round/{rid}/{stage}")
     async def fetch(rid: int, stage: str, request: Request):
@@ -323,15 +323,22 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
 
 def status_summary(store: Storage) -> dict:
-    """Rounds (id, status, stage, survivors, dropouts, ε reported) and clients, JSON-able."""
+    """Rounds (id, status, stage, survivors, dropouts, ε reported per client) and clients (latest ε), JSON-able."""
     rounds = []
     for r in store.rounds():
         dropped = sorted({c for t in store.transitions(r.round_id) for c in t["data"].get("dropped", [])})
         reps = store.client_reports(r.round_id)
-        eps = [x.get("epsilon") for x in reps.values() if isinstance(x.get("epsilon"), (int, float))]
+        eps_by = {c: x.get("epsilon") for c, x in reps.items() if isinstance(x.get("epsilon"), (int, float))}
+        eps = list(eps_by.values())
         rounds.append({"round": r.round_id, "status": r.status, "stage": r.stage,
                        "cohort": len(r.config.get("cohort", []) or []),
                        "survivors": len((r.result or {}).get("survivors", [])), "dropouts": dropped,
-                       "epsilon_max": max(eps) if eps else None, "reason": r.reason,
+                       "epsilon_max": max(eps) if eps else None, "epsilon": eps_by,
+                       "delta": next((x.get("delta") for x in reps.values() if x.get("delta") is not None), None),
+                       "reason": r.reason,
                        "seconds": round((r.closed_at or time.time()) - r.opened_at, 3)})
-    return {"rounds": rounds, "clients": store.clients()}
+    clients = store.clients()
+    for c in clients:  # the latest ε each client reported (cumulative over its rounds when it keeps a budget)
+        last = [r["epsilon"][c["client_id"]] for r in rounds if c["client_id"] in r["epsilon"]]
+        c["epsilon"] = last[-1] if last else None
+    return {"rounds": rounds, "clients": clients}

@@ -50,6 +50,7 @@ class FederationSettings:
     train: dict = field(default_factory=dict)   # passed to clients verbatim (lr, epochs, dp, ...)
     max_aborts: int = 10
     on_restart: str = "resume"                  # resume | abort
+    a_seed: int | None = None                   # fixed LoRA-A seed of the federation (FFA-LoRA needs one A)
 
     def validate(self) -> "FederationSettings":
         """Raise ``ConfigError`` naming the field for any impossible value."""
@@ -65,6 +66,8 @@ class FederationSettings:
             raise ConfigError("federation.dim and federation.clip_norm must be positive")
         if self.on_restart not in ("resume", "abort"):
             raise ConfigError("federation.on_restart: use resume or abort")
+        if self.a_seed is not None and not (isinstance(self.a_seed, int) and 0 <= self.a_seed < 2**63):
+            raise ConfigError(f"federation.a_seed={self.a_seed!r}: use an integer in [0, 2**63)")
         return self
 
     @classmethod
@@ -284,7 +287,8 @@ class RoundEngine:
             "state_round": gs[0], "state_sha256": hashlib.sha256(gs[1]).hexdigest(),
             "aggregator": self.s.aggregator, "mode": self.s.mode, "threshold": t, "dim": self.s.dim,
             "clip_norm": self.s.clip_norm, "train": self.s.train, "deadlines": self.s.deadlines,
-            "a_seed": int.from_bytes(hashlib.sha256(b"a-seed" + bytes.fromhex(row.session_id)).digest()[:4], "big"),
+            "a_seed": self.s.a_seed if self.s.a_seed is not None else
+            int.from_bytes(hashlib.sha256(b"a-seed" + bytes.fromhex(row.session_id)).digest()[:4], "big"),
             "total_rounds": self.s.rounds, "issued_at": int(self.clock()),
             "secagg_options": {"identities": {str(i): base64.b64encode(self.store.client_key(c)).decode()
                                               for c, i in cohort},

@@ -1,0 +1,96 @@
+"""``client.yaml`` of ``client join``: enrolment, state, trainer, data file, pinned keyset and DP settings.
+
+Example (paths are relative to the YAML file)::
+
+    enrolment: enrol/site0          # folder handed over by the operator ('server enroll')
+    state_dir: state                # identity key, used session ids, privacy budget, anti-rollback state
+    trainer: lora                   # lora (real LoRA training on the verified proxy) | synthetic (tests)
+    data: train.jsonl               # the site's own data: JSONL prompt/response or a BIG-bench .json task
+    keyset: keyset.json             # the operator's keyset, pinned: the proxy bundle is verified against it
+    dp: {enabled: true, epsilon: 8.0, delta: 1.0e-5, max_grad_norm: 1.0}
+    threads: 1                      # torch threads (several clients on one machine must split the cores)
+
+The LoRA layout (r, alpha, targets) and the A seed are federation-wide and come from the
+operator-signed round config; the DP settings are the site's own and never taken from the server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedproxy_secure.config import DPConfig, format_validation_error
+from fedproxy_secure.errors import ConfigError
+
+
+class ClientJoinConfig(BaseModel):
+    """The validated ``client.yaml``; every path is absolute after :func:`load_join_config`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enrolment: Path
+    state_dir: Path = Path("client-state")
+    trainer: Literal["lora", "synthetic"] = "lora"
+    seed: int = 0
+    data: Optional[Path] = None
+    limit: Optional[int] = Field(None, ge=1, description="use at most this many training examples")
+    keyset: Optional[Path] = None
+    dp: DPConfig = DPConfig()
+    budget_file: str = "privacy_budget.json"
+    threads: int = Field(1, ge=1)
+    device: str = "cpu"
+    scale: float = Field(0.1, gt=0, description="synthetic trainer only: update scale")
+
+    @model_validator(mode="after")
+    def _lora_needs_data_and_keyset(self) -> "ClientJoinConfig":
+        if self.trainer == "lora":
+            if self.data is None:
+                raise ValueError("trainer lora needs 'data' (the site's training file: .jsonl prompt/response or "
+                                 "a BIG-bench .json task)")
+            if self.keyset is None:
+                raise ValueError("trainer lora needs 'keyset' (the operator's pinned keyset file); the proxy "
+                                 "bundle is never loaded unverified")
+        return self
+
+
+def load_join_config(path: str | Path) -> ClientJoinConfig:
+    """Read and validate ``client.yaml``; relative paths resolve against its folder.
+
+    Raises ConfigError naming the field (``client.yaml: dp.epsilon = -1: ...``) or the missing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping with at least 'enrolment'")
+    try:
+        cfg = ClientJoinConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: " + format_validation_error(exc, model=ClientJoinConfig)) from None
+    base = path.resolve().parent
+    fix = {k: (base / getattr(cfg, k)) for k in ("enrolment", "state_dir", "data", "keyset")
+           if getattr(cfg, k) is not None and not Path(getattr(cfg, k)).is_absolute()}
+    cfg = cfg.model_copy(update=fix)
+    for k in ("data", "keyset"):
+        p = getattr(cfg, k)
+        if p is not None and not p.is_file():
+            raise ConfigError(f"{path}: {k} = {str(p)!r} does not exist")
+    if not (cfg.enrolment / "server.json").is_file():
+        raise ConfigError(f"{path}: enrolment = {str(cfg.enrolment)!r} is not an enrolment folder (no server.json); "
+                          "use the folder from 'fedproxy-secure server enroll'")
+    return cfg
+
+
+def write_join_config(path: str | Path, **fields) -> Path:
+    """Write a ``client.yaml`` (validated first); paths are written as given (relative to ``path``'s folder)."""
+    cfg = ClientJoinConfig.model_validate(fields)
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    return Path(path)

@@ -1,0 +1,125 @@
+"""The ``demo --config F`` file (and the presets ``examples/demo-tiny.yaml``, ``examples/demo.yaml``).
+
+One file serves both ``demo`` and ``audit check``: ``clients``, ``federation``, ``dp``,
+``transport`` and ``compress`` are the sections ``audit check`` reads; ``model``, ``data``,
+``lora`` and ``eval`` are demo-only (``audit check`` lists them as ignored). DP is stated once,
+at the top level; the demo copies it into ``federation.train.dp`` (the operator's signed policy,
+which every client checks against its own settings) and into each client's ``client.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedproxy_secure.config import CompressConfig, DPConfig, LoraConfig, TinyModelSpec, format_validation_error
+from fedproxy_secure.errors import ConfigError
+from fedproxy_secure.server.rounds import FederationSettings
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+PRESETS = {"tiny": EXAMPLES / "demo-tiny.yaml", "smollm": EXAMPLES / "demo.yaml"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoClients(_Strict):
+    count: int = Field(3, ge=2)
+    threads: int = Field(1, ge=1, description="torch threads per client process")
+
+
+class DemoModel(_Strict):
+    source: Literal["smollm2", "tiny"] = "tiny"
+    tiny: TinyModelSpec = TinyModelSpec()
+
+
+class DemoData(_Strict):
+    source: Literal["fetch", "dir"] = "dir"
+    dir: Optional[Path] = None
+    tasks: list[str] = Field(min_length=2)
+    calib_tasks: list[str] = Field(min_length=1, description="server-only calibration tasks no client holds")
+    limit_train: int = Field(50, ge=8)
+    limit_test: int = Field(30, ge=1)
+    seed: int = 0
+
+
+class DemoEval(_Strict):
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(256, ge=16)
+    proxy: bool = Field(False, description="also evaluate the proxy before/after (costs time)")
+    threads: int = Field(2, ge=1, description="torch threads for server-side work (compress, fuse, evaluate)")
+
+
+class DemoSpec(_Strict):
+    name: str = "demo"
+    description: str = ""
+    clients: DemoClients = DemoClients()
+    model: DemoModel = DemoModel()
+    data: DemoData
+    compress: CompressConfig = CompressConfig()
+    lora: LoraConfig = LoraConfig()
+    dp: DPConfig = DPConfig(enabled=True)
+    federation: dict = Field(default_factory=dict)
+    transport: dict = Field(default_factory=dict)
+    eval: DemoEval = DemoEval()
+    timeout_s: float = Field(900.0, gt=0, description="wall-clock limit for the federation stage")
+
+    def settings(self, dim: int, a_seed: int) -> FederationSettings:
+        """The federation settings: the file's ``federation`` plus ``dim``, ``a_seed`` and the
+        federation-wide LoRA layout and DP policy in ``train`` (signed into every round config)."""
+        fed = dict(self.federation)
+        for k in ("dim", "a_seed"):
+            if k in fed:
+                raise ConfigError(f"federation.{k}: set by the demo (LoRA vector length / fixed A seed); remove it")
+        train = dict(fed.get("train") or {})
+        if "dp" in train:
+            raise ConfigError("federation.train.dp: state DP once, in the top-level 'dp' section")
+        train["lora"] = self.lora.model_dump(mode="json")
+        train["dp"] = self.dp.model_dump(mode="json")
+        fed.update(dim=int(dim), a_seed=int(a_seed), train=train)
+        return FederationSettings.from_dict(fed)
+
+
+def load_demo_spec(preset: str | None = None, config: str | os.PathLike | None = None) -> tuple[DemoSpec, Path]:
+    """The demo spec from ``--config`` or ``--preset`` and the file it came from.
+
+    Relative ``data.dir`` resolves against the file's folder. Raises ConfigError naming the field.
+    """
+    if config is None:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset!r}: use one of {', '.join(PRESETS)} or pass --config FILE")
+        config = PRESETS[preset]
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"--config: file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if isinstance(data.get("clients"), int):
+        data["clients"] = {"count": data["clients"]}
+    try:
+        spec = DemoSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: " + format_validation_error(exc, model=DemoSpec)) from None
+    d = spec.data
+    if d.source == "dir":
+        if d.dir is None:
+            raise ConfigError(f"{path}: data.dir is required with data.source: dir")
+        full = d.dir if d.dir.is_absolute() else (path.resolve().parent / d.dir)
+        spec = spec.model_copy(update={"data": d.model_copy(update={"dir": full})})
+    overlap = set(d.tasks) & set(d.calib_tasks)
+    if overlap:
+        raise ConfigError(f"{path}: data.calib_tasks {sorted(overlap)} are also client tasks; calibration must be "
+                          "server data no client holds")
+    if spec.clients.count > len(d.tasks):
+        raise ConfigError(f"{path}: clients.count = {spec.clients.count} exceeds the {len(d.tasks)} data.tasks")
+    FederationSettings.from_dict({k: v for k, v in spec.federation.items() if k not in ("dim", "a_seed")})
+    return spec, path

