@@ -33,7 +33,7 @@ import torch
 
 ALL_METHODS = ("zs_llm", "zs_proxy", "ot", "fedavg", "fedproxy", "sa_hties", "fedproxy_dp", "centralized")
 SETTINGS = ("hetero", "iid")
-DEFAULT_CALIB_TASKS = ("date_understanding", "hyperbaton", "causal_judgment", "logical_deduction", "anachronisms")
+DEFAULT_CALIB_TASKS = ("date_understanding", "hyperbaton", "causal_judgment", "anachronisms", "disambiguation_qa")
 
 
 @dataclass
