@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from cli.common import load_benchmark
 from cli.app import bench_app
 
 
@@ -20,22 +21,6 @@ def bench_aggregate(
     import torch
 
     torch.set_num_threads(1)
-    mod = _load_bench()
+    mod = load_benchmark("aggregate_departure")
     mod.print_table(mod.run_departure_bench(clients, values, seeds, json_path=json_file))
 
-
-def _load_bench():
-    """Import ``benchmarks/aggregate_departure.py`` from this repository."""
-    import importlib.util
-    from pathlib import Path
-
-    try:
-        from benchmarks import aggregate_departure  # works when the repo root is first on sys.path
-
-        return aggregate_departure
-    except ImportError:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "aggregate_departure.py"
-        spec = importlib.util.spec_from_file_location("fedproxy_aggregate_departure", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod

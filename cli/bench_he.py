@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from cli.common import load_benchmark
 from cli.app import bench_app
 
 
@@ -20,22 +21,6 @@ def bench_he(
     import torch
 
     torch.set_num_threads(1)
-    mod = _load_bench()
+    mod = load_benchmark("he_bench")
     mod.print_table(mod.run_he_bench(values or None, clients, encryption, json_file))
 
-
-def _load_bench():
-    """Import ``benchmarks/he_bench.py`` from this repository (opacus ships a ``benchmarks`` package)."""
-    import importlib.util
-    from pathlib import Path
-
-    try:
-        from benchmarks import he_bench  # works when the repo root is first on sys.path
-
-        return he_bench
-    except ImportError:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "he_bench.py"
-        spec = importlib.util.spec_from_file_location("fedproxy_he_bench", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod

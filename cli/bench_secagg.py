@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from cli.common import load_benchmark
 from cli.app import bench_app
 
 
@@ -20,7 +21,8 @@ def bench_secagg(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
 ) -> None:
     """Time plaintext vs masked sums (client, server), bytes per stage, error, and with dropouts."""
-    from benchmarks.secagg_bench import print_secagg_table, run_secagg_bench, write_json
+    mod = load_benchmark("secagg_bench")
+    print_secagg_table, run_secagg_bench, write_json = mod.print_secagg_table, mod.run_secagg_bench, mod.write_json
 
     result = run_secagg_bench(clients=clients, params=params, dropout=dropout, repeats=repeats, neighbours=neighbours)
     print_secagg_table(result)

@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional
 import typer
 
 from cli.app import bench_app, client_app, server_app
-from cli.common import console, fail
+from cli.common import console, fail, load_benchmark
 
 _PP_HELP = "file whose first line is the key passphrase (else env FEDPROXY_KEY_PASSPHRASE; else unencrypted)"
 DEFAULT_STATE = Path.home() / ".fedproxy-secure" / "state"
@@ -187,18 +187,8 @@ def bench_bundle_verify_cmd(
     out: Path = typer.Option(Path("results/bundle_verify.json"), "--out", help="JSON results"),
 ) -> None:
     """Time read-only vs read+SHA-256 vs full verify_bundle on a synthetic bundle."""
-    mod = _load_bench()
+    mod = load_benchmark("bundle_verify_bench")
     res = mod.run_bench(size_mb=size_mb, repeats=repeats, workdir=workdir, out=out)
     mod.print_table(res, console)
     console.print(f"wrote {out}")
 
-
-def _load_bench():
-    """Import ``benchmarks/bundle_verify_bench.py`` by path (opacus ships its own ``benchmarks`` package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bundle_verify_bench.py"
-    spec = importlib.util.spec_from_file_location("fedproxy_bundle_verify_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
