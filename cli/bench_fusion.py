@@ -36,19 +36,7 @@ def bench_fusion(
 
 
 def _load():
-    """Import ``benchmarks/fusion_study.py`` from this repository (opacus ships a ``benchmarks`` package)."""
-    import importlib.util
+    """``benchmarks/fusion_study.py`` of this repository (loaded by path; see cli.common)."""
+    from cli.common import load_benchmark
 
-    try:
-        from benchmarks import fusion_study
-
-        return fusion_study
-    except ImportError:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "fusion_study.py"
-        spec = importlib.util.spec_from_file_location("fedproxy_fusion_study", path)
-        mod = importlib.util.module_from_spec(spec)
-        import sys
-
-        sys.modules[spec.name] = mod  # dataclasses resolve their module
-        spec.loader.exec_module(mod)
-        return mod
+    return load_benchmark("fusion_study")
