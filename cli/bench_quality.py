@@ -31,7 +31,7 @@ def bench_quality(
     methods: str = typer.Option(None, "--methods", help="comma-separated subset of: zs_llm,zs_proxy,ot,fedavg,fedproxy,sa_hties,fedproxy_dp,centralized"),
     settings: str = typer.Option("hetero,iid", "--settings", help="hetero (one task per client) and/or iid"),
     calib_dir: Path = typer.Option(None, "--calib-dir", help="server calibration tasks folder (default: fetched BIG-bench tasks no client holds)"),
-    fusion: str = typer.Option("weight", "--fusion", help="plug-in: weight | logit"),
+    fusion: str = typer.Option("logit", "--fusion", help="headline plug-in: logit | weight (the other is reported too)"),
     distill: bool = typer.Option(False, "--distill/--no-distill", help="distil the BI proxy towards the LLM first"),
     distill_steps: int = typer.Option(0, "--distill-steps"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
@@ -51,7 +51,7 @@ def bench_quality(
         llm=llm, data_dir=data_dir, out=out, tasks=_csv(tasks), clients=clients, rounds=rounds,
         local_steps=local_steps, batch_size=batch_size, lr=lr, centralized_lr=centralized_lr,
         limit_train=limit_train, limit_test=limit_test, methods=_csv(methods) or q.ALL_METHODS,
-        settings=_csv(settings), calib_dir=cal, fusion=fusion, distill=distill, distill_steps=distill_steps,
+        settings=_csv(settings), calib_dir=cal, fusion=fusion, extra_fusions=[f for f in ("weight", "logit") if f != fusion], distill=distill, distill_steps=distill_steps,
         device=device, seed=seed, log=lambda m: console.print(f"[dim]{m}[/]"),
     )
     q.run_quality(args)
