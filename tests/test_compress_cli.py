@@ -98,6 +98,6 @@ def test_import_gguf_argument_errors(tmp_path):
     r = runner.invoke(app, ["server", "import-gguf", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "exactly one of --gguf" in r.output
     r = runner.invoke(app, ["server", "import-gguf", "--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "does not exist" in r.output and not (tmp_path / "o").exists()
+    assert r.exit_code == 2 and "does not exist" in r.output and not (tmp_path / "o").exists()
     r = runner.invoke(app, ["server", "import-gguf", "--wheel", str(tmp_path / "missing.whl"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--wheel" in r.output and not (tmp_path / "o").exists()
