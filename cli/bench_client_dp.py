@@ -24,15 +24,12 @@ def bench_client_dp(
     json_file: Optional[str] = typer.Option(None, "--json", help="write the figures to this JSON file"),
 ) -> None:
     """Seconds per step with and without DP (same batch size), ε after each round, refusal past the budget."""
-    import importlib.util
-
     import torch
 
+    from cli.common import load_benchmark
+
     torch.set_num_threads(threads)
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "client_dp.py"
-    spec = importlib.util.spec_from_file_location("fedproxy_client_dp_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("client_dp")
     res = mod.run_client_dp(str(model), str(data), task=task, n_train=n_train, rounds=rounds, local_steps=local_steps,
                             batch_size=batch_size, epsilon=epsilon, json_file=json_file)
     mod.print_table(res)
