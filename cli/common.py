@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import typer
 from rich.console import Console
 
@@ -34,3 +36,18 @@ def load_benchmark(name: str):
     sys.modules[key] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextlib.contextmanager
+def exit_codes():
+    """Map SDK errors to one-line messages and exit codes: 2 usage/config, 1 invalid or failed."""
+    from fedproxy_secure.errors import ConfigError, FedProxyError, SecurityError
+
+    try:
+        yield
+    except ConfigError as exc:
+        raise fail(f"usage: {exc}", code=2) from None
+    except SecurityError as exc:
+        raise fail(f"invalid: {exc}", code=1) from None
+    except FedProxyError as exc:
+        raise fail(str(exc), code=1) from None

@@ -5,28 +5,15 @@ Exit status: 0 ok, 1 bad input (model/data; nothing written), 2 usage error (bad
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
 from cli.app import server_app
-from cli.common import console, fail
-
-
-@contextlib.contextmanager
-def _exits() -> Iterator[None]:
-    from fedproxy_secure.errors import ConfigError, FedProxyError
-
-    try:
-        yield
-    except ConfigError as exc:
-        raise fail(f"usage: {exc}", code=2) from None
-    except FedProxyError as exc:
-        raise fail(str(exc), code=1) from None
+from cli.common import console, fail, exit_codes
 
 
 def _check_out(out: Path) -> None:
@@ -60,7 +47,7 @@ def compress_cmd(
     from fedproxy_secure.config import CompressConfig, format_validation_error
     from fedproxy_secure.errors import ConfigError
 
-    with _exits():
+    with exit_codes():
         try:
             cfg = CompressConfig(strategy=strategy, keep_ratio=keep_ratio, distill=distill,
                                  distill_steps=distill_steps if distill else 0, distill_lr=distill_lr,
@@ -111,7 +98,7 @@ def import_gguf_cmd(
 
     from fedproxy_secure.errors import ConfigError
 
-    with _exits():
+    with exit_codes():
         if (gguf is None) == (wheel is None):
             raise ConfigError("give exactly one of --gguf FILE or --wheel WHEEL")
         _check_out(out)

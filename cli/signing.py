@@ -8,32 +8,17 @@ never from a command-line literal.
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 
 from cli.app import bench_app, client_app, server_app
-from cli.common import console, fail, load_benchmark
+from cli.common import console, fail, load_benchmark, exit_codes
 
 _PP_HELP = "file whose first line is the key passphrase (else env FEDPROXY_KEY_PASSPHRASE; else unencrypted)"
 DEFAULT_STATE = Path.home() / ".fedproxy-secure" / "state"
-
-
-@contextlib.contextmanager
-def _exits() -> Iterator[None]:
-    from fedproxy_secure.errors import ConfigError, FedProxyError, SecurityError
-
-    try:
-        yield
-    except ConfigError as exc:
-        raise fail(f"usage: {exc}", code=2) from None
-    except SecurityError as exc:
-        raise fail(f"invalid: {exc}", code=1) from None
-    except FedProxyError as exc:
-        raise fail(str(exc), code=1) from None
 
 
 def _parse_now(text: Optional[str]) -> Optional[datetime]:
@@ -59,7 +44,7 @@ def keygen_cmd(
     from fedproxy_secure.artifacts import create_keyset, generate_key, key_id, read_passphrase, save_keyset
     from fedproxy_secure.artifacts import save_private_key, save_public_key
 
-    with _exits():
+    with exit_codes():
         pp = read_passphrase(passphrase_file)
         ks_path = out / "keyset.json"
         if (out / "server.key").exists() or ks_path.exists():
@@ -90,7 +75,7 @@ def issue_proxy_cmd(
     """Copy the proxy into BUNDLE and sign it (MANIFEST.json + MANIFEST.sig)."""
     from fedproxy_secure.artifacts import issue_bundle, load_private_key, read_passphrase
 
-    with _exits():
+    with exit_codes():
         k = load_private_key(key, read_passphrase(passphrase_file))
         m = issue_bundle(proxy, k, version=version, valid_days=valid_days, out_dir=out, not_before=_parse_now(not_before))
     console.print(
@@ -112,7 +97,7 @@ def rotate_key_cmd(
     from fedproxy_secure.artifacts import generate_key, key_id, load_keyset, load_private_key, read_passphrase
     from fedproxy_secure.artifacts import rotate_keyset, save_keyset, save_private_key, save_public_key
 
-    with _exits():
+    with exit_codes():
         pp = read_passphrase(passphrase_file)
         cur = load_private_key(key, pp)
         ks = load_keyset(keyset)
@@ -136,7 +121,7 @@ def revoke_key_cmd(
     """Write the next keyset with KEY_ID marked revoked."""
     from fedproxy_secure.artifacts import load_keyset, load_private_key, read_passphrase, revoke_key, save_keyset
 
-    with _exits():
+    with exit_codes():
         signer = load_private_key(key, read_passphrase(passphrase_file))
         nxt = revoke_key(load_keyset(keyset), signer, revoke)
         save_keyset(nxt, out)
@@ -154,7 +139,7 @@ def verify_cmd(
     from fedproxy_secure.artifacts import load_keyset, verify_bundle
 
     when = _parse_now(now)
-    with _exits():
+    with exit_codes():
         vb = verify_bundle(bundle, load_keyset(keyset), now=when, state_dir=state_dir)
     console.print(
         f"[green]ok[/] bundle {vb.bundle_id} version {vb.version}, {len(vb.manifest.files)} files, "
@@ -173,7 +158,7 @@ def update_keyset_cmd(
     from fedproxy_secure.artifacts import load_keyset, save_keyset, update_pin
 
     when = _parse_now(now)
-    with _exits():
+    with exit_codes():
         res = update_pin(load_keyset(pinned), [load_keyset(p) for p in new], now=when)
         save_keyset(res, pinned)
     console.print(f"[green]ok[/] pinned keyset {res.name!r} now at serial {res.serial}", highlight=False)
