@@ -64,7 +64,7 @@ class QualityArgs:
     extra_fusions: Sequence[str] = ("weight",)  # also evaluated for every federated method
     fusion_scale: float = 1.0
     lora_r: int = 8
-    curve_methods: Sequence[str] = ("fedavg", "fedproxy")
+    curve_methods: Sequence[str] = ("fedproxy",)
     device: str = "cpu"
     seed: int = 0
     log: Callable[[str], None] = field(default=print, repr=False)
