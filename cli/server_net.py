@@ -79,18 +79,26 @@ def status_cmd(dir: Path = typer.Option(Path("fedserver"), "--dir"),
         return
     t = Table(title=f"rounds ({dir})")
     names = {x["client_id"]: x["name"] for x in s["clients"]}
-    for col in ("round", "status", "stage", "cohort", "survivors", "dropouts", "ε reported (per site)", "seconds",
-                "reason"):
+    for col in ("round", "status", "stage", "cohort", "survivors", "dropouts", "ε max", "seconds", "reason"):
         t.add_column(col)
     for r in s["rounds"]:
-        eps = ", ".join(f"{names.get(c, c[:8])}={e:.3g}" for c, e in sorted(r.get("epsilon", {}).items(),
-                                                                           key=lambda kv: names.get(kv[0], kv[0])))
         t.add_row(str(r["round"]), r["status"], r["stage"], str(r["cohort"]), str(r["survivors"]),
-                  str(len(r["dropouts"])), eps or "-", str(r["seconds"]), r["reason"] or "")
+                  str(len(r["dropouts"])), "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.4g}",
+                  str(r["seconds"]), r["reason"] or "")
     console.print(t)
+    reported = [r for r in s["rounds"] if r.get("epsilon")]
+    if reported:
+        e = Table(title="ε reported by each client (cumulative, at the δ it states)")
+        e.add_column("site")
+        for r in reported:
+            e.add_column(f"round {r['round']}")
+        for x in s["clients"]:
+            e.add_row(x["name"], *("-" if r["epsilon"].get(x["client_id"]) is None
+                                   else f"{r['epsilon'][x['client_id']]:.4g}" for r in reported))
+        console.print(e)
     c = Table(title="clients")
-    for col in ("client", "site", "status", "ε reported (latest)"):
+    for col in ("client", "site", "status", "ε latest"):
         c.add_column(col)
     for x in s["clients"]:
-        c.add_row(x["client_id"], x["name"], x["status"], "-" if x.get("epsilon") is None else f"{x['epsilon']:.3g}")
+        c.add_row(x["client_id"], x["name"], x["status"], "-" if x.get("epsilon") is None else f"{x['epsilon']:.4g}")
     console.print(c)

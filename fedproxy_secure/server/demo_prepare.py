@@ -9,6 +9,7 @@ operator's held-out test split) so one machine can play every party.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import secrets
@@ -68,7 +69,9 @@ def split_data(spec: DemoSpec, data_dir: Path) -> DemoData:
         train[t], test[t] = split_task(load_task(data_dir, t), d.limit_train, d.limit_test, seed=d.seed)
     client_tasks = partition_by_task(d.tasks, spec.clients.count)
     client_train = [[ex for t in ts for ex in train[t]] for ts in client_tasks]
-    calib = [ex.prompt for t in d.calib_tasks for ex in load_task(data_dir, t).examples[: spec.compress.calib_examples]]
+    # interleaved across the calibration tasks, calib_examples in all (BI reads the first calib_examples)
+    per = [[ex.prompt for ex in load_task(data_dir, t).examples] for t in d.calib_tasks]
+    calib = [p for row in itertools.zip_longest(*per) for p in row if p is not None][: spec.compress.calib_examples]
     return DemoData(client_tasks, client_train, test, calib, data_dir)
 
 
