@@ -20,7 +20,7 @@ def join_cmd(
 
     With trainer lora the proxy bundle is fetched over the API and verified against the pinned
     keyset before anything is loaded; each round trains LoRA on the site's data (DP-SGD when
-    dp.enabled) and only the clipped, masked update and ε leave the site.
+    dp.enabled); only the clipped, masked update and a scalar report (ε, δ, loss, norms) leave the site.
     """
     from fedproxy_secure.client.join_config import load_join_config
     from fedproxy_secure.client.join_main import run_from_config
