@@ -139,7 +139,11 @@ class DPConfig(_Strict):
 
 
 class FusionConfig(_Strict):
-    method: Literal["weight", "logit"] = "weight"
+    """Stage iii plug-in. Default ``logit`` (proxy-tuning): on SmolLM2 it kept the federated gain
+    (FedAvg, 8 heterogeneous clients: 51.0% vs 44.0% zero-shot) where the weight write-back of the same
+    global LoRA fell below zero-shot (43.0%); ``weight`` gives a dense LLM with no inference overhead."""
+
+    method: Literal["weight", "logit"] = "logit"
     scale: float = Field(1.0, ge=0)
     logit_beta: float = Field(1.0, ge=0)
 
