@@ -177,8 +177,6 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"secagg.threshold: {self.secagg.threshold} exceeds clients.count={n}; use t <= n"
             )
-        if self.aggregator.name == "sa_hties" and self.secagg.mode == "none":
-            pass  # SA-H-TIES over plaintext sums is allowed (the reference it is tested against)
         return self
 
 
@@ -253,16 +251,23 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config; raise ConfigError naming the field on any problem."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; ConfigError if the file is missing, not YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
-    return parse_run_config(data or {}, base_dir=path.parent.resolve())
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; raise ConfigError naming the field on any problem."""
+    return parse_run_config(read_yaml_mapping(path), base_dir=Path(path).parent.resolve())
 
 
 def dump_config(cfg: BaseModel) -> dict[str, Any]:

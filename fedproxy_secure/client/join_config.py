@@ -22,7 +22,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedproxy_secure.config import DPConfig, format_validation_error
+from fedproxy_secure.config import DPConfig, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError
 
 
@@ -62,14 +62,7 @@ def load_join_config(path: str | Path) -> ClientJoinConfig:
     Raises ConfigError naming the field (``client.yaml: dp.epsilon = -1: ...``) or the missing file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a mapping with at least 'enrolment'")
+    data = read_yaml_mapping(path)
     try:
         cfg = ClientJoinConfig.model_validate(data)
     except ValidationError as exc:

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedproxy_secure.config import DPConfig, LoraConfig, TrainConfig, format_validation_error
+from fedproxy_secure.config import DPConfig, LoraConfig, TrainConfig, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError, DataError
 
 
@@ -52,13 +51,7 @@ class ClientTrainFile(_Strict):
 
 def load_client_train_config(path: str | Path) -> ClientTrainSection:
     """Read and validate the YAML; ConfigError naming the field (``client.train.lr = -1: ...``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
+    data = read_yaml_mapping(path)
     try:
         return ClientTrainFile.model_validate(data).client
     except ValidationError as exc:

@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedproxy_secure.config import CompressConfig, DPConfig, LoraConfig, TinyModelSpec, format_validation_error
+from fedproxy_secure.config import CompressConfig, DPConfig, LoraConfig, TinyModelSpec, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.server.rounds import FederationSettings
 
@@ -95,14 +94,7 @@ def load_demo_spec(preset: str | None = None, config: str | os.PathLike | None =
             raise ConfigError(f"--preset {preset!r}: use one of {', '.join(PRESETS)} or pass --config FILE")
         config = PRESETS[preset]
     path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"--config: file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = read_yaml_mapping(path)
     if isinstance(data.get("clients"), int):
         data["clients"] = {"count": data["clients"]}
     try:
