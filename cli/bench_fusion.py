@@ -15,7 +15,7 @@ def bench_fusion(
     llm: Path = typer.Option(..., "--llm", help="server LLM folder (HF, safetensors)"),
     data_dir: Path = typer.Option(..., "--data-dir", help="BIG-bench task folder (the evaluation tasks)"),
     out: Path = typer.Option(..., "--out", help="results folder (resumable: finished variants are reused)"),
-    server_dir: Path = typer.Option(Path(".cache/bigbench-extra"), "--server-dir", help="server-only BIG-bench tasks (calibration/distillation text; never client data)"),
+    server_dir: Optional[Path] = typer.Option(None, "--server-dir", help="server-only BIG-bench tasks (calibration/distillation text; never client data); default: fetched from the bigbench sdist"),
     limit_train: int = typer.Option(200, "--limit-train", min=1),
     limit_test: int = typer.Option(100, "--limit-test", min=1),
     lr: float = typer.Option(2e-4, "--lr"),
@@ -27,6 +27,10 @@ def bench_fusion(
 ) -> None:
     """Proxy accuracy, fused accuracy and transfer for each plug-in variant; results.json + PNG in --out."""
     mod = _load()
+    if server_dir is None:
+        from fedproxy_secure.data.fetch import fetch_bigbench
+
+        server_dir = fetch_bigbench(mod.DEFAULT_SERVER_TASKS)
     cfg = mod.StudyConfig(llm=str(llm), data_dir=str(data_dir), out=str(out), server_dir=str(server_dir),
                           limit_train=limit_train, limit_test=limit_test, lr=lr, epochs=epochs,
                           distill_steps=distill_steps, beta=beta, threads=threads,
