@@ -31,6 +31,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from fedproxy_secure.simulate import json_default
+
 ALL_METHODS = ("zs_llm", "zs_proxy", "ot", "fedavg", "fedproxy", "sa_hties", "fedproxy_dp", "centralized")
 SETTINGS = ("hetero", "iid")
 DEFAULT_CALIB_TASKS = ("date_understanding", "hyperbaton", "causal_judgment", "anachronisms", "disambiguation_qa")
@@ -372,24 +374,15 @@ def run_quality(a: QualityArgs) -> dict:
             shared = shared or _Shared(a, setting)
             a.log(f"{setting}/{method}: running")
             cell = run_cell(shared, method, out)
-            f.write_text(json.dumps(cell, indent=1, default=_json_default))
+            f.write_text(json.dumps(cell, indent=1, default=json_default))
             cells[(setting, method)] = cell
             a.log(f"{setting}/{method}: mean {100 * cell['llm']['mean_accuracy']:.1f}% in {cell['seconds']} s")
     groups = task_groups(a.data_dir, tasks)
     summary = summarise(a, cells, groups)
     summary["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in a.__dict__.items() if k != "log"}
     summary["groups"] = groups
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=json_default))
     write_markdown(a, summary, groups, out / "results.md")
     plot(summary, out)
     return summary
 
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (Path, tuple)):
-        return str(o) if isinstance(o, Path) else list(o)
-    raise TypeError(type(o).__name__)

@@ -322,11 +322,12 @@ def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print) -> dict:
         "train_loss": [r["train_loss"] for r in outcome.rounds],
         "seconds": round(time.time() - t_start, 2),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
     return results
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps(default=...)`` for numpy scalars/arrays and paths in results files."""
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):

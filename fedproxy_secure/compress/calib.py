@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from fedproxy_secure.data.jsonl import iter_jsonl
 from fedproxy_secure.errors import DataError
 
 
@@ -19,18 +20,11 @@ def _paragraphs(text: str) -> list[str]:
 
 def _from_jsonl(path: Path) -> list[str]:
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-            text = rec.get("text", rec.get("prompt")) if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: each line needs a string field 'text' or 'prompt'")
-            out.append(text)
+    for lineno, rec in iter_jsonl(path):
+        text = rec.get("text", rec.get("prompt")) if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: each line needs a string field 'text' or 'prompt'")
+        out.append(text)
     return out
 
 
