@@ -17,7 +17,7 @@ def init_cmd(
     rounds: int = typer.Option(3, help="rounds to run"),
     min_clients: int = typer.Option(3, help="clients needed to start a round"),
     threshold: int = typer.Option(2, help="minimum survivors (t) of secure aggregation"),
-    mode: str = typer.Option("masking", help="masking | plain"),
+    mode: str = typer.Option("masking", help="masking | he | plain"),
     dim: int = typer.Option(16, help="length of the update vector"),
     clip_norm: float = typer.Option(1.0, help="L2 clip norm of each update"),
     host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host", help="names in the server certificate"),

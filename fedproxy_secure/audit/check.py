@@ -114,12 +114,15 @@ def deployment_from_network(data: dict, source: str) -> tuple[Deployment, tuple[
     mtls, tls_min = _transport(data, default_mtls=True)
     mode = "none" if settings.mode == "plain" else settings.mode
     # the round engine raises t to a strict majority of the cohort in masking mode (RoundEngine._threshold)
-    eff = max(settings.threshold, n // 2 + 1, 2) if mode == "masking" else settings.threshold
+    eff = max(settings.threshold, n // 2 + 1, 2) if mode == "masking" else \
+        max(settings.threshold, 2) if mode == "he" else settings.threshold
     keep = _mapping(data.get("compress"), "compress").get("keep_ratio")
     d = Deployment(kind="network", source=source, n_clients=n, mode=mode, threshold=settings.threshold,
                    effective_threshold=eff, aggregator=settings.aggregator, dp_enabled=enabled, epsilon=eps,
                    delta=delta, clip_norm=float(settings.clip_norm), mtls=mtls, tls_min_version=tls_min,
-                   identity_keys=True, keep_ratio=None if keep is None else float(keep))
+                   identity_keys=True, keep_ratio=None if keep is None else float(keep),
+                   # network HE: flooding is forced on and there is one key holder per round (he_settings)
+                   he_flood=True if mode == "he" else None, he_key_holders=1 if mode == "he" else None)
     return d, tuple(sorted(set(data) - _NETWORK_SECTIONS))
 
 

@@ -59,4 +59,11 @@ def make_client_stages(cfg: dict, vector: np.ndarray, sid: int, identity_key=Non
                                    threshold=cfg["threshold"], dim=cfg["dim"], clip_norm=cfg["clip_norm"],
                                    options=cfg.get("secagg_options", {}), identity_key=identity_key,
                                    used_sessions=used_sessions)
+    if mode == "he":
+        from fedproxy_secure.client.he_stages import HEClientStages
+
+        return HEClientStages(vector, sid=sid, session_id=bytes.fromhex(cfg["session_id"]), threshold=cfg["threshold"],
+                              dim=cfg["dim"], clip_norm=cfg["clip_norm"], cohort=[i for _, i in cfg["cohort"]],
+                              options=cfg.get("secagg_options", {}), identity_key=identity_key,
+                              used_sessions=used_sessions)
     raise ProtocolAbort(f"round config mode {mode!r} is not supported by this client")

@@ -37,7 +37,8 @@ from fedproxy_secure.server.rounds import RoundEngine
 from fedproxy_secure.server.store import Storage
 from fedproxy_secure.transport.signing import RequestVerifier, VerifiedRequest, b64u_decode
 
-ROUTE_STAGES = ("join", "advertise", "share", "masked_input", "consistency", "unmask")
+ROUTE_STAGES = ("join", "advertise", "share", "masked_input", "consistency", "unmask", "he_keys", "he_input",
+                "he_decrypt")
 MAX_JSON_DEPTH = 32
 
 

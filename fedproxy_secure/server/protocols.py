@@ -84,8 +84,12 @@ class PlainStages:
 
 
 def make_server_stages(mode: str, *, cohort: list[int], dim: int, threshold: int, session_id: bytes,
-                       clip_norm: float, options: dict | None = None) -> ServerStages:
-    """Server stages for ``mode`` (``plain`` | ``masking`` | ``he``)."""
+                       clip_norm: float, options: dict | None = None, signing_key=None) -> ServerStages:
+    """Server stages for ``mode`` (``plain`` | ``masking`` | ``he``).
+
+    ``signing_key`` (Ed25519, ``he`` only) signs the contribution statement the key holder checks;
+    its public key is in the operator-signed round config.
+    """
     if mode in ("plain", "none"):
         return PlainStages(cohort, dim, threshold, clip_norm)
     if mode == "masking":
@@ -93,4 +97,9 @@ def make_server_stages(mode: str, *, cohort: list[int], dim: int, threshold: int
 
         return MaskingServerStages(cohort=cohort, dim=dim, threshold=threshold, session_id=session_id,
                                    clip_norm=clip_norm, options=options or {})
-    raise ProtocolAbort(f"secagg.mode {mode!r} is not available over the network yet; use masking or plain")
+    if mode == "he":
+        from fedproxy_secure.server.he_stages import HEServerStages
+
+        return HEServerStages(cohort=cohort, dim=dim, threshold=threshold, session_id=session_id,
+                              clip_norm=clip_norm, options=options or {}, signing_key=signing_key)
+    raise ProtocolAbort(f"secagg.mode {mode!r} is not available over the network; use masking, he or plain")

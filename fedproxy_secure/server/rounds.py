@@ -2,7 +2,8 @@
 
 A round moves through ``join`` (clients check in; the cohort is fixed and the signed round config
 published), then the stages of the secure-aggregation mode (``advertise``, ``share``,
-``masked_input``, ``consistency``, ``unmask`` for masking), then ``done`` or ``aborted``. Each stage
+``masked_input``, ``consistency``, ``unmask`` for masking; ``he_keys``, ``he_input``, ``he_decrypt``
+for HE, see ``server/he_stages.py``), then ``done`` or ``aborted``. Each stage
 has a deadline: it closes early when every live cohort member has submitted, else at the
 deadline, and a client that sent nothing is declared dropped (audited). Fewer than ``t`` live
 clients aborts the round (nothing is revealed). Every transition is committed to the store
@@ -32,7 +33,7 @@ from fedproxy_secure.server.store import RoundRow, Storage
 
 ROUND_CONFIG_DOMAIN = b"fedproxy-secure/v1/round-config\n"
 DEFAULT_DEADLINES = {"join": 30.0, "advertise": 120.0, "share": 20.0, "masked_input": 20.0,
-                     "consistency": 20.0, "unmask": 20.0}
+                     "consistency": 20.0, "unmask": 20.0, "he_keys": 120.0, "he_input": 30.0, "he_decrypt": 60.0}
 
 
 @dataclass
@@ -51,6 +52,7 @@ class FederationSettings:
     max_aborts: int = 10
     on_restart: str = "resume"                  # resume | abort
     a_seed: int | None = None                   # fixed LoRA-A seed of the federation (FFA-LoRA needs one A)
+    he: dict = field(default_factory=dict)      # mode he: CKKS options (server/he_stages.he_settings)
 
     def validate(self) -> "FederationSettings":
         """Raise ``ConfigError`` naming the field for any impossible value."""
@@ -60,14 +62,20 @@ class FederationSettings:
             raise ConfigError(f"federation.min_clients={self.min_clients}: secure aggregation needs >= 2")
         if not 1 <= self.threshold <= self.min_clients:
             raise ConfigError(f"federation.threshold={self.threshold}: must be in [1, min_clients]")
-        if self.mode not in ("masking", "plain", "none"):
-            raise ConfigError(f"federation.mode={self.mode!r}: use masking or plain over the network")
+        if self.mode not in ("masking", "plain", "none", "he"):
+            raise ConfigError(f"federation.mode={self.mode!r}: use masking, he or plain over the network")
         if self.dim < 1 or not self.clip_norm > 0:
             raise ConfigError("federation.dim and federation.clip_norm must be positive")
         if self.on_restart not in ("resume", "abort"):
             raise ConfigError("federation.on_restart: use resume or abort")
         if self.a_seed is not None and not (isinstance(self.a_seed, int) and 0 <= self.a_seed < 2**63):
             raise ConfigError(f"federation.a_seed={self.a_seed!r}: use an integer in [0, 2**63)")
+        if self.mode == "he":
+            from fedproxy_secure.server.he_stages import he_settings
+
+            he_settings(self.he, self.clip_norm)
+        elif self.he:
+            raise ConfigError(f"federation.he is set but federation.mode is {self.mode!r}; remove it or use mode he")
         return self
 
     @classmethod
@@ -102,8 +110,12 @@ class RoundEngine:
     """Drives rounds over a :class:`Storage`; thread-safe (one lock around every transition)."""
 
     def __init__(self, store: Storage, audit: AuditLog, settings: FederationSettings,
-                 signer=None, clock: Callable[[], float] = time.time) -> None:
+                 signer=None, clock: Callable[[], float] = time.time, he_key=None) -> None:
+        """``he_key``: the server's Ed25519 key that signs HE contribution statements (mode he only)."""
         self.store, self.audit, self.s, self.signer, self.clock = store, audit, settings, signer, clock
+        if settings.mode == "he" and he_key is None:
+            raise ConfigError("federation.mode he: the server needs its HE statement key (keys/he_statement.key)")
+        self.he_key = he_key
         self.lock = threading.RLock()
         self._proto = None          # ServerStages of the open round (rebuilt on recovery)
         self._proto_round = None
@@ -113,6 +125,10 @@ class RoundEngine:
         """Protocol stages of ``mode`` (after ``join``)."""
         if mode in ("plain", "none"):
             return PlainStages.stages
+        if mode == "he":
+            from fedproxy_secure.server.he_stages import HE_STAGES
+
+            return HE_STAGES
         from fedproxy_secure.server.masking_stages import MaskingServerStages
 
         return MaskingServerStages.stages
@@ -167,14 +183,18 @@ class RoundEngine:
         return {c: i for c, i in row.config.get("cohort", [])}
 
     def _threshold(self, n: int) -> int:
-        return max(self.s.threshold, n // 2 + 1, 2) if self.s.mode == "masking" else self.s.threshold
+        if self.s.mode == "masking":
+            return max(self.s.threshold, n // 2 + 1, 2)
+        if self.s.mode == "he":  # a "sum" of one update would be that update, decrypted
+            return max(self.s.threshold, 2)
+        return self.s.threshold
 
     def _build_proto(self, row: RoundRow):
         cfg = row.config
         cohort = sorted(i for _, i in cfg["cohort"])
         return make_server_stages(self.s.mode, cohort=cohort, dim=self.s.dim, threshold=cfg["threshold"],
                                   session_id=bytes.fromhex(row.session_id), clip_norm=self.s.clip_norm,
-                                  options=cfg.get("secagg_options", {}))
+                                  options=cfg.get("secagg_options", {}), signing_key=self.he_key)
 
     # ---------------------------------------------------------------- client actions
     def submit(self, client_id: str, rid: int, stage: str, msg: dict) -> dict:
@@ -216,6 +236,9 @@ class RoundEngine:
     def _validate(self, stage: str, msg: dict, sid: int, row: RoundRow) -> None:
         if self.s.mode in ("plain", "none"):
             PlainStages.validate(stage, msg, self.s.dim)
+            return
+        if self.s.mode == "he":  # full check (signatures, envelope parse) against the replayed session state
+            self._proto_for(row).validate(stage, msg, sid)
             return
         from fedproxy_secure.server.masking_stages import MaskingServerStages
 
@@ -294,6 +317,18 @@ class RoundEngine:
                                               for c, i in cohort},
                                "max_clients": max(n, 2)},
         }
+        if self.s.mode == "he":
+            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+            from fedproxy_secure.server.he_stages import he_settings, key_holder_for
+
+            he = he_settings(self.s.he, self.s.clip_norm)
+            if n > he["max_clients"]:
+                self.abort(row.round_id, f"cohort of {n} exceeds federation.he.max_clients={he['max_clients']}")
+                return
+            pub = self.he_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            he.update(key_holder=key_holder_for(row.round_id, n), statement_key=base64.b64encode(pub).decode())
+            cfg["secagg_options"]["he"] = he
         if self.signer is not None:
             cfg = self.signer(cfg)
         first = self.stages_for(self.s.mode)[0]
@@ -344,9 +379,11 @@ class RoundEngine:
         by_sid = {i: c for c, i in cohort.items()}
         outbox = {by_sid[i]: canonical_json(m) for i, m in out.items()}
         refused = sorted(c for c in got if c not in outbox)  # messages the protocol rejected
+        reasons = getattr(proto, "rejections", {})
         for c in refused:
             self.audit.append("reject", {"round": rid, "stage": stage, "client": c,
-                                         "reason": "message refused by the secure-aggregation protocol"})
+                                         "reason": reasons.get(cohort[c], "message refused by the "
+                                                               "secure-aggregation protocol")[:300]})
         dropped = sorted(set(dropped) | set(refused))
         self.store.advance_stage(rid, nxt, self._deadline(nxt), {"dropped": dropped, "closed": stage}, outbox=outbox)
         self.audit.append("stage", {"round": rid, "closed": stage, "next": nxt, "alive": len(got),
@@ -370,6 +407,11 @@ class RoundEngine:
                   hashlib.sha256(np.ascontiguousarray(total, dtype="<f8").tobytes()).hexdigest(),
                   "sum_b64": base64.b64encode(np.ascontiguousarray(total, dtype="<f8").tobytes()).decode(),
                   "aggregate_norm": norm, "delta_norm": float(np.linalg.norm(delta))}
+        if hasattr(proto, "result_info"):
+            info = proto.result_info()
+            if "key_holder_sid" in info:
+                info["key_holder"] = by_sid.get(info["key_holder_sid"])
+            result["he"] = info
         blob = state_to_bytes(new_theta)
         self.store.close_round(rid, "done", "ok", result, blob)
         self.audit.append("round_close", {"round": rid, "survivors": surv_ids,

@@ -9,7 +9,7 @@ from fedproxy_secure.artifacts.keys import load_private_key
 from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.server.app import ServerContext, create_app
 from fedproxy_secure.server.rounds import RoundEngine, sign_round_config
-from fedproxy_secure.server.setup import load_settings, server_paths
+from fedproxy_secure.server.setup import he_statement_key, load_settings, server_paths
 from fedproxy_secure.server.store import SQLiteStore
 from fedproxy_secure.transport.signing import RequestVerifier
 from fedproxy_secure.transport.tls import uvicorn_ssl_kwargs
@@ -23,7 +23,8 @@ def build_context(d: str | os.PathLike, bundle_dir: str | os.PathLike | None = N
     store = SQLiteStore(p["db"])
     audit = AuditLog(p["audit"])
     op_key = load_private_key(p["op_key"])
-    engine = RoundEngine(store, audit, settings, signer=lambda cfg: sign_round_config(op_key, cfg))
+    he_key = he_statement_key(d) if settings.mode == "he" else None
+    engine = RoundEngine(store, audit, settings, signer=lambda cfg: sign_round_config(op_key, cfg), he_key=he_key)
     verifier = RequestVerifier(store.client_key, store, skew_s=skew_s)
     return ServerContext(store=store, engine=engine, audit=audit, verifier=verifier,
                          bundle_dir=Path(bundle_dir) if bundle_dir else None, poll_s=poll_s, max_body=max_body)

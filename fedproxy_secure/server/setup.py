@@ -31,7 +31,22 @@ def server_paths(d: str | os.PathLike) -> dict[str, Path]:
     d = Path(d)
     return {"dir": d, "ca": d / "pki" / "ca.pem", "ca_key": d / "pki" / "ca.key", "cert": d / "pki" / "server.pem",
             "key": d / "pki" / "server.key", "op_key": d / "keys" / "operator.key", "op_pub": d / "keys" / "operator.pub",
-            "settings": d / "federation.json", "db": d / "state.db", "audit": d / "audit.jsonl", "enrol": d / "enrol"}
+            "settings": d / "federation.json", "db": d / "state.db", "audit": d / "audit.jsonl", "enrol": d / "enrol",
+            "he_key": d / "keys" / "he_statement.key"}
+
+
+def he_statement_key(d: str | os.PathLike):
+    """The server's Ed25519 key for signing HE contribution statements (made on first use, 0600).
+
+    Kept apart from the operator key (one key, one purpose); its public key goes into every
+    operator-signed HE round config, and a restart reuses it so stored rounds replay identically.
+    """
+    from fedproxy_secure.artifacts.keys import load_private_key
+
+    p = server_paths(d)["he_key"]
+    if not p.exists():
+        save_private_key(generate_key(), p)
+    return load_private_key(p)
 
 
 def init_server(d: str | os.PathLike, settings: FederationSettings,
