@@ -53,12 +53,15 @@ def start_cmd(
     port: int = typer.Option(8443),
     bundle: Path = typer.Option(None, help="signed proxy bundle folder to publish"),
     max_body: int = typer.Option(64 << 20, help="largest request body in bytes"),
+    chunk_bytes: int = typer.Option(1 << 20, help="chunk size of resumable uploads of large stage messages"),
+    max_upload: int = typer.Option(256 << 20, help="declared bytes one client may hold in open uploads"),
 ) -> None:
     """Serve the federation over HTTPS (TLS 1.3, client certificates required)."""
     from fedproxy_secure.server.runner import serve
+    from fedproxy_secure.server.uploads import UploadLimits
 
     console.print(f"serving {dir} on https://{host}:{port}")
-    serve(dir, host, port, bundle, max_body)
+    serve(dir, host, port, bundle, max_body, uploads=UploadLimits(chunk_bytes=chunk_bytes, max_bytes=max_upload))
 
 
 @server_app.command("status")

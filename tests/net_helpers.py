@@ -60,11 +60,13 @@ def start_server(d: Path, port: int, extra: list[str] | None = None) -> subproce
     raise RuntimeError("server did not start")
 
 
-def start_client(d: Path, i: int, tmp: Path, die_at: str | None = None, port: int | None = None) -> subprocess.Popen:
+def start_client(d: Path, i: int, tmp: Path, die_at: str | None = None, port: int | None = None,
+                 extra: list[str] | None = None) -> subprocess.Popen:
     cmd = [PY, "-m", "fedproxy_secure.client.join_main", "--enrol", str(d / "enrol" / f"site{i}"),
            "--state", str(tmp / f"client{i}"), "--seed", str(i), "--out", str(tmp / f"client{i}.json")]
     if die_at:
         cmd += ["--die-at", die_at]
+    cmd += extra or []
     log = open(tmp / f"client{i}.log", "ab")
     return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from fedproxy_secure.artifacts.keys import generate_key, load_private_key, load_public_key, save_private_key
 from fedproxy_secure.client.stages import make_client_stages
+from fedproxy_secure.client.upload import DEFAULT_THRESHOLD, post_stage_message
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
 from fedproxy_secure.server.rounds import state_from_bytes, verify_round_config
 from fedproxy_secure.transport.http import SignedClient, expect
@@ -55,7 +56,10 @@ class ClientSession:
     """An enrolled site talking to the federation server."""
 
     def __init__(self, enrol_dir: str | os.PathLike, state_dir: str | os.PathLike,
-                 server_url: str | None = None, retry_s: float = 120.0, log: Callable[[str], None] | None = None) -> None:
+                 server_url: str | None = None, retry_s: float = 120.0, log: Callable[[str], None] | None = None,
+                 upload_threshold: int = DEFAULT_THRESHOLD) -> None:
+        """``upload_threshold``: stage messages larger than this many bytes go as a chunked upload."""
+        self.upload_threshold = upload_threshold
         self.enrol = Path(enrol_dir)
         self.state = Path(state_dir)
         self.state.mkdir(parents=True, exist_ok=True)
@@ -158,11 +162,24 @@ class ClientSession:
             if msg is None:
                 return None
             out = stages.step(stage, msg)
-            r = self.http.post_json(f"/v1/round/{rid}/{stage}", out, round_id=rid)
+            r = self.post_stage(rid, stage, out)
             if r.status != 200:
                 self.log(f"round {rid}: {stage} refused ({r.status}): {r.content[:200]!r}")
                 return None
         return report
+
+    def post_stage(self, rid: int, stage: str, msg: dict):
+        """Send our ``stage`` message: one body, or a resumable chunked upload above the threshold
+        (progress logged at each quarter)."""
+        quarter = [0]
+
+        def progress(done: int, total: int) -> None:
+            q = 4 * done // total
+            if q > quarter[0]:
+                quarter[0] = q
+                self.log(f"round {rid}: {stage} upload {done}/{total} bytes held by the server")
+
+        return post_stage_message(self.http, rid, stage, msg, self.upload_threshold, progress=progress)
 
 
 #: keys of a trainer's report that may leave the client (scalars about the round, never data)
@@ -187,17 +204,19 @@ def public_report(report: dict) -> dict:
 def join_federation(enrol_dir, state_dir, train_fn: TrainFn | None, server_url: str | None = None,
                     log: Callable[[str], None] | None = None, die_at: tuple[int, str] | None = None,
                     max_wait_s: float = 900.0,
-                    setup: Callable[[ClientSession], TrainFn] | None = None) -> JoinResult:
+                    setup: Callable[[ClientSession], TrainFn] | None = None,
+                    upload_threshold: int = DEFAULT_THRESHOLD) -> JoinResult:
     """Enrol if needed and take part in rounds until the server says the federation is finished.
 
     ``setup(session)`` (optional, used when ``train_fn`` is None) runs once after enrolment and
     returns the train_fn, e.g. after fetching and verifying the proxy bundle over the session.
     A training failure (budget exhausted, NaN loss, config refused) drops this client from the
-    round, nothing is sent; an exhausted privacy budget also ends its participation.
+    round, nothing is sent; an exhausted privacy budget also ends its participation. Stage
+    messages above ``upload_threshold`` bytes are sent as resumable chunked uploads.
     """
     from fedproxy_secure.errors import FedProxyError, PrivacyBudgetExceeded
 
-    s = ClientSession(enrol_dir, state_dir, server_url, log=log)
+    s = ClientSession(enrol_dir, state_dir, server_url, log=log, upload_threshold=upload_threshold)
     try:
         cid = s.enroll()
         res = JoinResult(cid)

@@ -9,6 +9,7 @@ Example (paths are relative to the YAML file)::
     keyset: keyset.json             # the operator's keyset, pinned: the proxy bundle is verified against it
     dp: {enabled: true, epsilon: 8.0, delta: 1.0e-5, max_grad_norm: 1.0}
     threads: 1                      # torch threads (several clients on one machine must split the cores)
+    upload_threshold: 4194304       # stage messages above this many bytes go as resumable chunked uploads
 
 The LoRA layout (r, alpha, targets) and the A seed are federation-wide and come from the
 operator-signed round config; the DP settings are the site's own and never taken from the server.
@@ -43,6 +44,8 @@ class ClientJoinConfig(BaseModel):
     threads: int = Field(1, ge=1)
     device: str = "cpu"
     scale: float = Field(0.1, gt=0, description="synthetic trainer only: update scale")
+    upload_threshold: int = Field(4 << 20, ge=1, description="stage messages above this many bytes go as "
+                                  "resumable chunked uploads")
 
     @model_validator(mode="after")
     def _lora_needs_data_and_keyset(self) -> "ClientJoinConfig":

@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict
 
 from fedproxy_secure.client.join import join_federation, synthetic_train_fn
+from fedproxy_secure.client.upload import DEFAULT_THRESHOLD
 
 
 def run_from_config(cfg, server: str | None = None, log=None, die_at=None, max_wait_s: float = 3600.0):
@@ -20,7 +21,7 @@ def run_from_config(cfg, server: str | None = None, log=None, die_at=None, max_w
     proxy bundle over the API, load the site's data and train LoRA each round."""
     if cfg.trainer == "synthetic":
         return join_federation(cfg.enrolment, cfg.state_dir, synthetic_train_fn(cfg.seed, cfg.scale), server,
-                               log=log, die_at=die_at, max_wait_s=max_wait_s)
+                               log=log, die_at=die_at, max_wait_s=max_wait_s, upload_threshold=cfg.upload_threshold)
     import torch
 
     torch.set_num_threads(cfg.threads)
@@ -38,7 +39,7 @@ def run_from_config(cfg, server: str | None = None, log=None, die_at=None, max_w
         return lora_train_fn(model, tok, examples, cfg, cfg.state_dir, log=log)
 
     return join_federation(cfg.enrolment, cfg.state_dir, None, server, log=log, die_at=die_at,
-                           max_wait_s=max_wait_s, setup=setup)
+                           max_wait_s=max_wait_s, setup=setup, upload_threshold=cfg.upload_threshold)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-wait", type=float, default=3600.0)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--upload-threshold", type=int, default=None,
+                    help="stage messages above this many bytes go as chunked uploads (default 4 MiB)")
     a = ap.parse_args(argv)
     die = None
     if a.die_at:
@@ -64,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.config:
         from fedproxy_secure.client.join_config import load_join_config
 
-        res = run_from_config(load_join_config(a.config), a.server, log=log, die_at=die, max_wait_s=a.max_wait)
+        cfg = load_join_config(a.config)
+        if a.upload_threshold is not None:
+            cfg = cfg.model_copy(update={"upload_threshold": a.upload_threshold})
+        res = run_from_config(cfg, a.server, log=log, die_at=die, max_wait_s=a.max_wait)
     else:
         if not (a.enrol and a.state):
             ap.error("give --config client.yaml, or --enrol DIR --state DIR (synthetic trainer)")
         res = join_federation(a.enrol, a.state, synthetic_train_fn(a.seed, a.scale), a.server, log=log, die_at=die,
-                              max_wait_s=a.max_wait)
+                              max_wait_s=a.max_wait, upload_threshold=a.upload_threshold or DEFAULT_THRESHOLD)
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(asdict(res), fh, default=str)

@@ -8,13 +8,18 @@ Routes (all JSON, all but ``/v1/enroll`` signed by an enrolled client, see ``tra
 - ``GET  /v1/round/{rid}/config``       the operator-signed round config (once the cohort is fixed)
 - ``GET  /v1/state/{round}``            global LoRA state after ``round`` (safetensors bytes)
 - ``POST /v1/round/{rid}/{stage}``      a client's protocol message for a stage
+- ``POST /v1/round/{rid}/{stage}/upload``          declare (or resume) a chunked upload of that message
+- ``GET  /v1/round/{rid}/{stage}/upload``          the upload's state (which chunks are held)
+- ``PUT  /v1/round/{rid}/{stage}/upload/{i}``      chunk ``i`` (raw bytes, stored durably before the reply)
+- ``POST /v1/round/{rid}/{stage}/upload/commit``   join, check SHA-256, accept like a single body
 - ``GET  /v1/round/{rid}/{stage}``      the server's message to this client for a stage (long poll)
 - ``POST /v1/round/{rid}/report``       what the client spent (ε) and trained on
 - ``GET  /v1/bundle/{name}``            a file of the signed proxy bundle (manifest-listed only)
 - ``GET  /v1/status``                   rounds and clients summary
 
 Bodies larger than the limit are refused from ``Content-Length`` before any byte is read, and a
-streamed body is cut off as soon as it passes the limit. No route returns the server's LLM.
+streamed body is cut off as soon as it passes the limit (an upload chunk's limit is the chunk
+size, see ``server/uploads.py``). No route returns the server's LLM.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +42,7 @@ from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
 from fedproxy_secure.server.rounds import RoundEngine
 from fedproxy_secure.server.store import Storage
+from fedproxy_secure.server.uploads import UploadLimits, parse_declaration
 from fedproxy_secure.transport.signing import RequestVerifier, VerifiedRequest, b64u_decode
 
 ROUTE_STAGES = ("join", "advertise", "share", "masked_input", "consistency", "unmask", "he_keys", "he_input",
@@ -43,10 +51,22 @@ MAX_JSON_DEPTH = 32
 
 
 class BodyLimit:
-    """ASGI middleware: 413 when Content-Length or the streamed body exceeds ``max_bytes``."""
+    """ASGI middleware: 413 when Content-Length or the streamed body exceeds the path's limit.
 
-    def __init__(self, app, max_bytes: int, small_paths: dict[str, int] | None = None) -> None:
+    The limit is ``small_paths[path]`` for an exact path, else that of the first matching regex of
+    ``path_limits``, else ``max_bytes``.
+    """
+
+    def __init__(self, app, max_bytes: int, small_paths: dict[str, int] | None = None,
+                 path_limits: list[tuple[re.Pattern, int]] | None = None) -> None:
         self.app, self.max_bytes, self.small = app, max_bytes, small_paths or {}
+        self.patterns = path_limits or []
+
+    def limit_for(self, path: str) -> int:
+        """The body limit of ``path``."""
+        if path in self.small:
+            return self.small[path]
+        return next((n for rx, n in self.patterns if rx.match(path)), self.max_bytes)
 
     async def _reply(self, send, status: int, msg: str) -> None:
         body = json.dumps({"error": msg}).encode()
@@ -58,7 +78,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.small.get(scope.get("path", ""), self.max_bytes)
+        limit = self.limit_for(scope.get("path", ""))
         headers = dict(scope.get("headers") or [])
         cl = headers.get(b"content-length")
         if cl is not None:
@@ -138,6 +158,7 @@ class ServerContext:
     verifier: RequestVerifier
     bundle_dir: Path | None = None
     max_body: int = 64 << 20
+    uploads: UploadLimits = UploadLimits()
     poll_s: float = 10.0
     tick_s: float = 0.2
 
@@ -297,28 +318,108 @@ def create_app(ctx: ServerContext) -> FastAPI:
         ctx.audit.append("client_report", {"round": rid, "client": v.client_id, "report": msg})
         return {"ok": True}
 
-    @app.post("/v1/round/{rid}/{stage}")
-    async def submit(rid: int, stage: str, request: Request):
+    async def stage_request(rid: int, stage: str, request: Request, ctype: str | None = "application/json"):
+        """Verify a request about a client's ``stage`` message: signature, stage, round, content type."""
         v, body, bad = await authed(request)
         if bad:
-            return bad
+            return None, body, bad
         if stage not in ROUTE_STAGES:
-            return reject(404, f"unknown stage {stage!r}", request, v.client_id)
+            return v, body, reject(404, f"unknown stage {stage!r}", request, v.client_id)
         if (bad := check_round(v, rid, request)) is not None:
-            return bad
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            return reject(415, "only application/json bodies are accepted", request, v.client_id)
+            return v, body, bad
+        if ctype and request.headers.get("content-type", "").split(";")[0].strip() != ctype:
+            return v, body, reject(415, f"only {ctype} bodies are accepted here", request, v.client_id)
+        return v, body, None
+
+    def refusal(exc: Exception, request: Request, client: str) -> JSONResponse:
+        if isinstance(exc, LookupError):
+            return reject(409, str(exc), request, client)
+        if isinstance(exc, PermissionError):
+            return reject(403, str(exc), request, client)
+        if isinstance(exc, (ProtocolAbort, SecurityError)):
+            return reject(400, str(exc), request, client)
+        raise exc
+
+    async def accept(v: VerifiedRequest, rid: int, stage: str, body: bytes, request: Request):
+        """The one acceptance path of a stage message (single body or committed upload)."""
         try:
             msg = parse_json(body)
             if not isinstance(msg, dict):
                 raise ProtocolAbort("body must be a JSON object")
             return await run_in_threadpool(ctx.engine.submit, v.client_id, rid, stage, msg)
+        except (LookupError, PermissionError, ProtocolAbort, SecurityError) as exc:
+            return refusal(exc, request, v.client_id)
+
+    @app.post("/v1/round/{rid}/{stage}")
+    async def submit(rid: int, stage: str, request: Request):
+        v, body, bad = await stage_request(rid, stage, request)
+        return bad or await accept(v, rid, stage, body, request)
+
+    # ------------------------------------------------------------------ chunked uploads
+    @app.post("/v1/round/{rid}/{stage}/upload")
+    async def upload_open(rid: int, stage: str, request: Request):
+        v, body, bad = await stage_request(rid, stage, request)
+        if bad:
+            return bad
+        try:
+            size, sha = parse_declaration(parse_json(body), ctx.uploads)
+            prev = await run_in_threadpool(ctx.store.get_upload, rid, stage, v.client_id)
+            if prev is None or prev.status == "open":  # a committed one is answered as such, like a resent body
+                await run_in_threadpool(ctx.engine.admissible, v.client_id, rid, stage)
+            up, created = await run_in_threadpool(ctx.store.open_upload, rid, stage, v.client_id, size, sha,
+                                                  ctx.uploads)
+        except (LookupError, PermissionError, ProtocolAbort, SecurityError) as exc:
+            return refusal(exc, request, v.client_id)
+        ctx.audit.append("upload_open", {"round": rid, "stage": stage, "client": v.client_id, "size": size,
+                                         "sha256": sha, "chunks": up.chunks, "resumed": not created,
+                                         "held": len(up.have), "status": up.status})
+        return up.to_reply()
+
+    @app.get("/v1/round/{rid}/{stage}/upload")
+    async def upload_state(rid: int, stage: str, request: Request):
+        v, _, bad = await stage_request(rid, stage, request, ctype=None)
+        if bad:
+            return bad
+        up = await run_in_threadpool(ctx.store.get_upload, rid, stage, v.client_id)
+        if up is None:
+            return _err(404, f"no upload is declared for round {rid} stage {stage}")
+        return up.to_reply()
+
+    @app.put("/v1/round/{rid}/{stage}/upload/{index}")
+    async def upload_chunk(rid: int, stage: str, index: int, request: Request):
+        v, body, bad = await stage_request(rid, stage, request, ctype="application/octet-stream")
+        if bad:
+            return bad
+        try:
+            dup = await run_in_threadpool(ctx.store.put_chunk, rid, stage, v.client_id, index, body)
+        except (LookupError, ProtocolAbort) as exc:
+            return refusal(exc, request, v.client_id)
+        return {"index": index, "stored": True, "duplicate": dup}
+
+    @app.post("/v1/round/{rid}/{stage}/upload/commit")
+    async def upload_commit(rid: int, stage: str, request: Request):
+        v, _, bad = await stage_request(rid, stage, request, ctype=None)
+        if bad:
+            return bad
+        try:
+            up, data = await run_in_threadpool(ctx.store.upload_bytes, rid, stage, v.client_id)
         except LookupError as exc:
-            return reject(409, str(exc), request, v.client_id)
-        except PermissionError as exc:
-            return reject(403, str(exc), request, v.client_id)
-        except (ProtocolAbort, SecurityError) as exc:
-            return reject(400, str(exc), request, v.client_id)
+            return refusal(exc, request, v.client_id)
+        if up.status == "committed":  # our message for this stage is in (a repeated commit whose reply was lost)
+            return {"accepted": True, "round": rid, "stage": stage, "duplicate": True}
+        if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), up.sha256):
+            await run_in_threadpool(ctx.store.discard_upload, rid, stage, v.client_id)
+            return reject(400, f"joined upload does not match its declared SHA-256 ({up.chunks} chunks, "
+                               f"{len(data)} bytes); the upload was discarded, declare it again", request, v.client_id)
+        res = await accept(v, rid, stage, data, request)  # on success the store marks the upload committed
+        info = {"round": rid, "stage": stage, "client": v.client_id, "size": up.size, "sha256": up.sha256,
+                "chunks": up.chunks}
+        if isinstance(res, Response):  # refused (already audited): free the client's upload budget
+            await run_in_threadpool(ctx.store.discard_upload, rid, stage, v.client_id)
+            ctx.audit.append("upload_discard", {**info, "reason": json.loads(res.body).get("error", "")[:300]})
+        else:
+            ctx.audit.append("upload_commit", info)
+        return res
 
     return app
 

@@ -170,8 +170,9 @@ class RoundEngine:
     def abort(self, rid: int, reason: str) -> None:
         """Abort round ``rid`` (durably, then audited) and open the next one."""
         with self.lock:
-            self.store.close_round(rid, "aborted", reason, None, None)
+            gone = self.store.close_round(rid, "aborted", reason, None, None)
             self.audit.append("round_abort", {"round": rid, "reason": reason})
+            self._audit_discarded(gone, "round aborted")
             self._proto, self._proto_round = None, None
             self.open_round()
 
@@ -210,28 +211,37 @@ class RoundEngine:
                     if prev == canonical_json(msg):
                         return {"accepted": True, "round": rid, "stage": stage, "duplicate": True}
                     raise LookupError(f"a different message was already accepted for round {rid} stage {stage}")
-            if row is None or row.status != "open":
-                raise LookupError(f"round {rid} is not open")
-            if stage != row.stage:
-                raise LookupError(f"round {rid} is at stage {row.stage!r}, not {stage!r}")
+            row = self.admissible(client_id, rid, stage)
             if stage == "join":
                 if not isinstance(msg, dict) or set(msg) - {"type", "epsilon_spent"}:
                     raise ProtocolAbort("join: unexpected fields")
-                body = canonical_json(msg)
             else:
-                cohort = self._cohort(row)
-                if client_id not in cohort:
-                    raise PermissionError(f"client {client_id} is not in the cohort of round {rid}")
-                if client_id not in self._alive(row):
-                    raise PermissionError(f"client {client_id} was declared dropped in round {rid}")
-                self._validate(stage, msg, cohort[client_id], row)
-                body = canonical_json(msg)
+                self._validate(stage, msg, self._cohort(row)[client_id], row)
+            body = canonical_json(msg)
             if not self.store.add_submission(rid, stage, client_id, body):
                 raise LookupError(f"duplicate submission for round {rid} stage {stage}")
             self.audit.append("accept", {"round": rid, "stage": stage, "client": client_id,
                                          "sha256": hashlib.sha256(body).hexdigest()})
             self.tick()
             return {"accepted": True, "round": rid, "stage": stage}
+
+    def admissible(self, client_id: str, rid: int, stage: str) -> RoundRow:
+        """The open round ``rid`` if ``client_id`` may send its message for ``stage`` now.
+
+        Raises ``LookupError`` (round not open, another stage current) or ``PermissionError``
+        (not in the cohort, declared dropped). Used on submission and when an upload is declared.
+        """
+        row = self.store.get_round(rid)
+        if row is None or row.status != "open":
+            raise LookupError(f"round {rid} is not open")
+        if stage != row.stage:
+            raise LookupError(f"round {rid} is at stage {row.stage!r}, not {stage!r}")
+        if stage != "join":
+            if client_id not in self._cohort(row):
+                raise PermissionError(f"client {client_id} is not in the cohort of round {rid}")
+            if client_id not in self._alive(row):
+                raise PermissionError(f"client {client_id} was declared dropped in round {rid}")
+        return row
 
     def _validate(self, stage: str, msg: dict, sid: int, row: RoundRow) -> None:
         if self.s.mode in ("plain", "none"):
@@ -333,10 +343,15 @@ class RoundEngine:
             cfg = self.signer(cfg)
         first = self.stages_for(self.s.mode)[0]
         outbox = {c: b"{}" for c in members}
-        self.store.advance_stage(row.round_id, first, self._deadline(first),
-                                 {"cohort": members, "threshold": t}, outbox=outbox, config=cfg)
+        gone = self.store.advance_stage(row.round_id, first, self._deadline(first),
+                                        {"cohort": members, "threshold": t}, outbox=outbox, config=cfg)
+        self._audit_discarded(gone, "stage join closed")
         self.audit.append("cohort", {"round": row.round_id, "clients": members, "threshold": t})
         self._proto, self._proto_round = None, None
+
+    def _audit_discarded(self, uploads: list[dict], why: str) -> None:
+        for u in uploads or ():
+            self.audit.append("upload_discard", {**u, "reason": why})
 
     def _proto_for(self, row: RoundRow):
         if self._proto is None or self._proto_round != row.round_id:
@@ -385,7 +400,9 @@ class RoundEngine:
                                          "reason": reasons.get(cohort[c], "message refused by the "
                                                                "secure-aggregation protocol")[:300]})
         dropped = sorted(set(dropped) | set(refused))
-        self.store.advance_stage(rid, nxt, self._deadline(nxt), {"dropped": dropped, "closed": stage}, outbox=outbox)
+        gone = self.store.advance_stage(rid, nxt, self._deadline(nxt), {"dropped": dropped, "closed": stage},
+                                        outbox=outbox)
+        self._audit_discarded(gone, f"stage {stage} closed")
         self.audit.append("stage", {"round": rid, "closed": stage, "next": nxt, "alive": len(got),
                                     "dropped": dropped})
 
@@ -413,7 +430,8 @@ class RoundEngine:
                 info["key_holder"] = by_sid.get(info["key_holder_sid"])
             result["he"] = info
         blob = state_to_bytes(new_theta)
-        self.store.close_round(rid, "done", "ok", result, blob)
+        gone = self.store.close_round(rid, "done", "ok", result, blob)
+        self._audit_discarded(gone, "round closed")
         self.audit.append("round_close", {"round": rid, "survivors": surv_ids,
                                           "state_sha256": hashlib.sha256(blob).hexdigest(),
                                           "aggregate_norm": norm})
@@ -444,8 +462,9 @@ class RoundEngine:
                 if row.stage != "join":
                     self._proto = self._replay(row)
                     self._proto_round = row.round_id
-                self.store.advance_stage(row.round_id, row.stage, self._deadline(row.stage),
-                                         {"resumed": True})
+                gone = self.store.advance_stage(row.round_id, row.stage, self._deadline(row.stage),
+                                                {"resumed": True})
+                self._audit_discarded(gone, "stage closed before the restart")
                 self.audit.append("round_resume", {"round": row.round_id, "stage": row.stage})
             except Exception as exc:  # any replay failure: abort cleanly, fresh keys next round
                 self.abort(row.round_id, f"server restarted and could not resume: {exc}")

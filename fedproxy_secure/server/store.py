@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedproxy_secure.errors import SecurityError
+from fedproxy_secure.errors import ProtocolAbort, SecurityError
+from fedproxy_secure.server.uploads import UploadLimits, UploadRow, chunk_length
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,6 +43,12 @@ CREATE TABLE IF NOT EXISTS global_state (round_id INTEGER PRIMARY KEY, blob BLOB
   sha256 TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS client_reports (round_id INTEGER NOT NULL, client_id TEXT NOT NULL,
   report TEXT NOT NULL, PRIMARY KEY (round_id, client_id));
+CREATE TABLE IF NOT EXISTS uploads (round_id INTEGER NOT NULL, stage TEXT NOT NULL, client_id TEXT NOT NULL,
+  size INTEGER NOT NULL, sha256 TEXT NOT NULL, chunk_size INTEGER NOT NULL, status TEXT NOT NULL,
+  created REAL NOT NULL, PRIMARY KEY (round_id, stage, client_id));
+CREATE TABLE IF NOT EXISTS upload_chunks (round_id INTEGER NOT NULL, stage TEXT NOT NULL,
+  client_id TEXT NOT NULL, idx INTEGER NOT NULL, body BLOB NOT NULL, sha256 TEXT NOT NULL,
+  PRIMARY KEY (round_id, stage, client_id, idx));
 """
 
 
@@ -73,9 +80,9 @@ class Storage(Protocol):
     def remember_nonce(self, client_id: str, nonce: str, expires_at: float) -> bool: ...
     def open_round(self, round_id: int, session_id: str, stage: str, deadline: float, config: dict) -> None: ...
     def advance_stage(self, round_id: int, stage: str, deadline: float, data: dict,
-                      outbox: dict[str, bytes] | None = None, config: dict | None = None) -> None: ...
+                      outbox: dict[str, bytes] | None = None, config: dict | None = None) -> list[dict]: ...
     def close_round(self, round_id: int, status: str, reason: str, result: dict | None,
-                    state_blob: bytes | None) -> None: ...
+                    state_blob: bytes | None) -> list[dict]: ...
     def get_round(self, round_id: int) -> RoundRow | None: ...
     def latest_round(self) -> RoundRow | None: ...
     def rounds(self) -> list[RoundRow]: ...
@@ -86,6 +93,12 @@ class Storage(Protocol):
     def global_state(self, round_id: int | None = None) -> tuple[int, bytes] | None: ...
     def put_client_report(self, round_id: int, client_id: str, report: dict) -> None: ...
     def client_reports(self, round_id: int) -> dict[str, dict]: ...
+    def open_upload(self, round_id: int, stage: str, client_id: str, size: int, sha256: str,
+                    limits: UploadLimits) -> tuple[UploadRow, bool]: ...
+    def get_upload(self, round_id: int, stage: str, client_id: str) -> UploadRow | None: ...
+    def put_chunk(self, round_id: int, stage: str, client_id: str, index: int, body: bytes) -> bool: ...
+    def upload_bytes(self, round_id: int, stage: str, client_id: str) -> tuple[UploadRow, bytes]: ...
+    def discard_upload(self, round_id: int, stage: str, client_id: str) -> bool: ...
 
 
 def _sha(data: bytes) -> str:
@@ -222,11 +235,12 @@ class SQLiteStore:
                       (round_id, stage, now, json.dumps({"event": "open"})))
 
     def advance_stage(self, round_id: int, stage: str, deadline: float, data: dict,
-                      outbox: dict[str, bytes] | None = None, config: dict | None = None) -> None:
+                      outbox: dict[str, bytes] | None = None, config: dict | None = None) -> list[dict]:
         """Move an open round to ``stage`` with a new deadline, recording ``data`` (e.g. dropped).
 
         In the same transaction: stores the server's per-client messages for the new stage
-        (``outbox``, kept as submissions of stage ``out:<stage>``) and, if given, a new config.
+        (``outbox``, kept as submissions of stage ``out:<stage>``) and, if given, a new config, and
+        discards the uncommitted uploads of the round's other stages. Returns those discarded.
         """
         now = self._clock()
         with self._tx() as c:
@@ -240,10 +254,15 @@ class SQLiteStore:
                 raise SecurityError(f"round {round_id} is not open")
             c.execute("INSERT INTO transitions(round_id,stage,ts,data) VALUES(?,?,?,?)",
                       (round_id, stage, now, json.dumps(data)))
+            return _discard_uploads(c, "round_id=? AND stage<>? AND status='open'", (round_id, stage))
 
     def close_round(self, round_id: int, status: str, reason: str, result: dict | None,
-                    state_blob: bytes | None) -> None:
-        """Close a round as ``done`` (storing the new global state atomically) or ``aborted``."""
+                    state_blob: bytes | None) -> list[dict]:
+        """Close a round as ``done`` (storing the new global state atomically) or ``aborted``.
+
+        The round's uncommitted uploads are discarded in the same transaction and returned
+        (a committed upload keeps its row, without chunks, so a repeated commit is answered).
+        """
         now = self._clock()
         with self._tx() as c:
             c.execute("UPDATE rounds SET status=?, closed_at=?, reason=?, result=?, stage=? WHERE round_id=?",
@@ -252,6 +271,7 @@ class SQLiteStore:
                       (round_id, status, now, json.dumps({"reason": reason})))
             if state_blob is not None:
                 c.execute("INSERT OR REPLACE INTO global_state VALUES(?,?,?,?)", (round_id, state_blob, _sha(state_blob), now))
+            return _discard_uploads(c, "round_id=? AND status='open'", (round_id,))
 
     def _row(self, r: tuple) -> RoundRow:
         return RoundRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8],
@@ -277,7 +297,11 @@ class SQLiteStore:
         return [dict(stage=r[0], ts=r[1], data=json.loads(r[2])) for r in rows]
 
     def add_submission(self, round_id: int, stage: str, client_id: str, body: bytes) -> bool:
-        """Store an accepted submission; False if already submitted or the round left ``stage``."""
+        """Store an accepted submission; False if already submitted or the round left ``stage``.
+
+        In the same transaction the client's upload for this stage, if any, becomes ``committed``
+        (its chunks are dropped): its message is in, so closing the stage will not discard it.
+        """
         with self._tx() as c:
             row = c.execute("SELECT stage FROM rounds WHERE round_id=? AND status='open'", (round_id,)).fetchone()
             if row is None or row[0] != stage:
@@ -286,6 +310,9 @@ class SQLiteStore:
                 c.execute("INSERT INTO submissions VALUES(?,?,?,?,?)", (round_id, stage, client_id, body, self._clock()))
             except sqlite3.IntegrityError:
                 return False
+            key = (round_id, stage, client_id)
+            c.execute("UPDATE uploads SET status='committed' WHERE round_id=? AND stage=? AND client_id=?", key)
+            c.execute("DELETE FROM upload_chunks WHERE round_id=? AND stage=? AND client_id=?", key)
         return True
 
     def submissions(self, round_id: int, stage: str) -> dict[str, bytes]:
@@ -317,3 +344,116 @@ class SQLiteStore:
     def client_reports(self, round_id: int) -> dict[str, dict]:
         """Client reports of a round, by client id."""
         return {r[0]: json.loads(r[1]) for r in self._q("SELECT client_id, report FROM client_reports WHERE round_id=?", (round_id,))}
+
+    # -- chunked uploads (see server/uploads.py) ------------------------------------------------
+    def _open_stage(self, c: sqlite3.Connection, round_id: int, stage: str) -> None:
+        row = c.execute("SELECT status, stage FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+        if row is None or row[0] != "open":
+            raise LookupError(f"round {round_id} is not open; any upload for it was discarded")
+        if row[1] != stage:
+            raise LookupError(f"round {round_id} is at stage {row[1]!r}, not {stage!r}; "
+                              "an upload for a closed stage is discarded")
+
+    def _upload(self, c: sqlite3.Connection, round_id: int, stage: str, client_id: str) -> UploadRow | None:
+        r = c.execute("SELECT size, sha256, chunk_size, status FROM uploads WHERE round_id=? AND stage=? AND "
+                      "client_id=?", (round_id, stage, client_id)).fetchone()
+        if r is None:
+            return None
+        have = tuple(i for (i,) in c.execute("SELECT idx FROM upload_chunks WHERE round_id=? AND stage=? AND "
+                                             "client_id=? ORDER BY idx", (round_id, stage, client_id)))
+        return UploadRow(round_id, stage, client_id, r[0], r[1], r[2], r[3], have)
+
+    def open_upload(self, round_id: int, stage: str, client_id: str, size: int, sha256: str,
+                    limits: UploadLimits) -> tuple[UploadRow, bool]:
+        """Declare (or resume) the upload of ``client_id``'s message for ``(round_id, stage)``.
+
+        Returns ``(upload, created)``. The same size and hash resume the existing upload (open or
+        committed); anything else is refused: another hash (``LookupError``), a stage that is not
+        the round's current one (``LookupError``), a message already accepted (``LookupError``),
+        more than ``limits.max_open`` open uploads or ``limits.max_bytes`` declared bytes for the
+        client (``PermissionError``).
+        """
+        with self._tx() as c:
+            prev = self._upload(c, round_id, stage, client_id)
+            if prev is not None:
+                if prev.size != size or not hmac.compare_digest(prev.sha256, sha256):
+                    raise LookupError(f"an upload of another message (size {prev.size}, sha256 {prev.sha256[:16]}...) "
+                                      f"is already declared for round {round_id} stage {stage}")
+                return prev, False
+            self._open_stage(c, round_id, stage)
+            if c.execute("SELECT 1 FROM submissions WHERE round_id=? AND stage=? AND client_id=?",
+                         (round_id, stage, client_id)).fetchone():
+                raise LookupError(f"a message was already accepted for round {round_id} stage {stage}")
+            n_open, held = c.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uploads WHERE client_id=? AND "
+                                     "status='open'", (client_id,)).fetchone()
+            if n_open >= limits.max_open:
+                raise PermissionError(f"client {client_id} already has {n_open} open upload(s), the limit is "
+                                      f"{limits.max_open}")
+            if held + size > limits.max_bytes:
+                raise PermissionError(f"upload of {size} bytes would give client {client_id} {held + size} declared "
+                                      f"bytes in open uploads, the limit is {limits.max_bytes}")
+            c.execute("INSERT INTO uploads VALUES(?,?,?,?,?,?, 'open', ?)",
+                      (round_id, stage, client_id, size, sha256, limits.chunk_bytes, self._clock()))
+            return UploadRow(round_id, stage, client_id, size, sha256, limits.chunk_bytes, "open"), True
+
+    def get_upload(self, round_id: int, stage: str, client_id: str) -> UploadRow | None:
+        """The upload with the chunk indices held, or None."""
+        with self._lock:
+            return self._upload(self._db, round_id, stage, client_id)
+
+    def put_chunk(self, round_id: int, stage: str, client_id: str, index: int, body: bytes) -> bool:
+        """Store chunk ``index`` durably; True if this exact chunk was already held (idempotent resend).
+
+        Refuses a chunk for a stage that is not current or an upload not open (``LookupError``),
+        a different body for a held index (``LookupError``), a wrong length or index (``ProtocolAbort``).
+        """
+        with self._tx() as c:
+            self._open_stage(c, round_id, stage)
+            up = self._upload(c, round_id, stage, client_id)
+            if up is None:
+                raise LookupError(f"no upload is declared for round {round_id} stage {stage}; declare it first")
+            if up.status != "open":
+                raise LookupError(f"the upload for round {round_id} stage {stage} is already committed")
+            want = chunk_length(up.size, up.chunk_size, index)
+            if len(body) != want:
+                raise ProtocolAbort(f"chunk {index} has {len(body)} bytes, it must have {want}")
+            digest = _sha(body)
+            old = c.execute("SELECT sha256 FROM upload_chunks WHERE round_id=? AND stage=? AND client_id=? AND idx=?",
+                            (round_id, stage, client_id, index)).fetchone()
+            if old is not None:
+                if not hmac.compare_digest(old[0], digest):
+                    raise LookupError(f"chunk {index} is already held with different content (conflicting resend)")
+                return True
+            c.execute("INSERT INTO upload_chunks VALUES(?,?,?,?,?,?)", (round_id, stage, client_id, index, body, digest))
+            return False
+
+    def upload_bytes(self, round_id: int, stage: str, client_id: str) -> tuple[UploadRow, bytes]:
+        """The upload and its chunks joined in order; ``LookupError`` if it is missing or incomplete."""
+        with self._lock:
+            up = self._upload(self._db, round_id, stage, client_id)
+            if up is None:
+                raise LookupError(f"no upload is declared for round {round_id} stage {stage}")
+            if up.status != "open":
+                return up, b""
+            missing = up.missing()
+            if missing:
+                raise LookupError(f"upload incomplete: {len(missing)} of {up.chunks} chunks missing "
+                                  f"(first {missing[:8]})")
+            rows = self._db.execute("SELECT body FROM upload_chunks WHERE round_id=? AND stage=? AND client_id=? "
+                                    "ORDER BY idx", (round_id, stage, client_id)).fetchall()
+            return up, b"".join(bytes(r[0]) for r in rows)
+
+    def discard_upload(self, round_id: int, stage: str, client_id: str) -> bool:
+        """Drop an open upload and its chunks (its message was refused); False if none was open."""
+        with self._tx() as c:
+            return bool(_discard_uploads(c, "round_id=? AND stage=? AND client_id=? AND status='open'",
+                                         (round_id, stage, client_id)))
+
+
+def _discard_uploads(c: sqlite3.Connection, where: str, args: tuple) -> list[dict]:
+    """Delete the uploads matching ``where`` and their chunks (inside the caller's transaction)."""
+    rows = c.execute(f"SELECT round_id, stage, client_id, size FROM uploads WHERE {where}", args).fetchall()
+    for rid, stage, cid, _ in rows:
+        c.execute("DELETE FROM upload_chunks WHERE round_id=? AND stage=? AND client_id=?", (rid, stage, cid))
+        c.execute("DELETE FROM uploads WHERE round_id=? AND stage=? AND client_id=?", (rid, stage, cid))
+    return [{"round": r[0], "stage": r[1], "client": r[2], "size": r[3]} for r in rows]
