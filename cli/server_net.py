@@ -20,6 +20,8 @@ def init_cmd(
     mode: str = typer.Option("masking", help="masking | he | plain"),
     dim: int = typer.Option(16, help="length of the update vector"),
     clip_norm: float = typer.Option(1.0, help="L2 clip norm of each update"),
+    aggregator: str = typer.Option("fedavg", help="fedavg | sa_hties (two secure sums per round, needs >= 3 clients)"),
+    h_norm: str = typer.Option("reveal", "--h-norm", help="sa_hties only: reveal (each h_i in the clear) | none"),
     host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host", help="names in the server certificate"),
 ) -> None:
     """Create the CA, the server certificate, the operator key, the store and the audit log."""
@@ -27,7 +29,8 @@ def init_cmd(
     from fedproxy_secure.server.setup import init_server
 
     s = FederationSettings(rounds=rounds, min_clients=min_clients, threshold=threshold, mode=mode, dim=dim,
-                           clip_norm=clip_norm)
+                           clip_norm=clip_norm, aggregator=aggregator,
+                           sa_hties={"h_norm": h_norm} if aggregator == "sa_hties" else {})
     p = init_server(dir, s, tuple(host))
     console.print(f"[green]initialised[/] {p['dir']}: CA {p['ca']}, server cert {p['cert']}, operator key {p['op_key']}")
 

@@ -116,6 +116,8 @@ def deployment_from_network(data: dict, source: str) -> tuple[Deployment, tuple[
     # the round engine raises t to a strict majority of the cohort in masking mode (RoundEngine._threshold)
     eff = max(settings.threshold, n // 2 + 1, 2) if mode == "masking" else \
         max(settings.threshold, 2) if mode == "he" else settings.threshold
+    if settings.aggregator == "sa_hties":  # the engine also raises t to 3 (RoundEngine._threshold_for)
+        eff = max(eff, 3)
     keep = _mapping(data.get("compress"), "compress").get("keep_ratio")
     d = Deployment(kind="network", source=source, n_clients=n, mode=mode, threshold=settings.threshold,
                    effective_threshold=eff, aggregator=settings.aggregator, dp_enabled=enabled, epsilon=eps,

@@ -147,7 +147,7 @@ class ClientSession:
         update, report = train_fn(theta, cfg)
         update = clip_update(update, float(cfg["clip_norm"]))
         stages = make_client_stages(cfg, update, cohort[self.client_id], identity_key=self.key,
-                                    used_sessions=self.used)
+                                    used_sessions=self.used, operator=self.operator)
         self._save_used()  # durable before any key of this session leaves the client
         report = public_report(report)
         r = self.http.post_json(f"/v1/round/{rid}/report", report, round_id=rid)

@@ -49,9 +49,19 @@ class MaskingClientStages:
         return self.proto.handle(M.message_from_dict(server_msg)).to_dict()
 
 
-def make_client_stages(cfg: dict, vector: np.ndarray, sid: int, identity_key=None, used_sessions=None):
-    """Client stages for the mode named in a verified round config."""
+def make_client_stages(cfg: dict, vector: np.ndarray, sid: int, identity_key=None, used_sessions=None,
+                       operator=None):
+    """Client stages for the mode (and aggregator) named in a verified round config.
+
+    ``operator``: the pinned operator public key; aggregator ``sa_hties`` needs it to verify the
+    signed phase messages (``client/sa_hties_stages.py``).
+    """
     mode = cfg["mode"]
+    if cfg.get("aggregator") == "sa_hties":
+        from fedproxy_secure.client.sa_hties_stages import SAHTiesClientStages
+
+        return SAHTiesClientStages(cfg, vector, sid, operator=operator, identity_key=identity_key,
+                                   used_sessions=used_sessions)
     if mode in ("plain", "none"):
         return PlainClientStages(vector)
     if mode == "masking":

@@ -46,7 +46,9 @@ from fedproxy_secure.server.uploads import UploadLimits, parse_declaration
 from fedproxy_secure.transport.signing import RequestVerifier, VerifiedRequest, b64u_decode
 
 ROUTE_STAGES = ("join", "advertise", "share", "masked_input", "consistency", "unmask", "he_keys", "he_input",
-                "he_decrypt")
+                "he_decrypt",
+                # SA-H-TIES (server/sa_hties_stages.py): the h reveal and the phase-B session's stages
+                "sa_reveal", "b_advertise", "b_share", "b_masked_input", "b_consistency", "b_unmask")
 MAX_JSON_DEPTH = 32
 
 

@@ -3,7 +3,9 @@
 A round moves through ``join`` (clients check in; the cohort is fixed and the signed round config
 published), then the stages of the secure-aggregation mode (``advertise``, ``share``,
 ``masked_input``, ``consistency``, ``unmask`` for masking; ``he_keys``, ``he_input``, ``he_decrypt``
-for HE, see ``server/he_stages.py``), then ``done`` or ``aborted``. Each stage
+for HE, see ``server/he_stages.py``), then ``done`` or ``aborted``. With ``aggregator: sa_hties``
+the round runs those stages twice, as two complete secure-sum sessions (phase A, an optional
+``sa_reveal`` stage, phase B as ``b_<stage>``; ``server/sa_hties_stages.py``). Each stage
 has a deadline: it closes early when every live cohort member has submitted, else at the
 deadline, and a client that sent nothing is declared dropped (audited). Fewer than ``t`` live
 clients aborts the round (nothing is revealed). Every transition is committed to the store
@@ -27,13 +29,16 @@ from typing import Callable
 import numpy as np
 
 from fedproxy_secure.audit.log import AuditLog, canonical_json
-from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
+from fedproxy_secure.errors import ConfigError, DataError, ProtocolAbort, SecurityError
 from fedproxy_secure.server.protocols import PlainStages, make_server_stages
 from fedproxy_secure.server.store import RoundRow, Storage
 
 ROUND_CONFIG_DOMAIN = b"fedproxy-secure/v1/round-config\n"
 DEFAULT_DEADLINES = {"join": 30.0, "advertise": 120.0, "share": 20.0, "masked_input": 20.0,
-                     "consistency": 20.0, "unmask": 20.0, "he_keys": 120.0, "he_input": 30.0, "he_decrypt": 60.0}
+                     "consistency": 20.0, "unmask": 20.0, "he_keys": 120.0, "he_input": 30.0, "he_decrypt": 60.0,
+                     "sa_reveal": 20.0}
+#: rules the server can apply to secure sums only (hties/ties need every update in the clear)
+NET_AGGREGATORS = ("fedavg", "sa_hties")
 
 
 @dataclass
@@ -53,6 +58,7 @@ class FederationSettings:
     on_restart: str = "resume"                  # resume | abort
     a_seed: int | None = None                   # fixed LoRA-A seed of the federation (FFA-LoRA needs one A)
     he: dict = field(default_factory=dict)      # mode he: CKKS options (server/he_stages.he_settings)
+    sa_hties: dict = field(default_factory=dict)  # aggregator sa_hties: h_norm, r0, delta, rho (sa_hties_stages)
 
     def validate(self) -> "FederationSettings":
         """Raise ``ConfigError`` naming the field for any impossible value."""
@@ -76,6 +82,22 @@ class FederationSettings:
             he_settings(self.he, self.clip_norm)
         elif self.he:
             raise ConfigError(f"federation.he is set but federation.mode is {self.mode!r}; remove it or use mode he")
+        if self.aggregator not in NET_AGGREGATORS:
+            raise ConfigError(f"federation.aggregator={self.aggregator!r}: over the network use one of "
+                              f"{list(NET_AGGREGATORS)} (ties/hties need every update in the clear)")
+        if self.aggregator == "sa_hties":
+            from fedproxy_secure.server.sa_hties_stages import MIN_COHORT, NET_MODES, sa_options
+
+            if self.mode not in NET_MODES:
+                raise ConfigError(f"federation.aggregator sa_hties with federation.mode={self.mode!r} is not wired "
+                                  "to the network yet; use mode masking")
+            if self.min_clients < MIN_COHORT:
+                raise ConfigError(f"federation.min_clients={self.min_clients}: SA-H-TIES needs >= {MIN_COHORT} (with 2 "
+                                  "clients the broadcast phase-A sum reveals the other client's update direction)")
+            sa_options(self.sa_hties)
+        elif self.sa_hties:
+            raise ConfigError(f"federation.sa_hties is set but federation.aggregator is {self.aggregator!r}; "
+                              "remove it or use aggregator sa_hties")
         return self
 
     @classmethod
@@ -133,8 +155,20 @@ class RoundEngine:
 
         return MaskingServerStages.stages
 
+    def round_stages(self) -> tuple[str, ...]:
+        """Every stage of a round after ``join``: the mode's, or SA-H-TIES's two phases over them."""
+        base = self.stages_for(self.s.mode)
+        if self.s.aggregator != "sa_hties":
+            return base
+        from fedproxy_secure.server.sa_hties_stages import round_stages, sa_options
+
+        return round_stages(base, sa_options(self.s.sa_hties).h_norm)
+
     def _deadline(self, stage: str) -> float:
-        return self.clock() + float(self.s.deadlines.get(stage, 30.0))
+        from fedproxy_secure.server.sa_hties_stages import base_stage
+
+        d = self.s.deadlines
+        return self.clock() + float(d.get(stage, d.get(base_stage(stage), 30.0)))
 
     def completed_rounds(self) -> int:
         """Rounds closed as done."""
@@ -190,9 +224,32 @@ class RoundEngine:
             return max(self.s.threshold, 2)
         return self.s.threshold
 
+    def _threshold_for(self, n: int) -> int:
+        """The round's threshold; SA-H-TIES broadcasts the phase-A sum, so it needs t >= 3."""
+        t = self._threshold(n)
+        if self.s.aggregator == "sa_hties":
+            from fedproxy_secure.server.sa_hties_stages import MIN_COHORT
+
+            t = max(t, MIN_COHORT)
+        return t
+
+    def _phase_signer(self, body: dict) -> dict:
+        from fedproxy_secure.server.sa_hties_stages import PHASE_DOMAIN
+
+        return self.signer(body, PHASE_DOMAIN) if self.signer is not None else body
+
     def _build_proto(self, row: RoundRow):
         cfg = row.config
         cohort = sorted(i for _, i in cfg["cohort"])
+        if self.s.aggregator == "sa_hties":
+            from fedproxy_secure.server.sa_hties_stages import SAHTiesServerStages, sa_options
+
+            sa = cfg["sa_hties"]
+            return SAHTiesServerStages(mode=self.s.mode, round_id=row.round_id, cohort=cohort, dim=self.s.dim,
+                                       threshold=cfg["threshold"], session_id=bytes.fromhex(row.session_id),
+                                       session_b=bytes.fromhex(sa["session_id_b"]), options=cfg.get("secagg_options", {}),
+                                       sa=sa_options({k: v for k, v in sa.items() if k != "session_id_b"}),
+                                       signer=self._phase_signer)
         return make_server_stages(self.s.mode, cohort=cohort, dim=self.s.dim, threshold=cfg["threshold"],
                                   session_id=bytes.fromhex(row.session_id), clip_norm=self.s.clip_norm,
                                   options=cfg.get("secagg_options", {}), signing_key=self.he_key)
@@ -244,6 +301,12 @@ class RoundEngine:
         return row
 
     def _validate(self, stage: str, msg: dict, sid: int, row: RoundRow) -> None:
+        if self.s.aggregator == "sa_hties":
+            from fedproxy_secure.server.sa_hties_stages import validate_message
+
+            validate_message(self.s.mode, stage, msg, sid, bytes.fromhex(row.session_id),
+                             bytes.fromhex(row.config["sa_hties"]["session_id_b"]), self.s.dim)
+            return
         if self.s.mode in ("plain", "none"):
             PlainStages.validate(stage, msg, self.s.dim)
             return
@@ -312,7 +375,7 @@ class RoundEngine:
         members = sorted(subs)
         cohort = [[c, i + 1] for i, c in enumerate(members)]
         n = len(cohort)
-        t = self._threshold(n)
+        t = self._threshold_for(n)
         gs = self.store.global_state()
         assert gs is not None
         cfg = {
@@ -339,9 +402,16 @@ class RoundEngine:
             pub = self.he_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
             he.update(key_holder=key_holder_for(row.round_id, n), statement_key=base64.b64encode(pub).decode())
             cfg["secagg_options"]["he"] = he
+        if self.s.aggregator == "sa_hties":
+            from fedproxy_secure.server.sa_hties_stages import sa_options
+
+            session_b = secrets.token_bytes(32)  # phase B: a fresh session (never the phase-A id, never reused)
+            while session_b == bytes.fromhex(row.session_id):
+                session_b = secrets.token_bytes(32)
+            cfg["sa_hties"] = {**sa_options(self.s.sa_hties).model_dump(), "session_id_b": session_b.hex()}
         if self.signer is not None:
             cfg = self.signer(cfg)
-        first = self.stages_for(self.s.mode)[0]
+        first = self.round_stages()[0]
         outbox = {c: b"{}" for c in members}
         gone = self.store.advance_stage(row.round_id, first, self._deadline(first),
                                         {"cohort": members, "threshold": t}, outbox=outbox, config=cfg)
@@ -363,7 +433,7 @@ class RoundEngine:
         """Fresh server stages for ``row`` with every closed stage replayed from the store."""
         proto = self._build_proto(row)
         cohort = self._cohort(row)
-        stages = self.stages_for(self.s.mode)
+        stages = self.round_stages()
         for st in stages[: stages.index(row.stage)]:
             subs = self.store.submissions(row.round_id, st)
             proto.close(st, {cohort[c]: json.loads(b) for c, b in subs.items()})
@@ -386,7 +456,7 @@ class RoundEngine:
         except (ProtocolAbort, SecurityError, ValueError) as exc:
             self.abort(rid, f"stage {stage} failed: {exc}")
             return
-        stages = self.stages_for(self.s.mode)
+        stages = self.round_stages()
         if out is None:
             self._finish(row, proto, dropped)
             return
@@ -407,6 +477,9 @@ class RoundEngine:
                                     "dropped": dropped})
 
     def _finish(self, row: RoundRow, proto, dropped: list[str]) -> None:
+        if self.s.aggregator == "sa_hties":
+            self._finish_sa_hties(row, proto, dropped)
+            return
         rid = row.round_id
         total, survivors = proto.result()
         by_sid = {i: c for c, i in self._cohort(row).items()}
@@ -435,6 +508,35 @@ class RoundEngine:
         self.audit.append("round_close", {"round": rid, "survivors": surv_ids,
                                           "state_sha256": hashlib.sha256(blob).hexdigest(),
                                           "aggregate_norm": norm})
+        self._proto, self._proto_round = None, None
+        if self.finished():
+            self.audit.append("federation_end", {"rounds_done": self.completed_rounds()})
+        else:
+            self.open_round()
+
+    def _finish_sa_hties(self, row: RoundRow, proto, dropped: list[str]) -> None:
+        """Close an SA-H-TIES round: Δ* and C from the two phases' sums; θ += Δ*, C kept in the state."""
+        rid = row.round_id
+        try:
+            delta, conflict, info, surv_b = proto.global_step(self.s.clip_norm)
+        except (ProtocolAbort, DataError, ValueError) as exc:
+            self.abort(rid, f"SA-H-TIES finish failed: {exc}")
+            return
+        by_sid = {i: c for c, i in self._cohort(row).items()}
+        surv_ids = [by_sid[i] for i in surv_b]
+        info["phase_a_survivors"] = [by_sid[i] for i in info["phase_a_survivors_sid"]]
+        theta = state_from_bytes(self.store.global_state()[1])["theta"]
+        d = np.ascontiguousarray(delta, dtype="<f8").tobytes()
+        result = {"survivors": surv_ids, "dropped_last_stage": dropped, "sa_hties": info,
+                  "delta_sha256": hashlib.sha256(d).hexdigest(), "delta_b64": base64.b64encode(d).decode(),
+                  "delta_norm": float(np.linalg.norm(delta))}
+        blob = state_to_bytes(theta + delta, conflict)
+        gone = self.store.close_round(rid, "done", "ok", result, blob)
+        self._audit_discarded(gone, "round closed")
+        self.audit.append("round_close", {"round": rid, "survivors": surv_ids, "aggregator": "sa_hties",
+                                          "phase_a_survivors": info["phase_a_survivors"],
+                                          "state_sha256": hashlib.sha256(blob).hexdigest(),
+                                          "delta_norm": result["delta_norm"]})
         self._proto, self._proto_round = None, None
         if self.finished():
             self.audit.append("federation_end", {"rounds_done": self.completed_rounds()})
@@ -470,17 +572,20 @@ class RoundEngine:
                 self.abort(row.round_id, f"server restarted and could not resume: {exc}")
 
 
-def sign_round_config(key, cfg: dict) -> dict:
-    """Return ``cfg`` plus ``kid`` and ``signature`` (Ed25519 over the canonical JSON of the rest)."""
+def sign_round_config(key, cfg: dict, domain: bytes = ROUND_CONFIG_DOMAIN) -> dict:
+    """Return ``cfg`` plus ``kid`` and ``signature`` (Ed25519 over the canonical JSON of the rest).
+
+    ``domain`` separates round configs from other operator-signed messages (SA-H-TIES phases).
+    """
     from fedproxy_secure.artifacts.keys import key_id, sign
 
     body = dict(cfg)
     body["kid"] = key_id(key)
-    sig = sign(key, ROUND_CONFIG_DOMAIN, canonical_json(body))
+    sig = sign(key, domain, canonical_json(body))
     return {**body, "signature": base64.b64encode(sig).decode()}
 
 
-def verify_round_config(pub, cfg: dict) -> dict:
+def verify_round_config(pub, cfg: dict, domain: bytes = ROUND_CONFIG_DOMAIN) -> dict:
     """Check the operator's signature on a round config; returns it without the signature.
 
     Raises ``SecurityError`` on a missing/bad signature or a key id other than ``pub``'s.
@@ -496,6 +601,6 @@ def verify_round_config(pub, cfg: dict) -> dict:
         sig = base64.b64decode(cfg["signature"], validate=True)
     except (ValueError, TypeError):
         raise SecurityError("round config signature is not base64") from None
-    if not verify_signature(pub, sig, ROUND_CONFIG_DOMAIN, canonical_json(body)):
+    if not verify_signature(pub, sig, domain, canonical_json(body)):
         raise SecurityError("round config signature does not verify")
     return body

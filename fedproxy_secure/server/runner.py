@@ -8,7 +8,7 @@ from pathlib import Path
 from fedproxy_secure.artifacts.keys import load_private_key
 from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.server.app import ServerContext, create_app
-from fedproxy_secure.server.rounds import RoundEngine, sign_round_config
+from fedproxy_secure.server.rounds import ROUND_CONFIG_DOMAIN, RoundEngine, sign_round_config
 from fedproxy_secure.server.setup import he_statement_key, load_settings, server_paths
 from fedproxy_secure.server.store import SQLiteStore
 from fedproxy_secure.server.uploads import CHUNK_PATH, CONTROL_MAX_BODY, CONTROL_PATH, UploadLimits
@@ -26,7 +26,8 @@ def build_context(d: str | os.PathLike, bundle_dir: str | os.PathLike | None = N
     audit = AuditLog(p["audit"])
     op_key = load_private_key(p["op_key"])
     he_key = he_statement_key(d) if settings.mode == "he" else None
-    engine = RoundEngine(store, audit, settings, signer=lambda cfg: sign_round_config(op_key, cfg), he_key=he_key)
+    engine = RoundEngine(store, audit, settings, he_key=he_key,
+                         signer=lambda cfg, domain=ROUND_CONFIG_DOMAIN: sign_round_config(op_key, cfg, domain))
     verifier = RequestVerifier(store.client_key, store, skew_s=skew_s)
     return ServerContext(store=store, engine=engine, audit=audit, verifier=verifier,
                          bundle_dir=Path(bundle_dir) if bundle_dir else None, poll_s=poll_s, max_body=max_body,
