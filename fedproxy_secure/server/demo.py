@@ -5,11 +5,13 @@ operator's held-out test split; compress the LLM into the proxy on server calibr
 the LLM (before); ``server init`` + operator keyset + signed proxy bundle + enrolments; the
 federation (server process + one process per site: each fetches the bundle over the API, verifies
 it against its pinned keyset before loading, attaches LoRA with the signed A seed, trains with
-DP-SGD, clips and submits through masking; the server aggregates FedAvg over the secure sum);
+DP-SGD, clips and submits through the configured secure aggregation: masking, HE (CKKS, rotating key
+holder; examples/demo-tiny-he.yaml) or SA-H-TIES over masking (examples/demo-tiny-sa-hties.yaml));
 fuse the final global LoRA into the LLM (server only); evaluate the LLM (after); report.
 
 Writes into ``out``: ``report.md``, ``results.json``, ``rounds.png``, ``audit.jsonl``, ``server/``
-(state.db, audit log, federation.json, keyset, bundle, global adapter; private keys removed),
+(state.db, audit log, federation.json, keyset, bundle, global adapter; private keys, the HE statement key
+included, removed),
 ``clients/`` (each site's client.yaml, data file, privacy budget; private keys removed), ``logs/``.
 """
 
@@ -113,7 +115,8 @@ def _federate(server_dir: Path, bundle: Path, client_yamls: list[Path], logs: Pa
 
 def _scrub_secrets(server_dir: Path, clients_dir: Path) -> None:
     """Remove every private key and token from the output folder."""
-    for secret in (server_dir / "pki" / "ca.key", server_dir / "pki" / "server.key", server_dir / "keys" / "operator.key"):
+    for secret in (server_dir / "pki" / "ca.key", server_dir / "pki" / "server.key", server_dir / "keys" / "operator.key",
+                   server_dir / "keys" / "he_statement.key"):  # mode he: the server's statement-signing key
         secret.unlink(missing_ok=True)
     shutil.rmtree(server_dir / "enrol", ignore_errors=True)
     for site in clients_dir.glob("site*"):
@@ -205,8 +208,13 @@ def run_demo(out: str | os.PathLike, spec: DemoSpec, log=print, config_path: Pat
     round_rows = []
     for r, s in zip(rounds, summary["rounds"]):
         reps = {names.get(c, c): x for c, x in reports.get(r.round_id, {}).items()}
-        round_rows.append({**s, "aggregate_norm": (r.result or {}).get("aggregate_norm"),
-                           "survivor_sites": sorted(names.get(c, c) for c in (r.result or {}).get("survivors", [])),
+        res_r = r.result or {}
+        sa = {k: v for k, v in (res_r.get("sa_hties") or {}).items()
+              if k in ("K", "h_norm", "h_range", "mean_conflict", "gated_zero_fraction")}
+        holder = (res_r.get("he") or {}).get("key_holder")
+        round_rows.append({**s, "aggregate_norm": res_r.get("aggregate_norm"), "delta_norm": res_r.get("delta_norm"),
+                           "sa_hties": sa or None, "he_key_holder": names.get(holder, holder) if holder else None,
+                           "survivor_sites": sorted(names.get(c, c) for c in res_r.get("survivors", [])),
                            "epsilon_by_site": {n: x.get("epsilon") for n, x in sorted(reps.items())},
                            "train_loss_by_site": {n: x.get("train_loss") for n, x in sorted(reps.items())},
                            "train_seconds_by_site": {n: x.get("seconds") for n, x in sorted(reps.items())}})

@@ -51,6 +51,21 @@ def _f(v, fmt="{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _aggregation_text(s: dict) -> str:
+    """One sentence on how the server combines the updates, for the settings' mode and aggregator."""
+    if s.get("aggregator") == "sa_hties":
+        reveal = (s.get("sa_hties") or {}).get("h_norm", "reveal") == "reveal"
+        return ("the server applies SA-H-TIES over two secure-sum sessions per round (phase A: normalised updates "
+                "and signs; " + ("an `sa_reveal` stage where each client reveals its h_i; " if reveal else "")
+                + "phase B: gated magnitudes and weights, `b_*` stages), so it sees sums"
+                + (" and each h_i" if reveal else "") + ", never one client's update.")
+    if s.get("mode") == "he":
+        return ("each round a rotating client is the CKKS key holder (fresh keys, in its memory only); the server "
+                "adds the ciphertexts, the key holder checks and decrypts the noise-flooded sum, and the server "
+                "applies FedAvg to it.")
+    return "the server aggregates FedAvg over the secure sum of the survivors."
+
+
 def write_report(path: Path, res: dict) -> None:
     """The markdown report: set-up, stage timings, accuracy table, rounds with ε, what is shown."""
     s, dp, comp = res["settings"], res["dp"], res["compression"]
@@ -71,8 +86,7 @@ def write_report(path: Path, res: dict) -> None:
           f"(FFA: A fixed by the signed seed, B trained; {res['lora_dim']:,} values), "
           f"{s['train'].get('local_steps')} local DP-SGD steps (batch {s['train'].get('batch_size')}, "
           f"lr {s['train'].get('lr')}, max length {s['train'].get('max_length')}), update clipped to "
-          f"{s['clip_norm']}, submitted through `{s['mode']}` secure aggregation; the server aggregates FedAvg over "
-          f"the secure sum of the survivors.",
+          f"{s['clip_norm']}, submitted through `{s['mode']}` secure aggregation; {_aggregation_text(s)}",
           f"- **DP**: ε={dp['epsilon']} total over the planned {s['rounds']} rounds at δ={dp['delta']:g} "
           f"(opacus DP-SGD, per-example clip {dp['max_grad_norm']}, PRV accountant), each site's own budget file.",
           f"- **Transport**: HTTPS, TLS 1.3, client certificates (mTLS), every request Ed25519-signed; state in "
@@ -110,13 +124,18 @@ def write_report(path: Path, res: dict) -> None:
     if res.get("proxy_before"):
         L += ["", f"Proxy alone: {res['proxy_before']['mean_accuracy']:.3f} before, "
                   f"{res['proxy_after']['mean_accuracy']:.3f} after federated training."]
-    L += ["", "## Rounds", "", "| round | status | survivors | seconds | |secure sum| | ε by site (cumulative) | "
-                              "train loss by site |", "|---|---|---|---|---|---|---|"]
+    L += ["", "## Rounds", "", "| round | status | survivors | seconds | ‖secure sum‖ | ‖global step‖ | "
+                              "ε by site (cumulative) | train loss by site |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rounds"]:
         eps = ", ".join(f"{k}={_f(v)}" for k, v in r["epsilon_by_site"].items()) or "-"
         loss = ", ".join(f"{k}={_f(v, '{:.2f}')}" for k, v in r["train_loss_by_site"].items()) or "-"
         L.append(f"| {r['round']} | {r['status']} | {r['survivors']} | {r['seconds']} | {_f(r['aggregate_norm'])} | "
-                 f"{eps} | {loss} |")
+                 f"{_f(r.get('delta_norm'))} | {eps} | {loss} |")
+    if s.get("aggregator") == "sa_hties":
+        L += ["", "SA-H-TIES has no single secure sum (‖secure sum‖ is '-'); per round: "
+              + "; ".join(f"round {r['round']}: K={r['sa_hties'].get('K')}, h range "
+                          f"{[round(x, 3) for x in r['sa_hties'].get('h_range') or []] or '-'}, mean conflict "
+                          f"{_f(r['sa_hties'].get('mean_conflict'))}" for r in res["rounds"] if r.get("sa_hties")) + "."]
     L += ["", "![accuracy, ε and stage times](rounds.png)", "",
           "Output: `server/` (state.db, federation.json, keyset, signed bundle, global_adapter/; private keys "
           "removed), `clients/siteN/` (client.yaml, train.jsonl, privacy budget), `logs/`, `audit.jsonl`.", ""]
