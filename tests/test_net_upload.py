@@ -351,9 +351,9 @@ def test_store_limits_and_cleanup(tmp_path):
         st.open_upload(2, "join", "c2", 101, "1" * 64, lim)
     with pytest.raises(LookupError, match="not 'share'"):
         st.open_upload(1, "share", "c2", 10, "1" * 64, lim)
-    st.open_upload(1, "advertise", "c2", 10, "2" * 64, lim)
+    st.open_upload(1, "advertise", "c2", 10, hashlib.sha256(b"{}").hexdigest(), lim)
     st.put_chunk(1, "advertise", "c2", 0, b"abcd")
-    assert st.add_submission(1, "advertise", "c2", b"{}")  # accepting the message commits the upload
+    assert st.add_submission(1, "advertise", "c2", b"{}")  # accepting the declared message commits the upload
     assert st.get_upload(1, "advertise", "c2").status == "committed"
     with pytest.raises(LookupError, match="already committed"):
         st.put_chunk(1, "advertise", "c2", 1, b"efgh")

@@ -348,7 +348,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
             msg = parse_json(body)
             if not isinstance(msg, dict):
                 raise ProtocolAbort("body must be a JSON object")
-            return await run_in_threadpool(ctx.engine.submit, v.client_id, rid, stage, msg)
+            return await run_in_threadpool(ctx.engine.submit, v.client_id, rid, stage, msg,
+                                           hashlib.sha256(body).hexdigest())
         except (LookupError, PermissionError, ProtocolAbort, SecurityError) as exc:
             return refusal(exc, request, v.client_id)
 
@@ -403,6 +404,21 @@ def create_app(ctx: ServerContext) -> FastAPI:
         v, _, bad = await stage_request(rid, stage, request, ctype=None)
         if bad:
             return bad
+        # a message already accepted for this stage (a single-body POST after the declaration) settles
+        # the commit: answered as accepted only if it is the declared message (same SHA-256)
+        settled = await run_in_threadpool(ctx.store.settle_upload, rid, stage, v.client_id)
+        if settled is not None:
+            verdict, have, up = settled
+            info = {"round": rid, "stage": stage, "client": v.client_id, "size": up.size, "sha256": up.sha256,
+                    "chunks": up.chunks}
+            if verdict == "same":
+                ctx.audit.append("upload_commit", {**info, "duplicate": True})
+                return {"accepted": True, "round": rid, "stage": stage, "duplicate": True}
+            await run_in_threadpool(ctx.store.discard_upload, rid, stage, v.client_id)
+            reason = (f"a different message (sha256 {have[:16]}...) was already accepted for round {rid} stage "
+                      f"{stage}; this upload (sha256 {up.sha256[:16]}...) is refused and was discarded")
+            ctx.audit.append("upload_discard", {**info, "reason": reason})
+            return reject(409, reason, request, v.client_id)
         try:
             up, data = await run_in_threadpool(ctx.store.upload_bytes, rid, stage, v.client_id)
         except LookupError as exc:

@@ -255,10 +255,12 @@ class RoundEngine:
                                   options=cfg.get("secagg_options", {}), signing_key=self.he_key)
 
     # ---------------------------------------------------------------- client actions
-    def submit(self, client_id: str, rid: int, stage: str, msg: dict) -> dict:
+    def submit(self, client_id: str, rid: int, stage: str, msg: dict, raw_sha256: str | None = None) -> dict:
         """Accept a client's message for ``stage`` of round ``rid`` (durably), or raise.
 
-        Raises ``SecurityError``/``ProtocolAbort`` with the reason; the caller maps to HTTP.
+        ``raw_sha256``: SHA-256 of the bytes as received (an upload declared with that hash is
+        marked committed with the submission). Raises ``SecurityError``/``ProtocolAbort`` with the
+        reason; the caller maps to HTTP.
         """
         with self.lock:
             row = self.store.get_round(rid)
@@ -275,7 +277,7 @@ class RoundEngine:
             else:
                 self._validate(stage, msg, self._cohort(row)[client_id], row)
             body = canonical_json(msg)
-            if not self.store.add_submission(rid, stage, client_id, body):
+            if not self.store.add_submission(rid, stage, client_id, body, raw_sha256=raw_sha256):
                 raise LookupError(f"duplicate submission for round {rid} stage {stage}")
             self.audit.append("accept", {"round": rid, "stage": stage, "client": client_id,
                                          "sha256": hashlib.sha256(body).hexdigest()})

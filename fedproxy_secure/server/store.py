@@ -87,7 +87,8 @@ class Storage(Protocol):
     def latest_round(self) -> RoundRow | None: ...
     def rounds(self) -> list[RoundRow]: ...
     def transitions(self, round_id: int) -> list[dict]: ...
-    def add_submission(self, round_id: int, stage: str, client_id: str, body: bytes) -> bool: ...
+    def add_submission(self, round_id: int, stage: str, client_id: str, body: bytes,
+                       raw_sha256: str | None = None) -> bool: ...
     def submissions(self, round_id: int, stage: str) -> dict[str, bytes]: ...
     def put_global_state(self, round_id: int, blob: bytes) -> str: ...
     def global_state(self, round_id: int | None = None) -> tuple[int, bytes] | None: ...
@@ -98,7 +99,28 @@ class Storage(Protocol):
     def get_upload(self, round_id: int, stage: str, client_id: str) -> UploadRow | None: ...
     def put_chunk(self, round_id: int, stage: str, client_id: str, index: int, body: bytes) -> bool: ...
     def upload_bytes(self, round_id: int, stage: str, client_id: str) -> tuple[UploadRow, bytes]: ...
+    def settle_upload(self, round_id: int, stage: str, client_id: str) -> tuple[str, str, UploadRow] | None:
+        """For a client that already has an accepted message for ``(round_id, stage)`` (e.g. by a
+        single-body POST after declaring an upload): ``("same", sha, upload)`` if that stored message
+        has the upload's declared SHA-256 (the upload becomes ``committed``), ``("different", sha,
+        upload)`` if not (nothing changes; the caller refuses the commit); ``sha`` is the stored
+        message's SHA-256. None if no message is stored or there is no open upload.
+        """
+        with self._tx() as c:
+            up = self._upload(c, round_id, stage, client_id)
+            row = c.execute("SELECT body FROM submissions WHERE round_id=? AND stage=? AND client_id=?",
+                            (round_id, stage, client_id)).fetchone()
+            if up is None or up.status != "open" or row is None:
+                return None
+            sha = _sha(bytes(row[0]))
+            if hmac.compare_digest(sha, up.sha256):
+                self._mark_committed(c, round_id, stage, client_id)
+                return "same", sha, up
+            return "different", sha, up
+
     def discard_upload(self, round_id: int, stage: str, client_id: str) -> bool: ...
+    def settle_upload(self, round_id: int, stage: str,
+                      client_id: str) -> tuple[str, str, UploadRow] | None: ...
 
 
 def _sha(data: bytes) -> str:
@@ -296,11 +318,15 @@ class SQLiteStore:
         rows = self._q("SELECT stage,ts,data FROM transitions WHERE round_id=? ORDER BY id", (round_id,))
         return [dict(stage=r[0], ts=r[1], data=json.loads(r[2])) for r in rows]
 
-    def add_submission(self, round_id: int, stage: str, client_id: str, body: bytes) -> bool:
+    def add_submission(self, round_id: int, stage: str, client_id: str, body: bytes,
+                       raw_sha256: str | None = None) -> bool:
         """Store an accepted submission; False if already submitted or the round left ``stage``.
 
         In the same transaction the client's upload for this stage, if any, becomes ``committed``
-        (its chunks are dropped): its message is in, so closing the stage will not discard it.
+        (its chunks are dropped) only if it declared this message: its SHA-256 equals that of
+        ``body`` (the stored canonical form) or ``raw_sha256`` (the bytes as received). Then closing
+        the stage will not discard it. An upload of another message stays open, and its commit is
+        refused (:meth:`settle_upload`).
         """
         with self._tx() as c:
             row = c.execute("SELECT stage FROM rounds WHERE round_id=? AND status='open'", (round_id,)).fetchone()
@@ -310,10 +336,17 @@ class SQLiteStore:
                 c.execute("INSERT INTO submissions VALUES(?,?,?,?,?)", (round_id, stage, client_id, body, self._clock()))
             except sqlite3.IntegrityError:
                 return False
-            key = (round_id, stage, client_id)
-            c.execute("UPDATE uploads SET status='committed' WHERE round_id=? AND stage=? AND client_id=?", key)
-            c.execute("DELETE FROM upload_chunks WHERE round_id=? AND stage=? AND client_id=?", key)
+            up = self._upload(c, round_id, stage, client_id)
+            if up is not None and any(h is not None and hmac.compare_digest(up.sha256, h)
+                                      for h in (_sha(body), raw_sha256)):
+                self._mark_committed(c, round_id, stage, client_id)
         return True
+
+    @staticmethod
+    def _mark_committed(c: sqlite3.Connection, round_id: int, stage: str, client_id: str) -> None:
+        key = (round_id, stage, client_id)
+        c.execute("UPDATE uploads SET status='committed' WHERE round_id=? AND stage=? AND client_id=?", key)
+        c.execute("DELETE FROM upload_chunks WHERE round_id=? AND stage=? AND client_id=?", key)
 
     def submissions(self, round_id: int, stage: str) -> dict[str, bytes]:
         """Accepted submissions of a stage, by client id."""
@@ -442,6 +475,25 @@ class SQLiteStore:
             rows = self._db.execute("SELECT body FROM upload_chunks WHERE round_id=? AND stage=? AND client_id=? "
                                     "ORDER BY idx", (round_id, stage, client_id)).fetchall()
             return up, b"".join(bytes(r[0]) for r in rows)
+
+    def settle_upload(self, round_id: int, stage: str, client_id: str) -> tuple[str, str, UploadRow] | None:
+        """For a client that already has an accepted message for ``(round_id, stage)`` (e.g. by a
+        single-body POST after declaring an upload): ``("same", sha, upload)`` if that stored message
+        has the upload's declared SHA-256 (the upload becomes ``committed``), ``("different", sha,
+        upload)`` if not (nothing changes; the caller refuses the commit); ``sha`` is the stored
+        message's SHA-256. None if no message is stored or there is no open upload.
+        """
+        with self._tx() as c:
+            up = self._upload(c, round_id, stage, client_id)
+            row = c.execute("SELECT body FROM submissions WHERE round_id=? AND stage=? AND client_id=?",
+                            (round_id, stage, client_id)).fetchone()
+            if up is None or up.status != "open" or row is None:
+                return None
+            sha = _sha(bytes(row[0]))
+            if hmac.compare_digest(sha, up.sha256):
+                self._mark_committed(c, round_id, stage, client_id)
+                return "same", sha, up
+            return "different", sha, up
 
     def discard_upload(self, round_id: int, stage: str, client_id: str) -> bool:
         """Drop an open upload and its chunks (its message was refused); False if none was open."""
