@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -21,16 +22,29 @@ def init_cmd(
     dim: int = typer.Option(16, help="length of the update vector"),
     clip_norm: float = typer.Option(1.0, help="L2 clip norm of each update"),
     aggregator: str = typer.Option("fedavg", help="fedavg | sa_hties (two secure sums per round, needs >= 3 clients)"),
-    h_norm: str = typer.Option("reveal", "--h-norm", help="sa_hties only: reveal (each h_i in the clear) | none"),
+    h_norm: Optional[str] = typer.Option(None, "--h-norm",
+                                         help="sa_hties only: reveal (default; each h_i in the clear) | none"),
     host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host", help="names in the server certificate"),
 ) -> None:
     """Create the CA, the server certificate, the operator key, the store and the audit log."""
-    from fedproxy_secure.server.rounds import FederationSettings
+    from typing import get_args
+
+    from fedproxy_secure.server.rounds import NET_AGGREGATORS, FederationSettings
+    from fedproxy_secure.server.sa_hties_stages import SAHTiesOptions
     from fedproxy_secure.server.setup import init_server
 
+    if aggregator not in NET_AGGREGATORS:
+        raise typer.BadParameter(f"{aggregator!r}: use one of {', '.join(NET_AGGREGATORS)} over the network "
+                                 "(ties/hties need every update in the clear)", param_hint="'--aggregator'")
+    h_norms = get_args(SAHTiesOptions.model_fields["h_norm"].annotation)
+    if h_norm is not None and h_norm not in h_norms:
+        raise typer.BadParameter(f"{h_norm!r}: use one of {', '.join(h_norms)}", param_hint="'--h-norm'")
+    if h_norm is not None and aggregator != "sa_hties":
+        raise typer.BadParameter(f"{h_norm!r} applies only with --aggregator sa_hties (got {aggregator!r})",
+                                 param_hint="'--h-norm'")
     s = FederationSettings(rounds=rounds, min_clients=min_clients, threshold=threshold, mode=mode, dim=dim,
                            clip_norm=clip_norm, aggregator=aggregator,
-                           sa_hties={"h_norm": h_norm} if aggregator == "sa_hties" else {})
+                           sa_hties={"h_norm": h_norm or "reveal"} if aggregator == "sa_hties" else {})
     p = init_server(dir, s, tuple(host))
     console.print(f"[green]initialised[/] {p['dir']}: CA {p['ca']}, server cert {p['cert']}, operator key {p['op_key']}")
 
