@@ -109,3 +109,20 @@ def stop(p: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def run_short_demo(example: str, tmp_path: Path, timeout: float) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run ``demo --config examples/<example>`` shortened for the suite (2 rounds, 10 test examples per
+    task, the offline bigbench-mini data, no proxy evaluation); returns the process and the output folder."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "examples" / example).read_text())
+    cfg["federation"]["rounds"] = 2
+    cfg["data"]["limit_test"] = 10
+    cfg["data"]["dir"] = str(ROOT / "examples" / "data" / "bigbench-mini")
+    cfg["eval"]["proxy"] = False
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--config", str(tmp_path / "demo.yaml"),
+                        "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    return r, out

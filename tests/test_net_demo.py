@@ -8,21 +8,10 @@ import json
 import subprocess
 import sys
 
-import yaml
-
-from tests.net_helpers import ROOT, env
-
+from tests.net_helpers import ROOT, env, run_short_demo
 
 def test_demo_tiny_real_training_and_audit(tmp_path):
-    cfg = yaml.safe_load((ROOT / "examples" / "demo-tiny.yaml").read_text())
-    cfg["federation"]["rounds"] = 2           # keep the suite fast: 2 rounds, fewer test examples
-    cfg["data"]["limit_test"] = 10
-    cfg["data"]["dir"] = str(ROOT / "examples" / "data" / "bigbench-mini")
-    cfg["eval"]["proxy"] = False
-    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--config", str(tmp_path / "demo.yaml"),
-                        "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=170)
+    r, out = run_short_demo("demo-tiny.yaml", tmp_path, timeout=170)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for f in ("report.md", "results.json", "rounds.png", "audit.jsonl", "server/state.db",
               "server/global_adapter/adapter_model.safetensors", "server/bundle/MANIFEST.sig"):

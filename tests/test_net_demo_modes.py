@@ -11,21 +11,13 @@ import sys
 import pytest
 import yaml
 
-from tests.net_helpers import ROOT, env
+from tests.net_helpers import ROOT, env, run_short_demo
 
 
 @pytest.mark.slow  # ~50 s of real training + CKKS on 2 loaded cores
 def test_demo_tiny_he_end_to_end(tmp_path):
-    cfg = yaml.safe_load((ROOT / "examples" / "demo-tiny-he.yaml").read_text())
-    assert cfg["federation"]["mode"] == "he"
-    cfg["federation"]["rounds"] = 2           # keep it short: 2 rounds, fewer test examples, no proxy eval
-    cfg["data"]["limit_test"] = 10
-    cfg["data"]["dir"] = str(ROOT / "examples" / "data" / "bigbench-mini")
-    cfg["eval"]["proxy"] = False
-    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--config", str(tmp_path / "demo.yaml"),
-                        "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert yaml.safe_load((ROOT / "examples" / "demo-tiny-he.yaml").read_text())["federation"]["mode"] == "he"
+    r, out = run_short_demo("demo-tiny-he.yaml", tmp_path, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["mode"] == "he" and res["rounds_done"] == 2 and res["audit_log_ok"]

@@ -99,25 +99,6 @@ class Storage(Protocol):
     def get_upload(self, round_id: int, stage: str, client_id: str) -> UploadRow | None: ...
     def put_chunk(self, round_id: int, stage: str, client_id: str, index: int, body: bytes) -> bool: ...
     def upload_bytes(self, round_id: int, stage: str, client_id: str) -> tuple[UploadRow, bytes]: ...
-    def settle_upload(self, round_id: int, stage: str, client_id: str) -> tuple[str, str, UploadRow] | None:
-        """For a client that already has an accepted message for ``(round_id, stage)`` (e.g. by a
-        single-body POST after declaring an upload): ``("same", sha, upload)`` if that stored message
-        has the upload's declared SHA-256 (the upload becomes ``committed``), ``("different", sha,
-        upload)`` if not (nothing changes; the caller refuses the commit); ``sha`` is the stored
-        message's SHA-256. None if no message is stored or there is no open upload.
-        """
-        with self._tx() as c:
-            up = self._upload(c, round_id, stage, client_id)
-            row = c.execute("SELECT body FROM submissions WHERE round_id=? AND stage=? AND client_id=?",
-                            (round_id, stage, client_id)).fetchone()
-            if up is None or up.status != "open" or row is None:
-                return None
-            sha = _sha(bytes(row[0]))
-            if hmac.compare_digest(sha, up.sha256):
-                self._mark_committed(c, round_id, stage, client_id)
-                return "same", sha, up
-            return "different", sha, up
-
     def discard_upload(self, round_id: int, stage: str, client_id: str) -> bool: ...
     def settle_upload(self, round_id: int, stage: str,
                       client_id: str) -> tuple[str, str, UploadRow] | None: ...
