@@ -123,6 +123,6 @@ def run_short_demo(example: str, tmp_path: Path, timeout: float) -> tuple[subpro
     cfg["eval"]["proxy"] = False
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--config", str(tmp_path / "demo.yaml"),
+    r = subprocess.run([sys.executable, "-m", "fedproxy_secure.cli.main", "demo", "--config", str(tmp_path / "demo.yaml"),
                         "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     return r, out

@@ -11,8 +11,8 @@ import pytest
 from artifacts_helpers import make_proxy
 from typer.testing import CliRunner
 
-import cli.signing  # noqa: F401  (registers the commands)
-from cli.app import app
+import fedproxy_secure.cli.signing  # noqa: F401  (registers the commands)
+from fedproxy_secure.cli.app import app
 
 PP = {"FEDPROXY_KEY_PASSPHRASE": "pass-phrase-1"}
 NO_PP = {"FEDPROXY_KEY_PASSPHRASE": None}

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import cli.audit_check  # noqa: F401  (registers the command)
-from cli.app import app
+import fedproxy_secure.cli.audit_check  # noqa: F401  (registers the command)
+from fedproxy_secure.cli.app import app
 from fedproxy_secure.audit.check import load_deployment, run_check
 from fedproxy_secure.audit.controls import CONTROLS, Policy, evaluate
 from fedproxy_secure.errors import ConfigError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cli.common import load_benchmark
+from fedproxy_secure.cli.common import load_benchmark
 from fedproxy_secure.config import TinyModelSpec
 from fedproxy_secure.models.tiny import save_tiny_llm
 

@@ -8,8 +8,8 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli.main import _load_commands
-from cli.app import app
+from fedproxy_secure.cli.main import _load_commands
+from fedproxy_secure.cli.app import app
 from fedproxy_secure.artifacts import create_keyset, generate_key, issue_bundle, save_keyset
 from fedproxy_secure.config import TinyModelSpec
 from fedproxy_secure.models.tiny import save_tiny_llm

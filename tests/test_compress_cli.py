@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import cli.compress  # noqa: F401  (registers the commands)
-from cli.app import app
+import fedproxy_secure.cli.compress  # noqa: F401  (registers the commands)
+from fedproxy_secure.cli.app import app
 from fedproxy_secure.config import TinyModelSpec
 from fedproxy_secure.models import weights_hash
 from fedproxy_secure.models.tiny import save_tiny_llm

@@ -92,7 +92,7 @@ def test_cli_refuses_bad_config_with_one_line(tmp_path: Path, edit, field: str) 
     edit(data)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "--config", str(cfg), "--out", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "-m", "fedproxy_secure.cli.main", "simulate", "--config", str(cfg), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import cli.fuse  # noqa: F401  (registers the command)
-from cli.app import app
+import fedproxy_secure.cli.fuse  # noqa: F401  (registers the command)
+from fedproxy_secure.cli.app import app
 from fedproxy_secure.config import TinyModelSpec
 from fedproxy_secure.errors import ModelError
 from fedproxy_secure.fuse import deltas_from_peft_model, logit_plugin_fn

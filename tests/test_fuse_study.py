@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,15 +10,10 @@ from fedproxy_secure.models.tiny import save_tiny_llm
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
 def _mod():
-    spec = importlib.util.spec_from_file_location("fusion_study_t", ROOT / "benchmarks" / "fusion_study.py")
-    m = importlib.util.module_from_spec(spec)
-    import sys
+    from fedproxy_secure.bench import fusion_study
 
-    sys.modules[spec.name] = m  # dataclasses resolve their module
-    spec.loader.exec_module(m)
-    return m
+    return fusion_study
 
 
 def _server_task(path: Path, name: str) -> None:

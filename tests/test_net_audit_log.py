@@ -67,7 +67,7 @@ def test_truncated_tail_needs_head_and_torn_line_repaired(tmp_path):
 
 def test_cli_verify_log_exit_codes(tmp_path):
     p, _ = _make(tmp_path)
-    cmd = [sys.executable, "-m", "cli.main", "audit", "verify-log", str(p)]
+    cmd = [sys.executable, "-m", "fedproxy_secure.cli.main", "audit", "verify-log", str(p)]
     ok = subprocess.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     lines = p.read_text().splitlines(keepends=True)

@@ -40,18 +40,18 @@ def test_demo_tiny_real_training_and_audit(tmp_path):
                                                           "identity.key", "token")]
     assert not leftovers, leftovers
     # server status shows ε per client
-    st = subprocess.run([sys.executable, "-m", "cli.main", "server", "status", "--dir", str(out / "server"), "--json"],
+    st = subprocess.run([sys.executable, "-m", "fedproxy_secure.cli.main", "server", "status", "--dir", str(out / "server"), "--json"],
                         cwd=ROOT, env=env(), capture_output=True, text=True)
     assert st.returncode == 0, st.stderr
     status = json.loads(st.stdout)
     assert all(c["epsilon"] is not None and 0 < c["epsilon"] <= 8 for c in status["clients"])
     assert all(len(r_["epsilon"]) == 3 for r_ in status["rounds"])
     # the config and the server state it produced pass the audit
-    chk = subprocess.run([sys.executable, "-m", "cli.main", "audit", "check", "--config", str(tmp_path / "demo.yaml"),
+    chk = subprocess.run([sys.executable, "-m", "fedproxy_secure.cli.main", "audit", "check", "--config", str(tmp_path / "demo.yaml"),
                           "--server-state", str(out / "server")], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert chk.returncode == 0, chk.stdout[-3000:]
     # the audit log verifies; an edited line is caught
-    cmd = [sys.executable, "-m", "cli.main", "audit", "verify-log", str(out / "audit.jsonl")]
+    cmd = [sys.executable, "-m", "fedproxy_secure.cli.main", "audit", "verify-log", str(out / "audit.jsonl")]
     assert subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True).returncode == 0
     lines = (out / "audit.jsonl").read_text().splitlines(keepends=True)
     e = json.loads(lines[7]); e["ts"] += 1; lines[7] = json.dumps(e, separators=(",", ":")) + "\n"

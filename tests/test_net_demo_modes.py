@@ -38,5 +38,5 @@ def test_demo_tiny_he_end_to_end(tmp_path):
     assert "CKKS key holder" in report
     leftovers = [p for p in out.rglob("*") if p.suffix == ".key" or p.name == "token"]
     assert not leftovers, leftovers
-    cmd = [sys.executable, "-m", "cli.main", "audit", "verify-log", str(out / "audit.jsonl")]
+    cmd = [sys.executable, "-m", "fedproxy_secure.cli.main", "audit", "verify-log", str(out / "audit.jsonl")]
     assert subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True).returncode == 0

@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import cli.server_net  # noqa: F401  (registers the command)
-from cli.app import app
+import fedproxy_secure.cli.server_net  # noqa: F401  (registers the command)
+from fedproxy_secure.cli.app import app
 from fedproxy_secure.server.setup import load_settings
 
 

@@ -23,7 +23,7 @@ def _run(name: str, tmp_path: Path) -> dict:
 
 def test_tiny_cli_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "--config", "examples/tiny.yaml",
+    proc = subprocess.run([sys.executable, "-m", "fedproxy_secure.cli.main", "simulate", "--config", "examples/tiny.yaml",
                            "--out", str(out), "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())

@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import bench_app, client_app, server_app
-from cli.common import console, fail, load_benchmark, exit_codes
+from fedproxy_secure.cli.app import bench_app, client_app, server_app
+from fedproxy_secure.cli.common import console, fail, load_benchmark, exit_codes
 
 _PP_HELP = "file whose first line is the key passphrase (else env FEDPROXY_KEY_PASSPHRASE; else unencrypted)"
 DEFAULT_STATE = Path.home() / ".fedproxy-secure" / "state"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from cli.app import audit_app
-from cli.common import console
+from fedproxy_secure.cli.app import audit_app
+from fedproxy_secure.cli.common import console
 
 _COLOURS = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "N/A": "dim"}
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.app import bench_app
+from fedproxy_secure.cli.app import bench_app
 
 
 @bench_app.command("client-dp")
@@ -26,7 +26,7 @@ def bench_client_dp(
     """Seconds per step with and without DP (same batch size), ε after each round, refusal past the budget."""
     import torch
 
-    from cli.common import load_benchmark
+    from fedproxy_secure.cli.common import load_benchmark
 
     torch.set_num_threads(threads)
     mod = load_benchmark("client_dp")

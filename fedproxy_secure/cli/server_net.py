@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from cli.app import server_app
-from cli.common import console
+from fedproxy_secure.cli.app import server_app
+from fedproxy_secure.cli.common import console
 
 
 @server_app.command("init")

@@ -6,8 +6,8 @@ import importlib
 import pkgutil
 import sys
 
-import cli
-from cli.app import app
+import fedproxy_secure.cli as cli
+from fedproxy_secure.cli.app import app
 
 _SKIP = {"app", "main", "common"}
 
@@ -15,7 +15,7 @@ _SKIP = {"app", "main", "common"}
 def _load_commands() -> None:
     for mod in pkgutil.iter_modules(cli.__path__):
         if mod.name not in _SKIP and not mod.name.startswith("_"):
-            importlib.import_module(f"cli.{mod.name}")
+            importlib.import_module(f"fedproxy_secure.cli.{mod.name}")
 
 
 def main() -> None:

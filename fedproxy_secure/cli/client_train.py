@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from cli.app import client_app
-from cli.common import console, fail
+from fedproxy_secure.cli.app import client_app
+from fedproxy_secure.cli.common import console, fail
 
 _DEFAULT_STATE = Path.home() / ".fedproxy-secure" / "state"
 

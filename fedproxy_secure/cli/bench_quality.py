@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from cli.app import bench_app
-from cli.common import console, load_benchmark
+from fedproxy_secure.cli.app import bench_app
+from fedproxy_secure.cli.common import console, load_benchmark
 
 
 def _csv(s: str | None) -> list[str] | None:

@@ -18,24 +18,10 @@ def fail(message: str, code: int = 1) -> "typer.Exit":
 
 
 def load_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` of this repository by path.
+    """Import the benchmark module ``fedproxy_secure.bench.<name>`` (installed with the package)."""
+    import importlib
 
-    opacus installs a top-level ``benchmarks`` package that can shadow ours, so the installed
-    ``fedproxy-secure`` script loads benchmark files by path from any working directory.
-    """
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    key = f"fedproxy_benchmarks_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(key, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[key] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"fedproxy_secure.bench.{name}")
 
 
 @contextlib.contextmanager

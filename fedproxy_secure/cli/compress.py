@@ -12,8 +12,8 @@ from typing import Optional
 
 import typer
 
-from cli.app import server_app
-from cli.common import console, fail, exit_codes
+from fedproxy_secure.cli.app import server_app
+from fedproxy_secure.cli.common import console, fail, exit_codes
 
 
 def _check_out(out: Path) -> None:

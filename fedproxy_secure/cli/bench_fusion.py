@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import bench_app
+from fedproxy_secure.cli.app import bench_app
 
 
 @bench_app.command("fusion")
@@ -41,6 +41,6 @@ def bench_fusion(
 
 def _load():
     """``benchmarks/fusion_study.py`` of this repository (loaded by path; see cli.common)."""
-    from cli.common import load_benchmark
+    from fedproxy_secure.cli.common import load_benchmark
 
     return load_benchmark("fusion_study")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.app import server_app
+from fedproxy_secure.cli.app import server_app
 
 
 @server_app.command("fuse")

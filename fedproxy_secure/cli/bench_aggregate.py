@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import load_benchmark
-from cli.app import bench_app
+from fedproxy_secure.cli.common import load_benchmark
+from fedproxy_secure.cli.app import bench_app
 
 
 @bench_app.command("aggregate")

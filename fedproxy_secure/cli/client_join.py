@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from cli.app import client_app
-from cli.common import console
+from fedproxy_secure.cli.app import client_app
+from fedproxy_secure.cli.common import console
 
 
 @client_app.command("join")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from cli.app import app
-from cli.common import console, fail
+from fedproxy_secure.cli.app import app
+from fedproxy_secure.cli.common import console, fail
 
 
 @app.command("demo")

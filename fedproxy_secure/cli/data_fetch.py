@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from cli.app import data_app
-from cli.common import console
+from fedproxy_secure.cli.app import data_app
+from fedproxy_secure.cli.common import console
 
 
 def _progress():

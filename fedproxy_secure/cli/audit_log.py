@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from cli.app import audit_app
-from cli.common import console, fail
+from fedproxy_secure.cli.app import audit_app
+from fedproxy_secure.cli.common import console, fail
 
 
 @audit_app.command("verify-log")
