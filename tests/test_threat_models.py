@@ -69,7 +69,8 @@ BAD = [
     ("no-category", {"category": {"stride": [], "linddun": []}}, "category"),
     ("bad-stride", {"category": {"stride": ["Spoofy"]}}, "category"),
     ("no-references", {"attack": {"summary": "x" * 30, "references": []}}, "references"),
-    ("extra-field", {"severity": "high"}, "severity"),
+    ("extra-field", {"likelihood": "high"}, "likelihood"),
+    ("bad-severity", {"severity": "severe"}, "severity"),
     ("bad-id", {"id": "X1"}, "id"),
 ]
 
@@ -80,6 +81,20 @@ def test_schema_rejects_bad_files(tmp_path: Path, patch: dict, needle: str) -> N
     p = tmp_path / "t01-x.yaml"
     p.write_text(yaml.safe_dump({**good, **patch}))
     with pytest.raises(ConfigError, match=needle):
+        load_threat_model(p)
+
+
+def test_every_threat_has_a_severity(models, tmp_path: Path) -> None:
+    from fedproxy_secure.audit.threats import SEVERITIES
+
+    assert SEVERITIES == ("low", "medium", "high", "critical")
+    assert all(m.severity in SEVERITIES for m in models)
+    assert {m.severity for m in models} >= {"medium", "high", "critical"}  # a real spread, not one default
+    good = yaml.safe_load(next(TM.glob("t01-*.yaml")).read_text())
+    del good["severity"]
+    p = tmp_path / "t01-x.yaml"
+    p.write_text(yaml.safe_dump(good))
+    with pytest.raises(ConfigError, match="severity"):
         load_threat_model(p)
 
 

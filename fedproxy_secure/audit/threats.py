@@ -2,8 +2,9 @@
 
 Each file names the threat's STRIDE and/or LINDDUN category, the asset at risk, the adversary,
 the attack (with literature references), the mitigation in this code base (file and function),
-the residual risk in plain words, the pytest node ids that exercise the mitigation and,
-optionally, the ``audit check`` controls that relate to it. :func:`load_threat_models` refuses a
+the residual risk in plain words, its severity (``low`` | ``medium`` | ``high`` | ``critical``:
+the harm if the attack succeeded against an unmitigated deployment), the pytest node ids that
+exercise the mitigation and, optionally, the ``audit check`` controls that relate to it. :func:`load_threat_models` refuses a
 file that breaks the schema; :func:`collect_test_ids` lists the test ids of ``tests/`` (by parsing
 the files with ``ast``, no import) so a test can prove that every cited id exists.
 """
@@ -27,6 +28,7 @@ LINDDUN = ("Linking", "Identifying", "Non-repudiation", "Detecting", "Data discl
 ASSETS = ("client data", "LLM IP", "proxy", "global model", "keys", "audit log")
 ADVERSARIES = ("honest-but-curious server", "malicious server", "colluding clients", "network attacker",
                "malicious client", "insider")
+SEVERITIES = ("low", "medium", "high", "critical")
 TEST_ID_RE = re.compile(r"^tests/[A-Za-z0-9_/]+\.py::[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
@@ -67,6 +69,7 @@ class ThreatModel(_Strict):
 
     id: str = Field(pattern=r"^T\d{2}$")
     title: str = Field(min_length=5)
+    severity: Literal[SEVERITIES]  # type: ignore[valid-type]
     category: Category
     asset: list[Literal[ASSETS]] = Field(min_length=1)  # type: ignore[valid-type]
     adversary: list[Literal[ADVERSARIES]] = Field(min_length=1)  # type: ignore[valid-type]
