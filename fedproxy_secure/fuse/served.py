@@ -1,0 +1,191 @@
+"""The logit plug-in as one servable module: ``z = z_llm + β·(z_tuned − z_base)``.
+
+The base proxy is rebuilt from the LLM's own parameters through the layer map (same tensors, no
+copy); only tensors where the proxy differs from the LLM (a distilled proxy's blocks) are held
+separately. The tuned proxy is the base proxy with the global LoRA adapter (PEFT) injected into the
+proxy's own module objects, so the LLM's modules are never wrapped and its output is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fedproxy_secure.errors import ModelError
+from fedproxy_secure.models.blocks import decoder_blocks
+
+
+def proxy_param_source(name: str, block_path: str, layer_map: Sequence[int]) -> str:
+    """The LLM parameter name that proxy parameter ``name`` is cut from (blocks mapped by ``layer_map``)."""
+    prefix = block_path + "."
+    if name.startswith(prefix):
+        j, rest = name[len(prefix):].split(".", 1)
+        if not 0 <= int(j) < len(layer_map):
+            raise ModelError(f"proxy parameter {name!r}: block {j} is outside the layer map {list(layer_map)}")
+        return f"{prefix}{layer_map[int(j)]}.{rest}"
+    return name
+
+
+def _set_param(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    *path, leaf = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    setattr(module, leaf, param)
+
+
+def build_shared_proxy(llm: nn.Module, proxy_config: Any, layer_map: Sequence[int],
+                       own: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """A proxy model whose parameters ARE the LLM's (mapped by ``layer_map``), except the ``own`` tensors.
+
+    Guarantees: every proxy parameter not in ``own`` is the very ``nn.Parameter`` object of the LLM
+    (no memory is added for it); shapes are checked (ModelError names the tensor). The proxy's
+    modules are distinct objects from the LLM's, so wrapping them (LoRA) never changes the LLM.
+    """
+    from transformers import AutoModelForCausalLM
+
+    own = dict(own or {})
+    block_path, _, _ = decoder_blocks(llm)
+    with torch.device("cpu"):
+        proxy = AutoModelForCausalLM.from_config(proxy_config, dtype=next(llm.parameters()).dtype)
+    n = len(decoder_blocks(proxy)[1])
+    if n != len(layer_map):
+        raise ModelError(f"fused folder: proxy config has {n} blocks but the layer map {list(layer_map)} has {len(layer_map)}")
+    llm_params = dict(llm.named_parameters(remove_duplicate=False))
+    for name, p in list(proxy.named_parameters(remove_duplicate=False)):
+        if name in own:
+            t = own[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ModelError(f"fused folder: proxy tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            _set_param(proxy, name, nn.Parameter(t.to(p.dtype), requires_grad=False))
+            continue
+        src = proxy_param_source(name, block_path, layer_map)
+        if src not in llm_params or tuple(llm_params[src].shape) != tuple(p.shape):
+            raise ModelError(f"fused folder: proxy tensor {name!r} has no same-shape LLM tensor {src!r} and is not "
+                             "stored in the folder; rebuild the fused folder")
+        _set_param(proxy, name, llm_params[src])
+    return proxy.eval()
+
+
+def differing_tensors(llm: nn.Module, proxy: nn.Module, layer_map: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Proxy tensors that are NOT bit-identical to their LLM source (what a fused folder must store).
+
+    An exact-copy proxy gives an empty dict; a distilled proxy gives its changed block tensors.
+    """
+    block_path, _, _ = decoder_blocks(llm)
+    llm_state = llm.state_dict()
+    out = {}
+    for name, t in proxy.state_dict().items():
+        if name.endswith(".inv_freq") or name.endswith("rotary_emb.original_inv_freq"):
+            continue
+        src = proxy_param_source(name, block_path, layer_map)
+        ref = llm_state.get(src)
+        if ref is None or ref.shape != t.shape or ref.dtype != t.dtype or not torch.equal(ref, t):
+            out[name] = t.detach().clone().contiguous()
+    return out
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of the module's parameters and buffers, each storage counted once (shared tensors once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _cache_arg(model: nn.Module) -> str:
+    """The KV-cache keyword of the model's forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+class FusedOutput(dict):
+    """HF-style output: ``out.logits`` (and ``out["logits"]``)."""
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self["logits"]
+
+
+class FusedLogitModel(nn.Module):
+    """LLM + β·(tuned proxy − base proxy) as one module; ``forward`` returns ``.logits`` at every position.
+
+    ``proxy`` is a PEFT model over a proxy built by :func:`build_shared_proxy`; the base proxy is the
+    same model with the adapter disabled.
+    """
+
+    def __init__(self, llm: nn.Module, proxy: nn.Module, beta: float, tokenizer: Any = None,
+                 meta: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        if not (0.0 <= float(beta) < float("inf")):
+            raise ModelError(f"fused model: beta={beta} must be a finite number >= 0")
+        v = {int(llm.get_output_embeddings().weight.shape[0]), int(proxy.get_output_embeddings().weight.shape[0])}
+        if len(v) != 1:
+            raise ModelError(f"fused model: vocabulary sizes differ {sorted(v)}; the proxy must share the LLM's tokenizer")
+        self.llm, self.proxy, self.beta = llm.eval(), proxy.eval(), float(beta)
+        self.tokenizer, self.fused_meta = tokenizer, dict(meta or {})
+
+    def _three(self, ids: torch.Tensor, mask: torch.Tensor, caches: list | None = None,
+               position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+        kw: dict[str, Any] = {"attention_mask": mask}
+        if position_ids is not None:
+            kw["position_ids"] = position_ids
+        use_cache = caches is not None
+        c = caches or [None, None, None]
+        name = _cache_arg(self.llm)
+        o_llm = self.llm(input_ids=ids, use_cache=use_cache, **{name: c[0]}, **kw)
+        z = o_llm.logits.float()
+        if self.beta == 0.0:
+            return z, [getattr(o_llm, name, None), None, None]
+        o_t = self.proxy(input_ids=ids, use_cache=use_cache, **{name: c[1]}, **kw)
+        with self.proxy.disable_adapter():
+            o_b = self.proxy(input_ids=ids, use_cache=use_cache, **{name: c[2]}, **kw)
+        z = z + self.beta * (o_t.logits.float() - o_b.logits.float())
+        return z, [getattr(o, name, None) for o in (o_llm, o_t, o_b)]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> FusedOutput:
+        """``logits = z_llm + β·(z_tuned − z_base)`` (float32, shape (B, T, V)); β = 0 gives the LLM's logits exactly."""
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        z, _ = self._three(input_ids, mask)
+        return FusedOutput(logits=z)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 32, eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Greedy decoding on the fused logits; returns prompt + new token ids (B, T + n).
+
+        Rows may be left-padded (mask 0 on the left). With ``use_cache`` the three models keep
+        their own KV caches; the tokens equal those of greedy decoding on :meth:`forward`.
+        Finished rows (EOS) are padded with EOS; stops when every row has finished.
+        """
+        if max_new_tokens < 0:
+            raise ModelError(f"generate: max_new_tokens={max_new_tokens} must be >= 0")
+        ids = input_ids
+        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+        if eos_token_id is None and self.tokenizer is not None:
+            eos_token_id = self.tokenizer.eos_token_id
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        caches: list | None = None
+        step_ids = ids
+        for _ in range(max_new_tokens):
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            if use_cache:
+                z, caches = self._three(step_ids, mask, caches or [None, None, None], pos[:, -step_ids.shape[1]:])
+            else:
+                z, _ = self._three(ids, mask, None, pos)
+            nxt = z[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step_ids = nxt[:, None]
+            if bool(done.all()):
+                break
+        return ids
