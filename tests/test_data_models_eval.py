@@ -115,3 +115,14 @@ def test_perplexity_of_uniform_model_is_vocab_size() -> None:
             return type("O", (), {"logits": torch.zeros(*input_ids.shape, len(tok))})()
 
     assert perplexity(Uniform(), tok, ["hello world"]) == pytest.approx(len(tok), rel=1e-4)
+
+
+def test_reference_prompt_format_has_no_choice_lines_and_spaced_answers() -> None:
+    bb = load_task(DATA, "sports_understanding", prompt_format="bigbench").examples[0]
+    ref = load_task(DATA, "sports_understanding", prompt_format="reference").examples[0]
+    assert ref.uid == bb.uid == 0 and ref.answer == bb.answer
+    assert "choice:" not in ref.prompt and not ref.prompt.endswith(" ")
+    assert ref.choices == tuple(" " + c for c in bb.choices)
+    assert ref.prompt + ref.response == bb.prompt.rstrip(" ") + " " + bb.response
+    with pytest.raises(ConfigError, match="prompt_format"):
+        load_task(DATA, "sports_understanding", prompt_format="chat")

@@ -1,21 +1,28 @@
-"""Quality benchmark: FedProxy vs Offsite-Tuning vs FedAvg vs centralized LoRA, on the same data and budget.
+"""Quality benchmark: FedProxy vs Offsite-Tuning vs FedAvg vs centralized LoRA, measured so that a
+label prior cannot pass for learning.
 
-For each setting (``hetero``: one task per client; ``iid``: pooled data dealt evenly) and each
-method, one *cell* is computed and cached as ``OUT/cells/<setting>__<method>.json`` (the benchmark
-is resumable: finished cells are skipped). Then ``OUT/results.json``, ``OUT/results.md`` and
-``OUT/accuracy.png`` / ``OUT/rounds.png`` summarise every cell.
+Every method scores the same fixed test split (``--limit-test`` per task, split seed 0); training
+(LoRA init, client sampling) varies with ``--seeds``. Each (setting, method, seed) is one *cell*
+cached as ``OUT/cells/<setting>__<method>__s<seed>.json`` holding its per-example prediction rows
+(resumable). ``OUT/predictions.jsonl`` gathers every row; ``OUT/results.json`` is computed from it
+alone by :func:`fedproxy_secure.eval.summarise_predictions` (balanced accuracy per task, macro
+headline, seed mean/std, paired stratified bootstrap CIs of the difference to zero-shot and of
+recovery = (m - zs) / (centralized - zs)); ``results.md`` and ``quality.png`` present it.
 
-Methods (all evaluated on the LLM, except ``zs_proxy``):
-  zs_llm, zs_proxy         zero-shot
-  ot                       Offsite-Tuning: uniform emulator, LoRA on the first/last n adapter blocks
-                           only, FedAvg, adapters plugged into the LLM (weight plug-in, always)
-  fedavg                   BI proxy, FedAvg, plug-in fusion
-  fedproxy                 BI proxy, PCR + H-TIES, plug-in fusion
-  sa_hties                 BI proxy, PCR + SA-H-TIES over masking secure aggregation, plug-in fusion
-  fedproxy_dp              ``fedproxy`` with DP-SGD (epsilon 8, delta 1e-5, PRV accountant)
-  centralized              LoRA on the LLM itself, pooled data (the upper bound)
-Client compute is the same for every federated method (rounds x local steps x batch size per
-client); ``centralized`` sees the same number of training examples in total.
+Methods (evaluated on the LLM unless noted):
+  zs_llm                   zero-shot LLM (option scores cached, see eval.score_cache)
+  zs_proxy                 the untuned BI proxy itself (cached)
+  prior_only, chance       baselines from the data alone (see eval.metrics for the rules)
+  ot                       Offsite-Tuning: uniform emulator, LoRA on the first/last adapter blocks, FedAvg,
+                           adapters written back into the LLM (weight plug-in)
+  fedavg                   BI proxy, FedAvg, logit plug-in
+  fedproxy                 BI proxy, PCR + H-TIES, logit plug-in
+  sa_hties                 BI proxy, PCR + SA-H-TIES over masking secure aggregation, logit plug-in
+  fedproxy_dp              ``fedproxy`` with DP-SGD (epsilon 8, delta 1e-5)
+  centralized              LoRA on the LLM itself (client trainer's train_centralized), pooled data
+Federated methods run the SDK stages (compress, client trainer, aggregators, fusion) through
+``simulate.federate`` / ``simulate.fuse_outcome``. ``run_train_size`` measures the centralized gain
+against the number of training examples per task.
 """
 
 from __future__ import annotations
@@ -31,11 +38,20 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fedproxy_secure.simulate import json_default
-
-ALL_METHODS = ("zs_llm", "zs_proxy", "ot", "fedavg", "fedproxy", "sa_hties", "fedproxy_dp", "centralized")
+ALL_METHODS = ("zs_llm", "zs_proxy", "prior_only", "chance", "ot", "fedavg", "fedproxy", "sa_hties", "fedproxy_dp",
+               "centralized")
+BASELINES = ("prior_only", "chance")
 SETTINGS = ("hetero", "iid")
 DEFAULT_CALIB_TASKS = ("date_understanding", "hyperbaton", "causal_judgment", "anachronisms", "disambiguation_qa")
+LABELS = {"zs_llm": "zero-shot LLM", "zs_proxy": "proxy (untuned)", "prior_only": "prior-only", "chance": "chance",
+          "ot": "Offsite-Tuning", "fedavg": "FedAvg", "fedproxy": "FedProxy", "sa_hties": "SA-H-TIES",
+          "fedproxy_dp": "FedProxy+DP", "centralized": "centralized LoRA"}
+
+
+def _json_default(o):
+    from fedproxy_secure.simulate import json_default
+
+    return json_default(o)
 
 
 @dataclass
@@ -52,34 +68,36 @@ class QualityArgs:
     batch_size: int = 8
     lr: float = 1e-3
     centralized_lr: float = 2e-4
+    centralized_epochs: int | None = None  # None: match the federation's example budget
     limit_train: int = 100
-    limit_test: int = 50
+    limit_test: int = 200
     max_length: int = 256
     methods: Sequence[str] = ALL_METHODS
-    settings: Sequence[str] = SETTINGS
+    settings: Sequence[str] = ("hetero",)
+    seeds: Sequence[int] = (0,)
+    prompt_format: str = "reference"
     calib_dir: Path | None = None
     calib_tasks: Sequence[str] = DEFAULT_CALIB_TASKS
     keep_ratio: float = 0.5
     distill: bool = False
     distill_steps: int = 0
-    fusion: str = "logit"  # the headline plug-in; DESIGN measured transfer 0.73 (logit) vs 0.13 (weight)
-    extra_fusions: Sequence[str] = ("weight",)  # also evaluated for every federated method
+    fusion: str = "logit"
     fusion_scale: float = 1.0
     lora_r: int = 8
-    curve_methods: Sequence[str] = ("fedproxy",)
+    n_boot: int = 2000
+    eval_batch_size: int = 16
     device: str = "cpu"
-    seed: int = 0
     log: Callable[[str], None] = field(default=print, repr=False)
 
 
-def _run_config(a: QualityArgs, setting: str, method: str):
+def _run_config(a: QualityArgs, setting: str, method: str, seed: int):
     """The RunConfig a federated method runs with (validated like any user config)."""
     from fedproxy_secure.config import parse_run_config
 
     aggregator = {"fedavg": "fedavg", "ot": "fedavg", "fedproxy": "hties", "fedproxy_dp": "hties",
-                  "sa_hties": "sa_hties"}[method]
+                  "sa_hties": "sa_hties"}.get(method, "fedavg")
     return parse_run_config({
-        "name": f"{setting}-{method}", "seed": a.seed,
+        "name": f"{setting}-{method}", "seed": seed,
         "model": {"llm": str(a.llm)},
         "compress": {"strategy": "uniform" if method == "ot" else "bi", "keep_ratio": a.keep_ratio,
                      "distill": a.distill and method != "ot", "distill_steps": a.distill_steps, "calib_examples": 32},
@@ -99,42 +117,104 @@ def _run_config(a: QualityArgs, setting: str, method: str):
     })
 
 
-class _Shared:
-    """What every cell of one setting shares: the LLM, tokenizer, data split and the two proxies."""
+def load_split(a: QualityArgs, tasks: Sequence[str], limit_train: int | None = None):
+    """``(train, test)`` per task in ``a.prompt_format``: a fixed test split (split seed 0, independent of
+    the training seeds); training sets are nested (a smaller size is a prefix of a larger one)."""
+    from fedproxy_secure.data import load_task, split_task
 
-    def __init__(self, a: QualityArgs, setting: str):
-        from fedproxy_secure.simulate import load_llm, split_data
+    train, test = {}, {}
+    for t in tasks:
+        task = load_task(a.data_dir, t, prompt_format=a.prompt_format)
+        train[t], test[t] = split_task(task, a.limit_train if limit_train is None else limit_train, a.limit_test, seed=0)
+    return train, test
+
+
+def client_partition(train: dict, setting: str, n_clients: int, seed: int):
+    """Client data and client task names: one task group per client (hetero) or pooled and dealt (iid)."""
+    from fedproxy_secure.data import partition_by_task, partition_iid
+
+    tasks = list(train)
+    if setting == "hetero":
+        client_tasks = partition_by_task(tasks, n_clients)
+        return [[ex for t in ts for ex in train[t]] for ts in client_tasks], client_tasks
+    pool = [ex for t in tasks for ex in train[t]]
+    data = partition_iid(pool, n_clients, seed=seed)
+    return data, [sorted({ex.task for ex in part}) for part in data]
+
+
+class _Shared:
+    """What every cell of one setting shares: LLM, tokenizer, data split, proxies and the score cache."""
+
+    def __init__(self, a: QualityArgs, setting: str, tasks: Sequence[str]):
+        from fedproxy_secure.eval.score_cache import ScoreCache
+        from fedproxy_secure.simulate import load_llm
 
         self.a, self.setting = a, setting
-        base = _run_config(a, setting, "fedavg")
-        self.llm, self.tok, self.llm_hash = load_llm(base)
+        self.llm, self.tok, self.llm_hash = load_llm(_run_config(a, setting, "fedavg", 0))
         self.llm.requires_grad_(False)
-        self.client_data, self.client_tasks, self.test_sets, self.calib = split_data(base)
+        self.train, self.test = load_split(a, tasks)
+        self.test_list = [ex for t in tasks for ex in self.test[t]]
+        self.calib = [ex.prompt for t in a.calib_tasks
+                      for ex in _load_calib(a, t)[:32]]
+        self.cache = ScoreCache(Path(a.out) / "score_cache.jsonl", log=a.log)
         self._proxies: dict[str, object] = {}
 
     def proxy(self, method: str):
-        """The BI proxy (FedProxy, FedAvg) or the uniform OT emulator, compressed once per setting."""
+        """The BI proxy (FedProxy, FedAvg) or the uniform OT emulator, compressed once per setting by the SDK."""
         from fedproxy_secure.compress import compress
 
         kind = "uniform" if method == "ot" else "bi"
         if kind not in self._proxies:
-            cfg = _run_config(self.a, self.setting, method)
+            cfg = _run_config(self.a, self.setting, method, 0)
             p = compress(self.llm, self.tok, self.calib, cfg.compress, progress=False, device=self.a.device)
             p.meta["base_model_hash"] = self.llm_hash
             self._proxies[kind] = p
         return self._proxies[kind]
 
-    def prepared(self, method: str):
+    def prepared(self, method: str, seed: int):
         from fedproxy_secure.simulate import Prepared
 
-        return Prepared(self.llm, self.tok, self.proxy(method), self.client_data, self.client_tasks,
-                        self.test_sets, self.calib, self.llm_hash)
+        data, client_tasks = client_partition(self.train, self.setting, self.a.clients, seed)
+        return Prepared(self.llm, self.tok, self.proxy(method), data, client_tasks, self.test, self.calib, self.llm_hash)
 
-    def evaluate(self, logits_fn) -> dict:
-        from fedproxy_secure.eval import evaluate_tasks
+    def cached_scores(self, name: str, model, extra: object = "") -> list[list[float]]:
+        from fedproxy_secure.eval import model_logits_fn
+        from fedproxy_secure.eval.score_cache import fingerprint
 
-        return evaluate_tasks(logits_fn, self.tok, self.test_sets, batch_size=16, max_length=self.a.max_length,
-                              device=self.a.device).to_dict()
+        fp = fingerprint(name, self.llm_hash, extra, self.a.max_length)
+        return self.cache.scores(fp, self.a.prompt_format, model_logits_fn(model), self.tok, self.test_list,
+                                 batch_size=self.a.eval_batch_size, max_length=self.a.max_length,
+                                 device=self.a.device, label=name)
+
+    def scores(self, logits_fn, label: str) -> list[list[float]]:
+        from fedproxy_secure.eval.score_cache import timed_scores
+
+        return timed_scores(logits_fn, self.tok, self.test_list, log=self.a.log, label=label,
+                            batch_size=self.a.eval_batch_size, max_length=self.a.max_length, device=self.a.device)
+
+
+def _load_calib(a: QualityArgs, task: str):
+    from fedproxy_secure.data import load_task
+
+    if a.calib_dir is None:
+        from fedproxy_secure.errors import ConfigError
+
+        raise ConfigError("--calib-dir: server calibration tasks are needed (BIG-bench tasks no client holds)")
+    return load_task(a.calib_dir, task, prompt_format=a.prompt_format).examples
+
+
+def baseline_scores(method: str, train: dict, test: dict) -> list[list[float]]:
+    """Option scores of ``prior_only`` (training majority answer) or ``chance`` for every test example, task order."""
+    from fedproxy_secure.eval.metrics import TaskView, chance_scores, prior_only_scores, training_prior
+
+    out: list[list[float]] = []
+    for t, exs in test.items():
+        view = TaskView(tuple(ex.choices for ex in exs), tuple(ex.answer for ex in exs))
+        if method == "chance":
+            out += chance_scores(view)
+        else:
+            out += prior_only_scores(view, training_prior([ex.response for ex in train[t]]))
+    return out
 
 
 def _ot_lora_targets(proxy_model, adapter_blocks: int) -> list[str]:
@@ -151,238 +231,306 @@ def _ot_lora_targets(proxy_model, adapter_blocks: int) -> list[str]:
                   if name.startswith(prefixes) and name.rsplit(".", 1)[-1] in leaves)
 
 
-def _federated_cell(sh: _Shared, method: str, out: Path) -> dict:
-    from fedproxy_secure.eval import model_logits_fn
+def _federated_cell(sh: _Shared, method: str, seed: int, out: Path) -> dict:
     from fedproxy_secure.simulate import federate, fuse_outcome
 
-    a = sh.a
-    cfg = _run_config(a, sh.setting, method)
-    prep = sh.prepared(method)
+    cfg = _run_config(sh.a, sh.setting, method, seed)
+    prep = sh.prepared(method, seed)
     if method == "ot":
         targets = _ot_lora_targets(prep.proxy.model, cfg.compress.ot_adapter_blocks)
-        cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": targets})})
-    on_round = None
-    if method in a.curve_methods:
-        def on_round(r: int, peft_proxy) -> dict:
-            from fedproxy_secure.simulate import FederationOutcome
-
-            fused = fuse_outcome(cfg, prep, FederationOutcome(theta=None, peft_proxy=peft_proxy))
-            return {"llm_mean_accuracy": sh.evaluate(fused.logits_fn)["mean_accuracy"]}
-    outcome = federate(cfg, prep, out / "work" / f"{sh.setting}__{method}", log=a.log, on_round=on_round)
-    by_fusion, infos = {}, {}
-    headline = "weight" if method == "ot" else a.fusion  # Offsite-Tuning's own plug-in writes adapters back
-    for fusion in dict.fromkeys([headline, a.fusion, *a.extra_fusions]):
-        cfg_f = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"method": fusion})})
-        fused = fuse_outcome(cfg_f, prep, outcome)
-        by_fusion[fusion], infos[fusion] = sh.evaluate(fused.logits_fn), fused.info
-    return {
-        "llm": by_fusion[headline],
-        "llm_by_fusion": by_fusion,
-        "proxy_after": sh.evaluate(model_logits_fn(outcome.peft_proxy)),
-        "rounds": outcome.rounds,
-        "fusion": {"method": headline, "info": infos},
-        "proxy_meta": {k: v for k, v in prep.proxy.meta.items() if k != "bi_scores"},
-    }
+        cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": targets}),
+                                     "fusion": cfg.fusion.model_copy(update={"method": "weight"})})
+    outcome = federate(cfg, prep, out / "work" / f"{sh.setting}__{method}__s{seed}", log=sh.a.log)
+    fused = fuse_outcome(cfg, prep, outcome)
+    eps = [c.get("epsilon") for r in outcome.rounds for c in r["clients"] if c.get("epsilon") is not None]
+    return {"scores": sh.scores(fused.logits_fn, f"{method} seed {seed}"), "fusion": cfg.fusion.method,
+            "fusion_info": fused.info, "train_loss": [r["train_loss"] for r in outcome.rounds],
+            "epsilon_max": max(eps) if eps else None,
+            "secure_sum_modes": sorted({s.get("mode") for r in outcome.rounds for s in r.get("secure_sum", [])} - {None})}
 
 
-def _centralized_cell(sh: _Shared) -> dict:
+def centralized_budget_epochs(a: QualityArgs, n_pooled: int) -> int:
+    """Epochs that give centralized LoRA the federation's example budget (at least one)."""
+    if a.centralized_epochs:
+        return a.centralized_epochs
+    budget = a.clients * a.rounds * a.local_steps * a.batch_size
+    return max(1, round(budget / max(1, n_pooled)))
+
+
+def _centralized_cell(sh: _Shared, seed: int, train: dict | None = None) -> dict:
     from fedproxy_secure.client.trainer import train_centralized
     from fedproxy_secure.config import LoraConfig
     from fedproxy_secure.eval import model_logits_fn
 
     a = sh.a
-    pooled = [ex for part in sh.client_data for ex in part]
-    budget = a.clients * a.rounds * a.local_steps * a.batch_size  # examples processed by the federation
-    epochs = max(1, round(budget / max(1, len(pooled))))
+    pooled = [ex for exs in (train or sh.train).values() for ex in exs]
+    epochs = centralized_budget_epochs(a, len(pooled))
     res = train_centralized(copy.deepcopy(sh.llm).requires_grad_(False), sh.tok, pooled, epochs=epochs,
                             lr=a.centralized_lr, batch_size=a.batch_size, max_length=a.max_length,
-                            device=a.device, lora_cfg=LoraConfig(r=a.lora_r, alpha=2.0 * a.lora_r, ffa=False),
-                            seed=a.seed)
-    return {"llm": sh.evaluate(model_logits_fn(res["model"])), "epochs": epochs, "steps": res["steps"],
-            "train_loss": res["train_loss"], "lr": a.centralized_lr}
+                            device=a.device, lora_cfg=LoraConfig(r=a.lora_r, alpha=2.0 * a.lora_r, ffa=False), seed=seed)
+    a.log(f"centralized: {res['steps']} steps on {len(pooled)} examples in {res['seconds']:.0f} s")
+    return {"scores": sh.scores(model_logits_fn(res["model"]), f"centralized seed {seed}"), "epochs": epochs,
+            "steps": res["steps"], "train_loss": res["train_loss"], "train_seconds": round(res["seconds"], 1),
+            "n_train": len(pooled)}
 
 
-def run_cell(sh: _Shared, method: str, out: Path) -> dict:
-    """Compute one (setting, method) cell; pure in its inputs apart from timing."""
-    from fedproxy_secure.eval import model_logits_fn
+def run_cell(sh: _Shared, method: str, seed: int, out: Path) -> dict:
+    """One (setting, method, seed) cell: its prediction rows and what else it measured."""
+    from fedproxy_secure.eval.predictions import rows_for
 
-    torch.manual_seed(sh.a.seed)
+    torch.manual_seed(seed)
     t0 = time.time()
     if method == "zs_llm":
-        res = {"llm": sh.evaluate(model_logits_fn(sh.llm))}
+        res = {"scores": sh.cached_scores("llm", sh.llm)}
     elif method == "zs_proxy":
-        res = {"llm": sh.evaluate(model_logits_fn(sh.proxy("fedavg").model)), "note": "accuracy of the proxy itself"}
+        p = sh.proxy("fedavg")
+        res = {"scores": sh.cached_scores("proxy", p.model, p.meta["layer_map"])}
+    elif method in BASELINES:
+        res = {"scores": baseline_scores(method, sh.train, sh.test)}
     elif method == "centralized":
-        res = _centralized_cell(sh)
+        res = _centralized_cell(sh, seed)
     else:
-        res = _federated_cell(sh, method, out)
-    res.update({"setting": sh.setting, "method": method, "seconds": round(time.time() - t0, 1)})
-    return res
+        res = _federated_cell(sh, method, seed, out)
+    rows = rows_for(method, seed, sh.test_list, res.pop("scores"))
+    return {"setting": sh.setting, "method": method, "seed": seed, "seconds": round(time.time() - t0, 1), **res,
+            "rows": rows}
 
 
-def task_groups(data_dir: Path, tasks: Sequence[str]) -> dict[str, list[str]]:
-    """Group tasks by answer format (no task names involved): binary (QA-like) vs >= 3 labels."""
-    from fedproxy_secure.data import load_task
-
-    groups: dict[str, list[str]] = {"qa_like": [], "classification": []}
-    for t in tasks:
-        n = max(len(ex.choices) for ex in load_task(data_dir, t).examples)
-        groups["classification" if n >= 3 else "qa_like"].append(t)
-    return groups
+def _seeds_for(method: str, seeds: Sequence[int]) -> list[int]:
+    """Deterministic methods (no training) run once, as seed ``seeds[0]``."""
+    return list(seeds) if method not in ("zs_llm", "zs_proxy", *BASELINES) else [seeds[0]]
 
 
-def summarise(a: QualityArgs, cells: dict[tuple[str, str], dict], groups: dict[str, list[str]]) -> dict:
-    """Means per group, recovery and gap closed over OT for every method of every setting."""
-    out: dict = {"settings": {}}
-    for setting in a.settings:
-        rows = {m: c for (s, m), c in cells.items() if s == setting}
-        zs = rows.get("zs_llm", {}).get("llm", {}).get("mean_accuracy")
-        cen = rows.get("centralized", {}).get("llm", {}).get("mean_accuracy")
-        ot = rows.get("ot", {}).get("llm", {}).get("mean_accuracy")
-        table = {}
-        for m, c in rows.items():
-            per = c["llm"]["per_task"]
-            mean = c["llm"]["mean_accuracy"]
-            row = {"per_task": per, "mean": mean, "seconds": c.get("seconds")}
-            for g, ts in groups.items():
-                vals = [per[t] for t in ts if t in per]
-                row[f"{g}_mean"] = float(np.mean(vals)) if vals else None
-            if zs is not None and cen is not None and abs(cen - zs) > 1e-9:
-                row["recovery"] = (mean - zs) / (cen - zs)
-            if ot is not None and cen is not None and (cen - ot) >= 0.02:
-                row["gap_closed_over_ot"] = (mean - ot) / (cen - ot)
-            if "rounds" in c:
-                row["curve"] = [r.get("eval", {}).get("llm_mean_accuracy") for r in c["rounds"]]
-                eps = [cl.get("epsilon") for r in c["rounds"] for cl in r["clients"] if cl.get("epsilon") is not None]
-                if eps:
-                    row["epsilon_max"] = max(eps)
-            if "proxy_after" in c:
-                row["proxy_after_mean"] = c["proxy_after"]["mean_accuracy"]
-            for fusion, ev in c.get("llm_by_fusion", {}).items():
-                row[f"mean_{fusion}_plugin"] = ev["mean_accuracy"]
-                if zs is not None and cen is not None and abs(cen - zs) > 1e-9:
-                    row[f"recovery_{fusion}_plugin"] = (ev["mean_accuracy"] - zs) / (cen - zs)
-            table[m] = row
-        out["settings"][setting] = {"methods": table, "zs_llm": zs, "centralized": cen, "ot": ot}
-        sa, hp = table.get("sa_hties"), table.get("fedproxy")
-        if sa and hp:
-            out["settings"][setting]["sa_hties_minus_hties_points"] = 100 * (sa["mean"] - hp["mean"])
-        dp = table.get("fedproxy_dp")
-        if dp and hp:
-            out["settings"][setting]["dp_cost_points"] = 100 * (hp["mean"] - dp["mean"])
-    return out
+def fmt_pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def write_markdown(a: QualityArgs, summary: dict, groups: dict[str, list[str]], path: Path) -> None:
-    """A markdown table per setting: per task, group means, overall, recovery, gap closed over OT."""
+def fmt_ci(ci: Sequence[float] | None, scale: float = 100.0, nd: int = 1) -> str:
+    if not ci or any(c is None or math.isnan(c) for c in ci):
+        return ""
+    return f" [{scale * ci[0]:.{nd}f}, {scale * ci[1]:.{nd}f}]"
+
+
+def write_markdown(a: QualityArgs, summaries: dict[str, dict], path: Path, cells_info: dict) -> None:
+    """One table per setting: per-task balanced accuracy, headline with CI, seed spread, difference and recovery with CIs."""
     lines = ["# Quality benchmark", "",
-             f"LLM `{a.llm}`" + (" (weights dequantised from a quantised GGUF)" if (Path(a.llm) / "import.json").is_file() else "")
-             + f", data `{a.data_dir}`; "
-             f"{a.clients} clients, {a.rounds} rounds x {a.local_steps} local steps x batch {a.batch_size}; "
-             f"{a.limit_train} train / {a.limit_test} test examples per task; seed {a.seed}.",
-             f"QA-like = binary tasks ({', '.join(groups['qa_like'])}); classification = tasks with >= 3 labels "
-             f"({', '.join(groups['classification'])}).", ""]
-    for setting, s in summary["settings"].items():
-        methods = [m for m in ALL_METHODS if m in s["methods"]]
-        tasks = list(next(iter(s["methods"].values()))["per_task"]) if methods else []
-        extra = [f for f in a.extra_fusions if f != a.fusion]
-        lines += [f"## {setting}", "", f"Federated methods use the {a.fusion} plug-in (OT: its adapter write-back); the last columns give the "
-                  + ", ".join(extra) + " plug-in of the same global LoRA." if extra else f"## {setting}", "",
-                  "| method | " + " | ".join(tasks) + " | QA-like | classif. | overall | recovery | gap closed over OT | "
-                  + " | ".join(f"{f} plug-in (recovery)" for f in extra) + " | proxy after |",
-                  "|---|" + "---|" * (len(tasks) + 6 + len(extra))]
-        for m in methods:
+             f"LLM `{Path(a.llm).name}`, data `{Path(a.data_dir).name}` ({a.prompt_format} prompt format); {a.clients} clients, "
+             f"{a.rounds} rounds x {a.local_steps} local steps x batch {a.batch_size}; {a.limit_train} train per task; "
+             f"seeds {', '.join(map(str, a.seeds))}; federated methods use the {a.fusion} plug-in (OT: weight write-back).",
+             "Cells: balanced accuracy (%) per task (mean recall per gold label; accuracy for tasks whose options change "
+             "per example, marked *). Headline = macro mean of balanced accuracy with its paired stratified bootstrap "
+             f"95% CI ({'B=' + str(next(iter(summaries.values()))['n_boot']) if summaries else ''}); "
+             "Δ zs and recovery = (m − zs)/(centralized − zs) with their paired CIs; ± = std over seeds.", ""]
+    for setting, s in summaries.items():
+        tasks = list(s["n_per_task"])
+        head = [t + ("" if s["fixed_label"][t] else "*") for t in tasks]
+        lines += [f"## {setting}", "",
+                  "| method | " + " | ".join(head) + " | headline [95% CI] | ± seeds | macro acc | Δ zs [95% CI] | recovery [95% CI] |",
+                  "|---|" + "---|" * (len(tasks) + 5),
+                  "| n (test) | " + " | ".join(str(s["n_per_task"][t]) for t in tasks) + " | | | | | |"]
+        for m in [x for x in ALL_METHODS if x in s["methods"]]:
             r = s["methods"][m]
-            f = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
-            g = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-            lines.append(f"| {m} | " + " | ".join(f(r["per_task"].get(t)) for t in tasks)
-                         + f" | {f(r.get('qa_like_mean'))} | {f(r.get('classification_mean'))} | **{f(r['mean'])}** | "
-                         f"{g(r.get('recovery'))} | {g(r.get('gap_closed_over_ot'))} | "
-                         + " | ".join(f"{f(r.get(f'mean_{x}_plugin'))} ({g(r.get(f'recovery_{x}_plugin'))})" for x in extra)
-                         + f" | {f(r.get('proxy_after_mean'))} |")
-        for k in ("sa_hties_minus_hties_points", "dp_cost_points"):
-            if k in s:
-                lines.append(f"\n{k.replace('_', ' ')}: {s[k]:+.1f}")
+            rec = r.get("ratio")
+            rec_s = "-" if rec is None or m in ("zs_llm", "centralized") else f"{rec:.2f}{fmt_ci(r.get('ratio_ci'), 1.0, 2)}"
+            lines.append(
+                f"| {LABELS.get(m, m)} | " + " | ".join(fmt_pct(r["per_task"][t]["balanced_accuracy"]) for t in tasks)
+                + f" | **{fmt_pct(r['headline'])}**{fmt_ci(r.get('headline_ci'))} | "
+                + (f"{100 * r['seed_std']:.1f} (n={len(r['seeds'])})" if len(r["seeds"]) > 1 else "-")
+                + f" | {fmt_pct(r['macro_accuracy'])} | "
+                + ("-" if m == "zs_llm" or "diff_ci" not in r else f"{100 * r['diff_to_reference']:+.1f}{fmt_ci(r['diff_ci'])}")
+                + f" | {rec_s} |")
         lines.append("")
+    if cells_info:
+        lines += ["## Cells", "", "| setting | method | seed | seconds | notes |", "|---|---|---|---|---|"]
+        for (st, m, sd), c in sorted(cells_info.items()):
+            notes = []
+            if c.get("epsilon_max") is not None:
+                notes.append(f"ε max {c['epsilon_max']:.2f}")
+            if c.get("steps") is not None:
+                notes.append(f"{c['steps']} steps, {c.get('epochs')} epochs on {c.get('n_train')} examples")
+            if c.get("secure_sum_modes"):
+                notes.append("secure sum: " + ",".join(c["secure_sum_modes"]))
+            lines.append(f"| {st} | {m} | {sd} | {c.get('seconds')} | {'; '.join(notes)} |")
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(summary: dict, out: Path) -> list[Path]:
-    """accuracy.png (bars per method and setting) and rounds.png (LLM accuracy after each round)."""
+def plot(summaries: dict[str, dict], out: Path, title: str = "Macro balanced accuracy per method") -> Path:
+    """quality.png: headline per method with 95% CI error bars (y-axis zoomed to the data, not from 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
-    settings = list(summary["settings"])
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    settings = list(summaries)
     width = 0.8 / max(1, len(settings))
-    methods = [m for m in ALL_METHODS if any(m in s["methods"] for s in summary["settings"].values())]
-    for i, s in enumerate(settings):
-        vals = [100 * summary["settings"][s]["methods"].get(m, {}).get("mean", float("nan")) for m in methods]
-        ax.bar(np.arange(len(methods)) + i * width, vals, width, label=s)
-    ax.set_xticks(np.arange(len(methods)) + width * (len(settings) - 1) / 2, methods, rotation=20)
-    ax.set_ylabel("mean accuracy (%)")
-    ax.legend()
-    ax.set_title("LLM accuracy per method")
+    methods = [m for m in ALL_METHODS if any(m in s["methods"] for s in summaries.values())]
+    lo_all, hi_all = [], []
+    for i, st in enumerate(settings):
+        ms = summaries[st]["methods"]
+        y = np.array([100 * ms[m]["headline"] if m in ms else np.nan for m in methods])
+        ci = [ms[m].get("headline_ci", [ms[m]["headline"]] * 2) if m in ms else [np.nan, np.nan] for m in methods]
+        lo = y - 100 * np.array([c[0] for c in ci])
+        hi = 100 * np.array([c[1] for c in ci]) - y
+        ax.errorbar(np.arange(len(methods)) + i * width, y, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], fmt="o",
+                    capsize=4, label=st)
+        lo_all.append(np.nanmin(y - lo))
+        hi_all.append(np.nanmax(y + hi))
+    ax.set_xticks(np.arange(len(methods)) + width * (len(settings) - 1) / 2, [LABELS.get(m, m) for m in methods],
+                  rotation=25, ha="right")
+    ax.set_ylim(min(lo_all) - 2, max(hi_all) + 2)
+    ax.set_ylabel("macro balanced accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title="setting")
+    ax.set_title(title + " (95% bootstrap CI)")
     fig.tight_layout()
-    files.append(out / "accuracy.png")
-    fig.savefig(files[-1], dpi=120)
+    path = out / "quality.png"
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in settings:
-        for m, r in summary["settings"][s]["methods"].items():
-            curve = [c for c in r.get("curve", []) if c is not None]
-            if curve:
-                ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], marker="o", label=f"{m} ({s})")
-        zs = summary["settings"][s]["zs_llm"]
-        if zs is not None:
-            ax.axhline(100 * zs, ls=":", color="grey")
-    ax.set_xlabel("round")
-    ax.set_ylabel("fused LLM mean accuracy (%)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    files.append(out / "rounds.png")
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
-    return files
+    return path
 
 
-def run_quality(a: QualityArgs) -> dict:
-    """Compute every missing cell, then write results.json, results.md and the plots; return the summary."""
-    from fedproxy_secure.data import list_tasks
+def _check(a: QualityArgs) -> None:
+    from fedproxy_secure.data.bigbench import PROMPT_FORMATS
+    from fedproxy_secure.errors import ConfigError
 
     unknown = [m for m in a.methods if m not in ALL_METHODS]
     if unknown:
-        from fedproxy_secure.errors import ConfigError
-
         raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if not a.seeds:
+        raise ConfigError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    if a.prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"--prompt-format: {a.prompt_format!r} is unknown; choose {' or '.join(PROMPT_FORMATS)}")
+
+
+def run_quality(a: QualityArgs) -> dict:
+    """Compute every missing cell, then write predictions.jsonl, results.json, results.md and quality.png.
+
+    Returns ``{"settings": {setting: summary}, "args": ...}``; every number in the summaries is
+    recomputable from predictions.jsonl with :func:`fedproxy_secure.eval.summarise_predictions`.
+    """
+    from fedproxy_secure.data import list_tasks
+    from fedproxy_secure.eval.predictions import summarise_predictions, write_jsonl
+
+    _check(a)
     out = Path(a.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     tasks = list(a.tasks or list_tasks(a.data_dir))
     a.tasks = tasks
-    cells: dict[tuple[str, str], dict] = {}
+    methods = list(dict.fromkeys([*a.methods, *(m for m in ("zs_llm", *BASELINES) if m not in a.methods)]))
+    rows_by_setting: dict[str, list[dict]] = {}
+    info: dict = {}
     for setting in a.settings:
         shared = None
-        for method in a.methods:
-            f = out / "cells" / f"{setting}__{method}.json"
-            if f.is_file():
-                cells[(setting, method)] = json.loads(f.read_text())
-                a.log(f"{setting}/{method}: cached")
-                continue
-            shared = shared or _Shared(a, setting)
-            a.log(f"{setting}/{method}: running")
-            cell = run_cell(shared, method, out)
-            f.write_text(json.dumps(cell, indent=1, default=json_default))
-            cells[(setting, method)] = cell
-            a.log(f"{setting}/{method}: mean {100 * cell['llm']['mean_accuracy']:.1f}% in {cell['seconds']} s")
-    groups = task_groups(a.data_dir, tasks)
-    summary = summarise(a, cells, groups)
-    summary["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in a.__dict__.items() if k != "log"}
-    summary["groups"] = groups
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=json_default))
-    write_markdown(a, summary, groups, out / "results.md")
-    plot(summary, out)
-    return summary
+        rows_by_setting[setting] = []
+        for method in methods:
+            for seed in _seeds_for(method, a.seeds):
+                f = out / "cells" / f"{setting}__{method}__s{seed}.json"
+                if f.is_file():
+                    cell = json.loads(f.read_text())
+                    a.log(f"{setting}/{method}/seed {seed}: cached")
+                else:
+                    shared = shared or _Shared(a, setting, tasks)
+                    a.log(f"{setting}/{method}/seed {seed}: running")
+                    cell = run_cell(shared, method, seed, out)
+                    f.write_text(json.dumps(cell, default=_json_default))
+                    a.log(f"{setting}/{method}/seed {seed}: done in {cell['seconds']} s")
+                rows_by_setting[setting] += cell["rows"]
+                info[(setting, method, seed)] = {k: v for k, v in cell.items() if k != "rows"}
+        if shared is not None:
+            a.log(f"score cache: {shared.cache.hits} hits, {shared.cache.misses} scored")
+    write_jsonl([r | {"setting": s} for s, rows in rows_by_setting.items() for r in rows], out / "predictions.jsonl")
+    summaries = {s: summarise_predictions(rows, reference="zs_llm", upper="centralized", n_boot=a.n_boot, seed=0)
+                 for s, rows in rows_by_setting.items()}
+    result = {"settings": summaries,
+              "cells": [{"setting": k[0], "method": k[1], "seed": k[2], **v} for k, v in info.items()],
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in a.__dict__.items() if k != "log"}}
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    write_markdown(a, summaries, out / "results.md", info)
+    plot(summaries, out)
+    return result
 
+
+def run_train_size(a: QualityArgs, sizes: Sequence[int]) -> dict:
+    """Centralized LoRA gain in macro balanced accuracy (with paired 95% CI) per training size per task.
+
+    Uses ``a.seeds`` and ``a.settings[0]``'s LLM; training sets are nested prefixes of the largest one,
+    the test split is fixed. Writes ``train_size.json``, ``train_size.md``, ``predictions.jsonl`` and
+    ``train_size.png`` in ``a.out``; returns the summary.
+    """
+    from fedproxy_secure.data import list_tasks
+    from fedproxy_secure.eval.predictions import rows_for, summarise_predictions, write_jsonl
+
+    _check(a)
+    out = Path(a.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    tasks = list(a.tasks or list_tasks(a.data_dir))
+    a.tasks = tasks
+    sh = _Shared(a, a.settings[0], tasks)
+    rows = rows_for("zs_llm", a.seeds[0], sh.test_list, sh.cached_scores("llm", sh.llm))
+    rows += rows_for("prior_only", a.seeds[0], sh.test_list, baseline_scores("prior_only", sh.train, sh.test))
+    rows += rows_for("chance", a.seeds[0], sh.test_list, baseline_scores("chance", sh.train, sh.test))
+    info = {}
+    for n in sizes:
+        train, _ = load_split(a, tasks, limit_train=n)
+        short = {t: len(v) for t, v in train.items() if len(v) < n}
+        if short:
+            a.log(f"size {n}: tasks with fewer training examples: {short}")
+        for seed in a.seeds:
+            f = out / "cells" / f"centralized_n{n}__s{seed}.json"
+            if f.is_file():
+                cell = json.loads(f.read_text())
+            else:
+                t0 = time.time()
+                res = _centralized_cell(sh, seed, train)
+                cell = {"rows": rows_for(f"centralized_n{n}", seed, sh.test_list, res.pop("scores")), **res,
+                        "seconds": round(time.time() - t0, 1), "short_tasks": short}
+                f.write_text(json.dumps(cell, default=_json_default))
+            rows += cell["rows"]
+            info[f"{n}/{seed}"] = {k: v for k, v in cell.items() if k != "rows"}
+    write_jsonl(rows, out / "predictions.jsonl")
+    s = summarise_predictions(rows, reference="zs_llm", upper=None, n_boot=a.n_boot, seed=0)
+    table = []
+    for n in sizes:
+        r = s["methods"][f"centralized_n{n}"]
+        table.append({"train_per_task": n, "headline": r["headline"], "gain": r["diff_to_reference"],
+                      "gain_ci": r["diff_ci"], "seed_std": r["seed_std"],
+                      "significant_5pt": bool(r["diff_to_reference"] >= 0.05 and r["diff_ci"][0] > 0)})
+    result = {"sizes": table, "summary": s, "cells": info,
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in a.__dict__.items() if k != "log"}}
+    (out / "train_size.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    zs, po, ch = (s["methods"][m] for m in ("zs_llm", "prior_only", "chance"))
+    tasks_h = list(s["n_per_task"])
+    lines = ["# Centralized LoRA gain vs training size", "",
+             f"LLM `{Path(a.llm).name}`, data `{Path(a.data_dir).name}` ({a.prompt_format} format), lr {a.centralized_lr}, "
+             f"batch {a.batch_size}, seeds {', '.join(map(str, a.seeds))}. Balanced accuracy (%) per task; gain = "
+             "headline − zero-shot with its paired stratified bootstrap 95% CI.", "",
+             "| method | " + " | ".join(tasks_h) + " | headline | gain [95% CI] |", "|---|" + "---|" * (len(tasks_h) + 2),
+             "| n (test) | " + " | ".join(str(s["n_per_task"][t]) for t in tasks_h) + " | | |"]
+    for name, r in [("chance", ch), ("prior-only", po), ("zero-shot LLM", zs)] + [
+            (f"centralized, {n}/task", s["methods"][f"centralized_n{n}"]) for n in sizes]:
+        gain = "-" if name == "zero-shot LLM" else f"{100 * r['diff_to_reference']:+.1f}{fmt_ci(r['diff_ci'])}"
+        lines.append(f"| {name} | " + " | ".join(fmt_pct(r["per_task"][t]["balanced_accuracy"]) for t in tasks_h)
+                     + f" | **{fmt_pct(r['headline'])}** | {gain} |")
+    (out / "train_size.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    g = np.array([100 * r["gain"] for r in table])
+    lo = g - np.array([100 * r["gain_ci"][0] for r in table])
+    hi = np.array([100 * r["gain_ci"][1] for r in table]) - g
+    ax.errorbar([r["train_per_task"] for r in table], g, yerr=[lo, hi], fmt="o-", capsize=4)
+    ax.axhline(0, color="grey", ls=":")
+    ax.axhline(5, color="tab:red", ls="--", lw=0.8, label="5 points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training examples per task")
+    ax.set_ylabel("centralized gain in macro balanced acc. (points)")
+    ax.legend()
+    ax.set_title("Centralized LoRA gain vs training size (95% CI)")
+    fig.tight_layout()
+    fig.savefig(out / "train_size.png", dpi=120)
+    plt.close(fig)
+    return result

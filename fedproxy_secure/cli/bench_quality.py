@@ -1,4 +1,5 @@
-"""``bench quality``: FedProxy vs Offsite-Tuning vs FedAvg vs centralized LoRA on BIG-bench tasks."""
+"""``bench quality``: FedProxy vs Offsite-Tuning vs FedAvg vs centralized LoRA on BIG-bench tasks,
+in balanced accuracy with prior-only and chance rows and paired bootstrap CIs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ def _csv(s: str | None) -> list[str] | None:
     return [x.strip() for x in s.split(",") if x.strip()] if s else None
 
 
+def _ints(s: str | None, flag: str) -> list[int] | None:
+    from fedproxy_secure.errors import ConfigError
+
+    try:
+        return [int(x) for x in _csv(s)] if s else None
+    except ValueError:
+        raise ConfigError(f"{flag}: {s!r} is not a comma-separated list of integers (e.g. 0,1,2)") from None
+
+
 @bench_app.command("quality")
 def bench_quality(
     llm: Path = typer.Option(..., "--llm", help="LLM folder (HF, safetensors), e.g. from `data fetch smollm2`"),
@@ -26,33 +36,47 @@ def bench_quality(
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     lr: float = typer.Option(1e-3, "--lr", help="client learning rate (FFA-LoRA: only B is trained)"),
     centralized_lr: float = typer.Option(2e-4, "--centralized-lr"),
+    centralized_epochs: int = typer.Option(0, "--centralized-epochs", help="0: match the federation's example budget"),
     limit_train: int = typer.Option(100, "--limit-train", help="training examples per task"),
-    limit_test: int = typer.Option(50, "--limit-test", help="test examples per task"),
-    methods: str = typer.Option(None, "--methods", help="comma-separated subset of: zs_llm,zs_proxy,ot,fedavg,fedproxy,sa_hties,fedproxy_dp,centralized"),
-    settings: str = typer.Option("hetero,iid", "--settings", help="hetero (one task per client) and/or iid"),
+    limit_test: int = typer.Option(200, "--limit-test", help="test examples per task (fixed split; >= 200 recommended)"),
+    methods: str = typer.Option(None, "--methods", help="comma-separated subset of: zs_llm,zs_proxy,prior_only,chance,ot,fedavg,fedproxy,sa_hties,fedproxy_dp,centralized (zs_llm, prior_only and chance are always added)"),
+    settings: str = typer.Option("hetero", "--settings", help="hetero (one task per client) and/or iid"),
+    seeds: str = typer.Option("0", "--seeds", help="training seeds, e.g. 0,1,2 (the test split stays fixed)"),
+    train_sizes: str = typer.Option(None, "--train-sizes", help="instead of the method table: centralized gain vs training examples per task, e.g. 50,200,800"),
+    prompt_format: str = typer.Option("reference", "--prompt-format", help="reference (no choice: lines, answers with a leading space) or bigbench"),
     calib_dir: Path = typer.Option(None, "--calib-dir", help="server calibration tasks folder (default: fetched BIG-bench tasks no client holds)"),
-    fusion: str = typer.Option("logit", "--fusion", help="headline plug-in: logit | weight (the other is reported too)"),
+    fusion: str = typer.Option("logit", "--fusion", help="plug-in of the BI-proxy methods: logit | weight"),
     distill: bool = typer.Option(False, "--distill/--no-distill", help="distil the BI proxy towards the LLM first"),
     distill_steps: int = typer.Option(0, "--distill-steps"),
+    max_length: int = typer.Option(256, "--max-length", min=16),
+    n_boot: int = typer.Option(2000, "--n-boot", min=100, help="bootstrap resamples"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)"),
-    seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Run every method on the same data and client budget; write results.json, results.md and PNG plots."""
+    """Run every method on the same data and client budget; write predictions.jsonl, results.json, results.md, quality.png."""
     import torch
 
+    from fedproxy_secure.cli.common import exit_codes
     from fedproxy_secure.data.fetch import fetch_bigbench
 
-    if threads:
-        torch.set_num_threads(threads)
-    q = load_benchmark("quality")
-    cal = calib_dir or fetch_bigbench(q.DEFAULT_CALIB_TASKS)
-    args = q.QualityArgs(
-        llm=llm, data_dir=data_dir, out=out, tasks=_csv(tasks), clients=clients, rounds=rounds,
-        local_steps=local_steps, batch_size=batch_size, lr=lr, centralized_lr=centralized_lr,
-        limit_train=limit_train, limit_test=limit_test, methods=_csv(methods) or q.ALL_METHODS,
-        settings=_csv(settings), calib_dir=cal, fusion=fusion, extra_fusions=[f for f in ("weight", "logit") if f != fusion], distill=distill, distill_steps=distill_steps,
-        device=device, seed=seed, log=lambda m: console.print(f"[dim]{m}[/]"),
-    )
-    q.run_quality(args)
-    console.print((out / "results.md").read_text())
+    with exit_codes():
+        if threads:
+            torch.set_num_threads(threads)
+        q = load_benchmark("quality")
+        cal = calib_dir or fetch_bigbench(q.DEFAULT_CALIB_TASKS)
+        args = q.QualityArgs(
+            llm=llm, data_dir=data_dir, out=out, tasks=_csv(tasks), clients=clients, rounds=rounds,
+            local_steps=local_steps, batch_size=batch_size, lr=lr, centralized_lr=centralized_lr,
+            centralized_epochs=centralized_epochs or None, limit_train=limit_train, limit_test=limit_test,
+            methods=_csv(methods) or q.ALL_METHODS, settings=_csv(settings) or ["hetero"],
+            seeds=_ints(seeds, "--seeds") or [0], prompt_format=prompt_format, calib_dir=cal, fusion=fusion,
+            distill=distill, distill_steps=distill_steps, max_length=max_length, n_boot=n_boot, device=device,
+            log=lambda m: console.print(f"[dim]{m}[/]"),
+        )
+        sizes = _ints(train_sizes, "--train-sizes")
+        if sizes:
+            q.run_train_size(args, sizes)
+            console.print((out / "train_size.md").read_text())
+            return
+        q.run_quality(args)
+        console.print((out / "results.md").read_text())

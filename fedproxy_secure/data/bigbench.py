@@ -1,8 +1,17 @@
 """BIG-bench JSON multiple-choice tasks (``{"examples": [{"input", "target_scores"}], ...}``).
 
-Prompts follow BIG-bench's JSON-task rendering: ``task_prefix`` + ``example_input_prefix`` + input
-(+ the choices when ``append_choices_to_input``, the default) + ``example_output_prefix``. A choice is
-scored by the model's log-likelihood of its text after the prompt.
+Two prompt formats (``PROMPT_FORMATS``):
+
+* ``"bigbench"`` (the loader's default, BIG-bench's JSON-task rendering): ``task_prefix`` +
+  ``example_input_prefix`` + input (+ ``choice:`` lines when ``append_choices_to_input``, the
+  default) + ``example_output_prefix``; a choice is scored as its bare text right after the prompt
+  (whose output prefix usually ends in a space).
+* ``"reference"`` (DESIGN section 7, the evaluation benchmarks' default): the same rendering without
+  ``choice:`` lines, trailing spaces of the prompt removed, and every choice scored with one leading
+  space (``"A:" + " neutral"``), i.e. how a BPE tokenizer sees the answer word in running text.
+
+A choice is scored by the model's log-likelihood of its text after the prompt. Each example keeps
+its index in the task file as ``uid`` (stable across formats and splits).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from fedproxy_secure.errors import DataError
 _DEFAULT_INPUT_PREFIX = "\nQ: "
 _DEFAULT_OUTPUT_PREFIX = "\nA: "
 _DEFAULT_CHOICE_PREFIX = "\n  choice: "
+PROMPT_FORMATS = ("bigbench", "reference")
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,7 @@ class MCExample:
     choices: tuple[str, ...]
     answer: int
     task: str
+    uid: int = -1
 
     @property
     def response(self) -> str:
@@ -58,8 +69,16 @@ def _task_file(data_dir: Path, name: str) -> Path:
     raise DataError(f"data.tasks: task {name!r} not found in {str(data_dir)!r} (expected {name}.json)")
 
 
-def load_task(data_dir: str | Path, name: str) -> Task:
-    """Load and render one task; raise DataError naming the example at fault if malformed."""
+def load_task(data_dir: str | Path, name: str, prompt_format: str = "bigbench") -> Task:
+    """Load and render one task in ``prompt_format`` (see the module docstring).
+
+    Guarantees: example ``uid`` is its index in the file; choices keep the file's order; raises
+    DataError naming the example at fault if malformed, ConfigError for an unknown format.
+    """
+    if prompt_format not in PROMPT_FORMATS:
+        from fedproxy_secure.errors import ConfigError
+
+        raise ConfigError(f"prompt_format: {prompt_format!r} is unknown; choose one of {', '.join(PROMPT_FORMATS)}")
     path = _task_file(Path(data_dir), name)
     try:
         raw = json.loads(path.read_text())
@@ -81,9 +100,13 @@ def load_task(data_dir: str | Path, name: str) -> Task:
         best = max(scores.values())
         answer = next(j for j, c in enumerate(scores) if scores[c] == best)
         body = ex["input"]
+        if prompt_format == "reference":
+            prompt = (task_prefix + in_prefix + body + out_prefix).rstrip(" ")
+            out.append(MCExample(prompt, tuple(" " + c.lstrip(" ") for c in choices), answer, name, i))
+            continue
         if append:
             body += "".join(choice_prefix + c for c in choices)
-        out.append(MCExample(task_prefix + in_prefix + body + out_prefix, choices, answer, name))
+        out.append(MCExample(task_prefix + in_prefix + body + out_prefix, choices, answer, name, i))
     return Task(name, tuple(out))
 
 
