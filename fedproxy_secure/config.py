@@ -142,7 +142,7 @@ class FusionConfig(_Strict):
     """Stage iii plug-in. Default ``logit`` (proxy-tuning): best transfer in every SmolLM2 measurement
     (federated: 0.78-0.89 of the centralized gain; fusion study at the reference size: 0.66 with a
     distilled proxy vs 0.53 for the dense delta plug-in). Both transfer only when the proxy was distilled
-    towards the LLM (``compress.distill``; undistilled: 0.16 logit, 0.09 write-back, notes/issue-9.md).
+    towards the LLM (``compress.distill``; undistilled: 0.16 logit, 0.09 write-back, docs/experiments.md).
     ``weight`` gives a dense LLM with no inference overhead."""
 
     method: Literal["weight", "logit"] = "logit"

@@ -113,7 +113,7 @@ def test_sa_conflict_is_exactly_plaintext_and_bounded(h_norm):
 
 
 def test_sa_departure_from_hties_is_small_on_heterogeneous_updates():
-    """Statement with a measured number (see notes/issue-8.md for the full table): on clustered
+    """Statement with a measured number (see docs/experiments.md for the full table): on clustered
     heterogeneous updates (K=8, P=10000, 3 clusters, seed 0) the relative L2 difference of SA-H-TIES
     from plaintext H-TIES is 0.083 with h revealed and 0.186 without."""
     ups = clustered(8, 10000, seed=0, noise=0.7)
@@ -198,7 +198,7 @@ def test_sa_phase_errors():
 
 def test_sa_downweights_an_anti_aligned_client_where_hties_upweights_it():
     """The documented main departure: H-TIES weights by sum |S_ij| (an anti-aligned client scores
-    high), SA-H-TIES by the signed sum (it scores low). See notes/issue-8.md."""
+    high), SA-H-TIES by the signed sum (it scores low). See docs/decisions/sa-hties-signed-sums.md."""
     ups = clustered(8, 2000, seed=0, noise=0.7)
     ups[7] = -ups[0]
     ref = hties(ups)

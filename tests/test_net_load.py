@@ -1,4 +1,4 @@
-"""Load: 50 client processes complete one masked round (slow; figures in notes/issue-10.md)."""
+"""Load: 50 client processes complete one masked round (slow; figures in docs/experiments.md)."""
 
 import pytest
 

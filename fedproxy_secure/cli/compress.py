@@ -30,7 +30,7 @@ def compress_cmd(
     out: Path = typer.Option(..., "--out", help="new proxy folder (HF folder + fedproxy.json)"),
     keep_ratio: float = typer.Option(0.5, "--keep-ratio", help="fraction of decoder blocks kept, in (0,1); p = 1 - keep_ratio"),
     strategy: str = typer.Option("bi", "--strategy", help="bi (Block Influence, ShortGPT) or uniform (Offsite-Tuning emulator)"),
-    distill: bool = typer.Option(False, "--distill/--no-distill", help="distil the proxy's blocks towards the LLM (fusion then adds deltas); recommended: it is what makes the update transfer to the LLM (notes/issue-9.md)"),
+    distill: bool = typer.Option(False, "--distill/--no-distill", help="distil the proxy's blocks towards the LLM (fusion then adds deltas); recommended: it is what makes the update transfer to the LLM (docs/decisions/logit-plugin.md)"),
     distill_steps: int = typer.Option(200, "--distill-steps", help="distillation steps (batch 4) when --distill"),
     distill_lr: float = typer.Option(1e-4, "--distill-lr", help="distillation learning rate (AdamW)"),
     calib_examples: int = typer.Option(64, "--calib-examples", help="texts used for Block Influence"),

@@ -1,7 +1,7 @@
 """Differential privacy for clients: accountant (PRV), on-disk budget, DP-SGD with opacus, update clipping.
 
 DP here is **example-level** (one record of one institution), not institution-level; see
-notes/security-dp.md.
+SECURITY.md, Differential privacy.
 """
 
 from fedproxy_secure.privacy.accountant import ACCOUNTANT_NAME, epsilon_spent, noise_multiplier_for

@@ -15,7 +15,7 @@ Roles (DESIGN.md section 4):
   no plaintext multiplication level is needed) and signs the statement of who contributed.
 * :class:`CKKSSummer` - the three roles in one process behind :class:`SecureSummer`.
 
-Trust: server + any key holder recover every client's vector (see notes/security-he.md).
+Trust: server + any key holder recover every client's vector (see SECURITY.md, Homomorphic encryption).
 """
 
 from __future__ import annotations
