@@ -49,8 +49,10 @@ def test_sa_hties_over_masking_equals_in_process_and_survives_a_phase_b_dropout(
     d, port = make_server(tmp_path, 4, rounds=2, min_clients=4, dim=DIM, aggregator="sa_hties", deadlines=FAST)
     srv = start_server(d, port)
     try:
-        victim = start_client(d, 3, tmp_path, die_at="2:b_masked_input")
-        others = [start_client(d, i, tmp_path) for i in range(3)]
+        pol = tmp_path / "policy.yaml"  # h_norm reveal (the default) sends h_i in the clear: the sites opt in
+        pol.write_text("allow_h_reveal: true\n")
+        victim = start_client(d, 3, tmp_path, die_at="2:b_masked_input", extra=["--policy", str(pol)])
+        others = [start_client(d, i, tmp_path, extra=["--policy", str(pol)]) for i in range(3)]
         for c in others:
             c.wait(90)
             assert c.returncode == 0

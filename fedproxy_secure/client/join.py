@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from fedproxy_secure.artifacts.keys import generate_key, load_private_key, load_public_key, save_private_key
+from fedproxy_secure.client.policy import ClientPolicy, PolicyViolation, check_round_policy
 from fedproxy_secure.client.stages import make_client_stages
 from fedproxy_secure.client.upload import DEFAULT_THRESHOLD, post_stage_message
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
@@ -57,9 +58,11 @@ class ClientSession:
 
     def __init__(self, enrol_dir: str | os.PathLike, state_dir: str | os.PathLike,
                  server_url: str | None = None, retry_s: float = 120.0, log: Callable[[str], None] | None = None,
-                 upload_threshold: int = DEFAULT_THRESHOLD) -> None:
-        """``upload_threshold``: stage messages larger than this many bytes go as a chunked upload."""
+                 upload_threshold: int = DEFAULT_THRESHOLD, policy: ClientPolicy | None = None) -> None:
+        """``upload_threshold``: stage messages larger than this many bytes go as a chunked upload.
+        ``policy``: the site's pinned round-config policy (default: :class:`ClientPolicy`, the safe one)."""
         self.upload_threshold = upload_threshold
+        self.policy = policy if policy is not None else ClientPolicy()
         self.enrol = Path(enrol_dir)
         self.state = Path(state_dir)
         self.state.mkdir(parents=True, exist_ok=True)
@@ -122,6 +125,44 @@ class ClientSession:
             if time.monotonic() > until:
                 return None
 
+    def audit_refusal(self, event: str, record: dict) -> None:
+        """Append a refusal to the site's local audit log (``state_dir/audit.jsonl``, hash-chained)."""
+        from fedproxy_secure.audit.log import AuditLog
+
+        AuditLog(self.state / "audit.jsonl").append(event, record)
+
+    def verified_round_config(self, rid: int, signed: dict) -> dict:
+        """The round config of round ``rid``, or a refusal before anything is trained or fetched.
+
+        Checks the operator signature (pinned ``operator.pub``), that the config is for ``rid`` and
+        lists us, and the site's policy (:func:`check_round_policy`). A refusal is written to the
+        local audit log, shown to the site operator (``log``) and raised (``SecurityError`` /
+        :class:`PolicyViolation`).
+        """
+        try:
+            cfg = verify_round_config(self.operator, signed)
+            cohort = {c: i for c, i in cfg["cohort"]}
+            if cfg["round_id"] != rid or self.client_id not in cohort:
+                raise SecurityError(f"round config for round {cfg['round_id']} does not list us in round {rid}")
+            from cryptography.hazmat.primitives import serialization
+
+            own = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            check_round_policy(self.policy, cfg, self_identity=(cohort[self.client_id], own))
+        except PolicyViolation as exc:
+            self.audit_refusal("policy_refusal", {**exc.as_record(), "kid": str(signed.get("kid", ""))[:64]})
+            self.log(f"REFUSED {exc}")
+            raise
+        except (SecurityError, KeyError, TypeError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, SecurityError) else f"malformed round config ({exc!r})"
+            self.audit_refusal("round_config_refusal", {"round": rid, "reason": reason[:300],
+                                                        "kid": str(signed.get("kid", ""))[:64]
+                                                        if isinstance(signed, dict) else ""})
+            self.log(f"REFUSED round {rid}: {reason}")
+            if isinstance(exc, SecurityError):
+                raise
+            raise SecurityError(f"round {rid}: {reason}") from None
+        return cfg
+
     def run_round(self, rid: int, train_fn: TrainFn, die_at: str | None = None) -> dict | None:
         """Take part in round ``rid`` (already at its ``join`` stage); the report, or None if dropped."""
         r = self.http.post_json(f"/v1/round/{rid}/join", {"type": "join"}, round_id=rid)
@@ -131,10 +172,8 @@ class ClientSession:
         signed = self._poll(rid, "config", time.monotonic() + 600)
         if signed is None:
             return None
-        cfg = verify_round_config(self.operator, signed)
+        cfg = self.verified_round_config(rid, signed)
         cohort = {c: i for c, i in cfg["cohort"]}
-        if cfg["round_id"] != rid or self.client_id not in cohort:
-            raise SecurityError(f"round config for round {cfg['round_id']} does not list us in round {rid}")
         session = bytes.fromhex(cfg["session_id"])
         if session in self.used:
             raise ProtocolAbort(f"round {rid}: session id already used: refusing (replay)")
@@ -205,18 +244,21 @@ def join_federation(enrol_dir, state_dir, train_fn: TrainFn | None, server_url: 
                     log: Callable[[str], None] | None = None, die_at: tuple[int, str] | None = None,
                     max_wait_s: float = 900.0,
                     setup: Callable[[ClientSession], TrainFn] | None = None,
-                    upload_threshold: int = DEFAULT_THRESHOLD) -> JoinResult:
+                    upload_threshold: int = DEFAULT_THRESHOLD, policy: ClientPolicy | None = None) -> JoinResult:
     """Enrol if needed and take part in rounds until the server says the federation is finished.
 
     ``setup(session)`` (optional, used when ``train_fn`` is None) runs once after enrolment and
     returns the train_fn, e.g. after fetching and verifying the proxy bundle over the session.
     A training failure (budget exhausted, NaN loss, config refused) drops this client from the
     round, nothing is sent; an exhausted privacy budget also ends its participation. Stage
-    messages above ``upload_threshold`` bytes are sent as resumable chunked uploads.
+    messages above ``upload_threshold`` bytes are sent as resumable chunked uploads. A round config
+    that breaks ``policy`` (default: the safe :class:`ClientPolicy`) or fails its signature check
+    ends participation with :class:`PolicyViolation` / ``SecurityError`` before anything is trained
+    or sent; the refusal is in ``state_dir/audit.jsonl``.
     """
     from fedproxy_secure.errors import FedProxyError, PrivacyBudgetExceeded
 
-    s = ClientSession(enrol_dir, state_dir, server_url, log=log, upload_threshold=upload_threshold)
+    s = ClientSession(enrol_dir, state_dir, server_url, log=log, upload_threshold=upload_threshold, policy=policy)
     try:
         cid = s.enroll()
         res = JoinResult(cid)

@@ -10,6 +10,15 @@ Example (paths are relative to the YAML file)::
     dp: {enabled: true, epsilon: 8.0, delta: 1.0e-5, max_grad_norm: 1.0}
     threads: 1                      # torch threads (several clients on one machine must split the cores)
     upload_threshold: 4194304       # stage messages above this many bytes go as resumable chunked uploads
+    policy:                         # what a signed round config must satisfy before this site trains
+      modes: [masking, he]          #   (client/policy.py; these are the defaults: the safe ones)
+      min_cohort: 3
+      min_threshold_fraction: 0.5   #   masking: t >= floor(0.5 n) + 1 (strict majority)
+      require_identities: true
+      require_verify_aggregate: true
+      allow_h_reveal: false
+      max_rounds: 100
+      max_epsilon: 10.0
 
 The LoRA layout (r, alpha, targets) and the A seed are federation-wide and come from the
 operator-signed round config; the DP settings are the site's own and never taken from the server.
@@ -23,6 +32,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedproxy_secure.client.policy import ClientPolicy
 from fedproxy_secure.config import DPConfig, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError
 
@@ -46,6 +56,7 @@ class ClientJoinConfig(BaseModel):
     scale: float = Field(0.1, gt=0, description="synthetic trainer only: update scale")
     upload_threshold: int = Field(4 << 20, ge=1, description="stage messages above this many bytes go as "
                                   "resumable chunked uploads")
+    policy: ClientPolicy = ClientPolicy()
 
     @model_validator(mode="after")
     def _lora_needs_data_and_keyset(self) -> "ClientJoinConfig":
@@ -56,6 +67,14 @@ class ClientJoinConfig(BaseModel):
             if self.keyset is None:
                 raise ValueError("trainer lora needs 'keyset' (the operator's pinned keyset file); the proxy "
                                  "bundle is never loaded unverified")
+        return self
+
+    @model_validator(mode="after")
+    def _dp_within_policy(self) -> "ClientJoinConfig":
+        cap = self.policy.max_epsilon
+        if self.dp.enabled and cap is not None and self.dp.epsilon > cap:
+            raise ValueError(f"dp.epsilon = {self.dp.epsilon} exceeds this site's own policy.max_epsilon = {cap}; "
+                             "lower dp.epsilon or raise policy.max_epsilon")
         return self
 
 

@@ -21,7 +21,8 @@ def run_from_config(cfg, server: str | None = None, log=None, die_at=None, max_w
     proxy bundle over the API, load the site's data and train LoRA each round."""
     if cfg.trainer == "synthetic":
         return join_federation(cfg.enrolment, cfg.state_dir, synthetic_train_fn(cfg.seed, cfg.scale), server,
-                               log=log, die_at=die_at, max_wait_s=max_wait_s, upload_threshold=cfg.upload_threshold)
+                               log=log, die_at=die_at, max_wait_s=max_wait_s, upload_threshold=cfg.upload_threshold,
+                               policy=cfg.policy)
     import torch
 
     torch.set_num_threads(cfg.threads)
@@ -39,11 +40,27 @@ def run_from_config(cfg, server: str | None = None, log=None, die_at=None, max_w
         return lora_train_fn(model, tok, examples, cfg, cfg.state_dir, log=log)
 
     return join_federation(cfg.enrolment, cfg.state_dir, None, server, log=log, die_at=die_at,
-                           max_wait_s=max_wait_s, setup=setup, upload_threshold=cfg.upload_threshold)
+                           max_wait_s=max_wait_s, setup=setup, upload_threshold=cfg.upload_threshold,
+                           policy=cfg.policy)
+
+
+def _policy_file(path: str):
+    """A :class:`ClientPolicy` from a YAML/JSON file (ConfigError naming the field)."""
+    from pydantic import ValidationError
+
+    from fedproxy_secure.client.policy import ClientPolicy
+    from fedproxy_secure.config import format_validation_error, read_yaml_mapping
+    from fedproxy_secure.errors import ConfigError
+
+    try:
+        return ClientPolicy.model_validate(read_yaml_mapping(path))
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: policy." + format_validation_error(exc, model=ClientPolicy)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one client until the federation ends; exit 0."""
+    """Run one client until the federation ends; exit 0, or 3 when it refused the server (a round config
+    against the site's policy or a failed security check; printed, and audited in the state dir)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=None, help="client.yaml (enrolment, state_dir, trainer, data, keyset, dp)")
     ap.add_argument("--enrol", default=None)
@@ -55,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-wait", type=float, default=3600.0)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--policy", default=None, help="test form: a JSON/YAML file with the site policy "
+                                                   "(client.yaml's policy section; default: the safe policy)")
     ap.add_argument("--upload-threshold", type=int, default=None,
                     help="stage messages above this many bytes go as chunked uploads (default 4 MiB)")
     a = ap.parse_args(argv)
@@ -70,12 +89,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_join_config(a.config)
         if a.upload_threshold is not None:
             cfg = cfg.model_copy(update={"upload_threshold": a.upload_threshold})
-        res = run_from_config(cfg, a.server, log=log, die_at=die, max_wait_s=a.max_wait)
-    else:
-        if not (a.enrol and a.state):
-            ap.error("give --config client.yaml, or --enrol DIR --state DIR (synthetic trainer)")
-        res = join_federation(a.enrol, a.state, synthetic_train_fn(a.seed, a.scale), a.server, log=log, die_at=die,
-                              max_wait_s=a.max_wait, upload_threshold=a.upload_threshold or DEFAULT_THRESHOLD)
+    from fedproxy_secure.errors import SecurityError
+
+    try:
+        if a.config:
+            res = run_from_config(cfg, a.server, log=log, die_at=die, max_wait_s=a.max_wait)
+        else:
+            if not (a.enrol and a.state):
+                ap.error("give --config client.yaml, or --enrol DIR --state DIR (synthetic trainer)")
+            res = join_federation(a.enrol, a.state, synthetic_train_fn(a.seed, a.scale), a.server, log=log,
+                                  die_at=die, max_wait_s=a.max_wait,
+                                  upload_threshold=a.upload_threshold or DEFAULT_THRESHOLD,
+                                  policy=_policy_file(a.policy) if a.policy else None)
+    except SecurityError as exc:
+        print(f"[{tag}] refused: {exc}", file=sys.stderr, flush=True)
+        return 3
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(asdict(res), fh, default=str)
