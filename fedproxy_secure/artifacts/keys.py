@@ -1,5 +1,8 @@
 """Ed25519 server keys: generation, storage (0600, optional passphrase), key ids, signing.
 
+Key files are written and read through :mod:`fedproxy_secure.artifacts.keyfiles` (exclusive 0600
+creation; loading refuses a group- or world-accessible file).
+
 Every signature is domain-separated: the signed message is ``DOMAIN + payload`` where DOMAIN is
 ``b"fedproxy-secure/v1/manifest\\n"`` for bundle manifests and ``b"fedproxy-secure/v1/keyset\\n"``
 for keysets, so a signature over one kind of document can never be replayed as the other.
@@ -17,6 +20,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedproxy_secure.artifacts.keyfiles import is_encrypted_pem, read_private_file, save_pem_private_key
 from fedproxy_secure.errors import ConfigError, SecurityError
 
 MANIFEST_DOMAIN = b"fedproxy-secure/v1/manifest\n"
@@ -33,6 +37,8 @@ __all__ = [
     "public_key_from_b64",
     "save_private_key",
     "load_private_key",
+    "save_operator_key",
+    "load_operator_key",
     "save_public_key",
     "load_public_key",
     "sign",
@@ -73,38 +79,19 @@ def public_key_from_b64(text: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_private_key(key: Ed25519PrivateKey, path: str | Path, passphrase: bytes | None = None) -> None:
-    """Write ``key`` as PKCS#8 PEM with mode 0600; encrypted (BestAvailableEncryption) if a passphrase is given.
-
-    Refuses to overwrite an existing file (ConfigError).
-    """
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        raise ConfigError(f"{path} already exists; refusing to overwrite a private key (choose another --out)")
-    enc: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    )
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-    _write_new(path, pem, 0o600)
+    """Write ``key`` as PKCS#8 PEM, created exclusively with mode 0600; encrypted
+    (BestAvailableEncryption) if a passphrase is given. Refuses to overwrite an existing file (ConfigError)."""
+    save_pem_private_key(key, path, passphrase)
 
 
 def load_private_key(path: str | Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
-    """Load an Ed25519 private key; ConfigError if missing, not Ed25519, or the passphrase is wrong/missing."""
+    """Load an Ed25519 private key; SecurityError if the file is group/world-accessible (names
+    ``chmod 600 FILE``), ConfigError if missing, not Ed25519, or the passphrase is wrong/missing/superfluous."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read private key {path}: {exc.strerror}; pass --key KEYDIR/server.key") from None
+    data = read_private_file(path)
+    if is_encrypted_pem(data) and not passphrase:
+        raise ConfigError(f"private key {path} is passphrase-protected: set {PASSPHRASE_ENV} or pass --passphrase-file")
     try:
         key = serialization.load_pem_private_key(data, password=passphrase or None)
     except TypeError:
@@ -117,6 +104,28 @@ def load_private_key(path: str | Path, passphrase: bytes | None = None) -> Ed255
         raise ConfigError(f"cannot decrypt/parse private key {path}: wrong passphrase or not a PEM key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"private key {path} is not an Ed25519 key")
+    return key
+
+
+def save_operator_key(key: Ed25519PrivateKey, path: str | Path, env: dict[str, str] | None = None) -> bool:
+    """Write the operator's round-config signing key (0600, exclusive), encrypted with the passphrase
+    in ``FEDPROXY_OPERATOR_PASSPHRASE`` when set. Returns True iff it was encrypted."""
+    from fedproxy_secure.artifacts.keyfiles import operator_passphrase
+
+    pp = operator_passphrase(env)
+    save_pem_private_key(key, path, pp)
+    return pp is not None
+
+
+def load_operator_key(path: str | Path, env: dict[str, str] | None = None) -> Ed25519PrivateKey:
+    """Load the operator key written by :func:`save_operator_key`: permission-checked, decrypted with
+    ``FEDPROXY_OPERATOR_PASSPHRASE`` when encrypted (ConfigError naming the variable when it is unset
+    or wrong), ConfigError if it is not Ed25519."""
+    from fedproxy_secure.artifacts.keyfiles import load_pem_private_key_file, operator_passphrase
+
+    key = load_pem_private_key_file(path, operator_passphrase(env))
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"operator key {path} is not an Ed25519 key")
     return key
 
 

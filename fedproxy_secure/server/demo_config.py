@@ -30,6 +30,8 @@ class _Strict(BaseModel):
 class DemoClients(_Strict):
     count: int = Field(3, ge=2)
     threads: int = Field(1, ge=1, description="torch threads per client process")
+    policy: dict = Field(default_factory=dict, description="each site's client.yaml policy (client/policy.py); "
+                         "default: the safe policy")
 
 
 class DemoModel(_Strict):

@@ -109,9 +109,10 @@ def issue_proxy_bundle(server_dir: Path, proxy_dir: Path, log: Log) -> tuple[Pat
 
     Returns ``(keyset.json, bundle folder)``; the keyset is what clients pin.
     """
-    from fedproxy_secure.artifacts import create_keyset, issue_bundle, load_private_key, save_keyset
+    from fedproxy_secure.artifacts import create_keyset, issue_bundle, save_keyset
+    from fedproxy_secure.artifacts.keys import load_operator_key
 
-    op = load_private_key(server_dir / "keys" / "operator.key")
+    op = load_operator_key(server_dir / "keys" / "operator.key")
     ks = create_keyset(op, valid_days=90)
     ks_path = server_dir / "keys" / "keyset.json"
     save_keyset(ks, ks_path)
@@ -139,5 +140,6 @@ def write_client_kits(spec: DemoSpec, server_dir: Path, clients_dir: Path, data:
                 fh.write(json.dumps({"prompt": ex.prompt, "response": ex.response}) + "\n")
         out.append(write_join_config(site / "client.yaml", enrolment="enrol", state_dir="state", trainer="lora",
                                      seed=k, data="train.jsonl", keyset="keyset.json",
-                                     dp=spec.dp.model_dump(mode="json"), threads=spec.clients.threads))
+                                     dp=spec.dp.model_dump(mode="json"), threads=spec.clients.threads,
+                                     policy=dict(spec.clients.policy)))
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedproxy_secure.artifacts.keys import load_private_key
+from fedproxy_secure.artifacts.keys import load_operator_key
 from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.server.app import ServerContext, create_app
 from fedproxy_secure.server.rounds import ROUND_CONFIG_DOMAIN, RoundEngine, sign_round_config
@@ -24,7 +24,7 @@ def build_context(d: str | os.PathLike, bundle_dir: str | os.PathLike | None = N
     settings = load_settings(d)
     store = SQLiteStore(p["db"])
     audit = AuditLog(p["audit"])
-    op_key = load_private_key(p["op_key"])
+    op_key = load_operator_key(p["op_key"])
     he_key = he_statement_key(d) if settings.mode == "he" else None
     engine = RoundEngine(store, audit, settings, he_key=he_key,
                          signer=lambda cfg, domain=ROUND_CONFIG_DOMAIN: sign_round_config(op_key, cfg, domain))

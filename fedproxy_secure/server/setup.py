@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from fedproxy_secure.artifacts.keys import generate_key, save_private_key, save_public_key
+from fedproxy_secure.artifacts.keys import generate_key, save_operator_key, save_private_key, save_public_key
 from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.server.rounds import FederationSettings
@@ -63,7 +63,7 @@ def init_server(d: str | os.PathLike, settings: FederationSettings,
     ca = create_ca(p["dir"] / "pki")
     issue_server_cert(ca, p["dir"] / "pki", hosts)
     key = generate_key()
-    save_private_key(key, p["op_key"])
+    save_operator_key(key, p["op_key"])  # encrypted with FEDPROXY_OPERATOR_PASSPHRASE when set
     save_public_key(key.public_key(), p["op_pub"])
     p["settings"].write_text(json.dumps(asdict(settings), indent=2))
     SQLiteStore(p["db"]).close()

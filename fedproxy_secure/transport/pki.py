@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedproxy_secure.errors import ConfigError, SecurityError
+from fedproxy_secure.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,11 @@ class CertPair:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 (created exclusively when it does not exist)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        os.chmod(path, 0o600)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write ``data`` to ``path`` as a fresh 0600 file (exclusive create, then an atomic rename over
+    any old one; :func:`fedproxy_secure.artifacts.keyfiles.write_private_file`)."""
+    from fedproxy_secure.artifacts.keyfiles import write_private_file
+
+    write_private_file(path, data, replace=True)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -53,11 +48,10 @@ def load_cert(path: str | os.PathLike) -> x509.Certificate:
 
 
 def load_key(path: str | os.PathLike):
-    """Load a PEM private key; refuses a key file readable by group/others."""
-    p = Path(path)
-    if p.stat().st_mode & 0o077:
-        raise SecurityError(f"private key {p} is readable by others; run chmod 600 {p}")
-    return serialization.load_pem_private_key(p.read_bytes(), password=None)
+    """Load a PEM private key; refuses a key file accessible by group/others (names ``chmod 600 FILE``)."""
+    from fedproxy_secure.artifacts.keyfiles import load_pem_private_key_file
+
+    return load_pem_private_key_file(path)
 
 
 def _now() -> _dt.datetime:

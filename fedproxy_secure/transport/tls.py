@@ -17,6 +17,9 @@ def server_ssl_context(cert: str | os.PathLike, key: str | os.PathLike, ca: str 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    from fedproxy_secure.artifacts.keyfiles import check_private_file
+
+    check_private_file(key)  # refuses a group/world-accessible server.key (names chmod 600)
     ctx.load_cert_chain(str(cert), str(key))
     ctx.load_verify_locations(cafile=str(ca))
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -33,6 +36,9 @@ def client_ssl_context(ca: str | os.PathLike, cert: str | os.PathLike | None = N
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     if cert is not None:
+        from fedproxy_secure.artifacts.keyfiles import check_private_file
+
+        check_private_file(key if key else cert)  # refuses a group/world-accessible client.key
         ctx.load_cert_chain(str(cert), str(key) if key else None)
     return ctx
 
