@@ -39,6 +39,15 @@ def _peft(model, seed=0, layers=None):
 
 
 @pytest.fixture()
+def keyfiles(tmp_path):
+    from fedproxy_secure.artifacts import create_keyset, generate_key, save_private_key
+
+    key = generate_key()
+    save_private_key(key, tmp_path / "server.key")
+    return tmp_path / "server.key", create_keyset(key, name="op")
+
+
+@pytest.fixture()
 def folders(tmp_path):
     llm_dir = save_tiny_llm(SPEC, tmp_path / "llm")
     llm = load_causal_lm(llm_dir)
@@ -52,11 +61,15 @@ def folders(tmp_path):
     return llm_dir, pdir, tmp_path / "adapter", pm
 
 
-def test_server_fuse_writes_dense_folder_and_record(folders, tmp_path):
+def test_server_fuse_writes_dense_folder_and_record(folders, keyfiles, tmp_path):
+    from fedproxy_secure.errors import ConfigError
+    from fedproxy_secure.fuse import load_fused_model
+
     llm_dir, pdir, adir, pm = folders
     out = tmp_path / "fused"
     r = CliRunner().invoke(app, ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir),
-                                 "--out", str(out), "--round", "7", "--aggregator", "hties"])
+                                 "--out", str(out), "--round", "7", "--aggregator", "hties", "--method", "weight",
+                                 "--key", str(keyfiles[0])])
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "fusion.json").read_text())
     assert rec["layer_map"] == KEEP and rec["source_round"] == 7 and rec["aggregator"] == "hties"
@@ -67,18 +80,62 @@ def test_server_fuse_writes_dense_folder_and_record(folders, tmp_path):
     for j, l in enumerate(KEEP):
         torch.testing.assert_close(fused.state_dict()[f"model.layers.{l}.mlp.down_proj.weight"],
                                    merged[f"model.layers.{j}.mlp.down_proj.weight"], rtol=0, atol=2e-7)
+    assert load_fused_model(out, keyfiles[1]).fused_meta["method"] == "weight"  # signed, loads through the entry point
     # a second run into the same folder is refused (no overwrite)
-    r2 = CliRunner().invoke(app, ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir), "--out", str(out)])
-    assert r2.exit_code != 0 and isinstance(r2.exception, ModelError)
+    r2 = CliRunner().invoke(app, ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir),
+                                  "--out", str(out), "--method", "weight", "--key", str(keyfiles[0])])
+    assert r2.exit_code != 0 and isinstance(r2.exception, ConfigError) and "not an empty folder" in str(r2.exception)
 
 
-def test_server_fuse_refuses_proxy_of_a_bigger_llm(folders, tmp_path):
+def test_server_fuse_refuses_proxy_of_a_bigger_llm(folders, keyfiles, tmp_path):
     llm_dir, pdir, adir, _ = folders
     (pdir / "fedproxy.json").write_text(json.dumps({"layer_map": [0, 1, 4, 9]}))
+    for method in ("weight", "logit"):
+        r = CliRunner().invoke(app, ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir),
+                                     "--out", str(tmp_path / "f"), "--method", method, "--key", str(keyfiles[0])])
+        assert isinstance(r.exception, ModelError), (method, r.output)
+        assert not (tmp_path / "f").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".f.tmp")]  # no half-written folder left
+
+
+def test_server_fuse_default_logit_writes_a_folder_load_fused_accepts(folders, keyfiles, tmp_path):
+    from fedproxy_secure.fuse import load_fused
+
+    llm_dir, pdir, adir, pm = folders
+    out = tmp_path / "served"
     r = CliRunner().invoke(app, ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir),
-                                 "--out", str(tmp_path / "f")])
-    assert isinstance(r.exception, ModelError) and "outside the LLM" in str(r.exception)
-    assert not (tmp_path / "f").exists()
+                                 "--out", str(out), "--beta", "0.5", "--key", str(keyfiles[0])])
+    assert r.exit_code == 0, r.output
+    assert "logit" in r.output and "shares the LLM's blocks" in r.output
+    model = load_fused(out, keyfiles[1])
+    assert model.beta == 0.5 and model.fused_meta["layer_map"] == KEEP
+    llm = load_causal_lm(llm_dir)
+    base = copy.deepcopy(pm.get_base_model())
+    ids = torch.randint(3, 300, (2, 7))
+    with pm.disable_adapter():
+        zb = pm(input_ids=ids).logits
+    want = llm(input_ids=ids).logits + 0.5 * (pm(input_ids=ids).logits - zb)
+    torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-5)
+    del base
+
+
+def test_server_fuse_usage_errors_are_config_errors(folders, keyfiles, tmp_path):
+    """Missing --key, an unknown --method and delta on an undistilled proxy: ConfigError (CLI exit 2), nothing written."""
+    from fedproxy_secure.errors import ConfigError
+
+    llm_dir, pdir, adir, _ = folders
+    common = ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir), "--out", str(tmp_path / "o")]
+    cases = [(common, "--key"), (common + ["--key", str(keyfiles[0]), "--method", "dense"], "--method"),
+             (common + ["--key", str(keyfiles[0]), "--method", "delta"], "distil")]
+    for args, needle in cases:
+        r = CliRunner().invoke(app, args)
+        assert isinstance(r.exception, ConfigError) and needle in str(r.exception), (args, r.output)
+        assert not (tmp_path / "o").exists()
+
+
+def test_server_fuse_help_names_the_default():
+    r = CliRunner().invoke(app, ["server", "fuse", "--help"])
+    assert r.exit_code == 0 and "logit (default" in r.output
 
 
 def test_logit_plugin_is_llm_when_proxy_untuned_and_shifts_by_beta():

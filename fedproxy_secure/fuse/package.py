@@ -33,9 +33,15 @@ FUSED_FORMAT_VERSION = "fedproxy-fused/1"
 OWN_TENSORS = "proxy/own.safetensors"
 
 
-def _fresh_tmp(out: Path) -> Path:
+def _check_out(out: str | Path) -> Path:
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: {str(out)!r} exists and is not an empty folder; choose a new folder")
+    return out
+
+
+def _fresh_tmp(out: Path) -> Path:
+    _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
@@ -87,6 +93,7 @@ def write_logit_folder(
     if not (0.0 <= beta < float("inf")):
         raise ConfigError(f"--beta: {beta} must be a finite number >= 0")
     llm_dir, proxy_dir, adapter_dir = Path(llm_dir), Path(proxy_dir), Path(adapter_dir)
+    _check_out(out_dir)
     mapping = read_proxy_mapping(proxy_dir)
     deltas_from_adapter(adapter_dir)  # refuses pickle, non-LoRA and incomplete adapters
     llm = load_causal_lm(llm_dir)
@@ -155,6 +162,7 @@ def write_dense_folder(
 
     if method not in ("weight", "delta"):
         raise ConfigError(f"--method: {method!r} is not a dense method (weight, delta)")
+    _check_out(out_dir)
     mapping = read_proxy_mapping(proxy_dir)
     if method == "delta" and not (mapping.distilled or mapping.fusion_mode == "delta"):
         raise ConfigError("--method delta: the proxy's fedproxy.json says it was not distilled; build it with "

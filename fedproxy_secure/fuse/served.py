@@ -28,6 +28,15 @@ def proxy_param_source(name: str, block_path: str, layer_map: Sequence[int]) -> 
     return name
 
 
+def check_layer_map(llm: nn.Module, layer_map: Sequence[int]) -> None:
+    """ModelError unless ``layer_map`` is non-empty, unique and inside the LLM's blocks."""
+    n_llm = len(decoder_blocks(llm)[1])
+    bad = [l for l in layer_map if not 0 <= int(l) < n_llm]
+    if not layer_map or bad or len(set(layer_map)) != len(layer_map):
+        raise ModelError(f"fusion: layer map {list(layer_map)} must be unique LLM blocks; it points outside the LLM's "
+                         f"{n_llm} blocks or repeats one (bad: {bad}); wrong LLM for this proxy?")
+
+
 def _set_param(module: nn.Module, name: str, param: nn.Parameter) -> None:
     *path, leaf = name.split(".")
     for part in path:
@@ -46,6 +55,7 @@ def build_shared_proxy(llm: nn.Module, proxy_config: Any, layer_map: Sequence[in
     from transformers import AutoModelForCausalLM
 
     own = dict(own or {})
+    check_layer_map(llm, layer_map)
     block_path, _, _ = decoder_blocks(llm)
     with torch.device("cpu"):
         proxy = AutoModelForCausalLM.from_config(proxy_config, dtype=next(llm.parameters()).dtype)
@@ -73,6 +83,7 @@ def differing_tensors(llm: nn.Module, proxy: nn.Module, layer_map: Sequence[int]
 
     An exact-copy proxy gives an empty dict; a distilled proxy gives its changed block tensors.
     """
+    check_layer_map(llm, layer_map)
     block_path, _, _ = decoder_blocks(llm)
     llm_state = llm.state_dict()
     out = {}
