@@ -9,7 +9,6 @@ names the field path, the bad value and the fix, e.g.::
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -126,8 +125,10 @@ class SecAggConfig(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="simulated fraction of clients that drop")
 
     def threshold_for(self, n: int) -> int:
-        """The threshold t for a cohort of ``n`` clients (explicit, else ceil(2n/3), at least 1)."""
-        return self.threshold if self.threshold is not None else max(1, math.ceil(2 * n / 3))
+        """The threshold t for a cohort of ``n`` clients: the one rule, ``protocol.threshold.effective_threshold``."""
+        from fedproxy_secure.protocol.threshold import effective_threshold
+
+        return effective_threshold(self.mode, n, self.threshold)
 
 
 class DPConfig(_Strict):

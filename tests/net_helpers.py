@@ -24,7 +24,7 @@ def free_port() -> int:
 
 
 def make_server(tmp: Path, n_sites: int, **settings) -> tuple[Path, int]:
-    from fedproxy_secure.server.rounds import FederationSettings
+    from fedproxy_secure.protocol.settings import FederationSettings
     from fedproxy_secure.server.setup import enroll_site, init_server
 
     port = free_port()

@@ -78,7 +78,6 @@ UNSAFE = [
     ("no-mtls", SAFE_NETWORK, {"transport": {"mtls": False}}, "transport.mtls"),
     ("tls12", SAFE_NETWORK, {"transport": {"tls_min_version": "1.2"}}, "transport.mtls"),
     ("plaintext", SAFE_NETWORK, {"federation": {"mode": "plain"}}, "secagg.mode"),
-    ("t-too-low", SAFE_SIMULATE, {"clients": {"count": 10}, "secagg": {"threshold": 3}}, "secagg.threshold"),
     ("he-no-flooding", SAFE_SIMULATE, {"secagg": {"mode": "he", "he": {"flood": False}}}, "he.flooding"),
     ("dp-off-simulate", SAFE_SIMULATE, {"dp": {"enabled": False}}, "dp.enabled"),
 ]
@@ -116,6 +115,17 @@ def test_network_threshold_is_raised_like_the_round_engine(tmp_path: Path) -> No
     dep, _ = load_deployment(_write(tmp_path, cfg))
     assert dep.threshold == 2 and dep.effective_threshold == 5  # max(t, n//2+1, 2), RoundEngine._threshold
     assert _statuses(run_check(_write(tmp_path, cfg)))["secagg.threshold"] == "PASS"
+
+
+def test_simulate_threshold_is_raised_by_the_same_rule(tmp_path: Path) -> None:
+    """simulate, the round engine and the auditor share protocol.threshold.effective_threshold: a
+    masking config asking for t=3 of 10 runs (and is audited) with a strict majority, t=6."""
+    from fedproxy_secure.protocol.threshold import effective_threshold
+
+    cfg = _merge(SAFE_SIMULATE, {"clients": {"count": 10}, "secagg": {"threshold": 3}})
+    dep, _ = load_deployment(_write(tmp_path, cfg))
+    assert dep.threshold == 3 and dep.effective_threshold == 6 == effective_threshold("masking", 10, 3)
+    assert _statuses(run_check(_write(tmp_path, cfg, "b.yaml")))["secagg.threshold"] == "PASS"
 
 
 def test_epsilon_policy_thresholds(tmp_path: Path) -> None:
@@ -157,7 +167,7 @@ def test_invalid_config_is_a_config_error(tmp_path: Path, cfg: dict, needle: str
 
 
 def _server_state(tmp_path: Path) -> Path:
-    from fedproxy_secure.server.rounds import FederationSettings
+    from fedproxy_secure.protocol.settings import FederationSettings
     from fedproxy_secure.server.setup import init_server
 
     d = tmp_path / "server"

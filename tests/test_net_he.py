@@ -96,8 +96,9 @@ def _tamperer(d, tmp, site: int, log: list):
     from fedproxy_secure.client.join import ClientSession
     from fedproxy_secure.client.stages import make_client_stages
     from fedproxy_secure.secagg.he import KeyHolder
-    from fedproxy_secure.server.he_stages import INPUT_DOMAIN, b64e, signed_payload
-    from fedproxy_secure.server.rounds import verify_round_config
+    from fedproxy_secure.protocol.codec import b64e
+    from fedproxy_secure.protocol.he_wire import INPUT_DOMAIN, signed_payload
+    from fedproxy_secure.protocol.roundcfg import verify_round_config
 
     s = ClientSession(d / "enrol" / f"site{site}", tmp / f"client{site}", retry_s=20)
     try:

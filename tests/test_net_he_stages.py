@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedproxy_secure.artifacts.keys import sign
 from fedproxy_secure.audit.log import canonical_json
-from fedproxy_secure.client.he_stages import HEClientStages
 from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
 from fedproxy_secure.secagg.he import FloodingPolicy, KeyHolder, PublicContext
 from fedproxy_secure.secagg.he_params import validate_params
-from fedproxy_secure.server.he_stages import (HE_STAGES, INPUT_DOMAIN, KEYS_DOMAIN, b64e, he_settings,
-                                              key_holder_for, signed_payload)
-from fedproxy_secure.server.protocols import make_server_stages, vec_from_b64
+from fedproxy_secure.protocol.codec import b64e, vec_from_b64
+from fedproxy_secure.protocol.he_wire import (HE_STAGES, INPUT_DOMAIN, KEYS_DOMAIN, he_settings, key_holder_for,
+                                              signed_payload)
+from fedproxy_secure.protocol.modes.he import HEClientStages, HEServerStages
 
 DIM = 8
 SESSION = bytes(range(32))
@@ -40,7 +40,7 @@ def setup_round(n=3, kh=1, verify=True, dim=DIM):
     options = {"identities": {str(i): b64e(raw(k.public_key())) for i, k in ids.items()}, "he": he}
     rng = np.random.default_rng(0)
     vecs = {i: np.clip(0.1 * rng.standard_normal(dim), -1, 1) for i in ids}
-    server = make_server_stages("he", cohort=list(ids), dim=dim, threshold=2, session_id=SESSION, clip_norm=1.0,
+    server = HEServerStages(cohort=list(ids), dim=dim, threshold=2, session_id=SESSION, clip_norm=1.0,
                                 options=options, signing_key=skey)
     clients = {i: HEClientStages(vecs[i], sid=i, session_id=SESSION, threshold=2, dim=dim, clip_norm=1.0,
                                  cohort=list(ids), options=options, identity_key=ids[i]) for i in ids}
@@ -242,7 +242,7 @@ def test_close_is_deterministic_for_replay():
     run(server, clients, edit=rec)
     outs = []
     for _ in range(2):
-        s = make_server_stages("he", cohort=[1, 2, 3], dim=DIM, threshold=2, session_id=SESSION, clip_norm=1.0,
+        s = HEServerStages(cohort=[1, 2, 3], dim=DIM, threshold=2, session_id=SESSION, clip_norm=1.0,
                                options=options, signing_key=skey)
         outs.append([canonical_json(s.close(st, recorded[st])) for st in HE_STAGES[:2]])
     assert outs[0] == outs[1]
@@ -256,13 +256,13 @@ def test_settings_refusals():
             he_settings(bad, 1.0)
     with pytest.raises(ConfigError, match="clip"):
         he_settings({"max_clients": 1 << 20}, 1.0)
-    from fedproxy_secure.server.rounds import FederationSettings
+    from fedproxy_secure.protocol.settings import FederationSettings
 
     assert FederationSettings.from_dict({"mode": "he"}).mode == "he"
     with pytest.raises(ConfigError, match="federation.he"):
         FederationSettings.from_dict({"mode": "masking", "he": {"scale_bits": 40}})
     with pytest.raises(ConfigError, match="statement (signing )?key"):
-        make_server_stages("he", cohort=[1, 2, 3], dim=DIM, threshold=2, session_id=SESSION, clip_norm=1.0,
+        HEServerStages(cohort=[1, 2, 3], dim=DIM, threshold=2, session_id=SESSION, clip_norm=1.0,
                            options=setup_round()[5], signing_key=None)
 
 
@@ -281,7 +281,9 @@ def test_round_engine_he_with_restart_and_no_secret_key_in_the_store(tmp_path):
     """RoundEngine over SQLite: join, he_keys, he_input, then a 'restart' (new engine, replay), he_decrypt."""
     from fedproxy_secure.audit.log import AuditLog
     from fedproxy_secure.client.stages import make_client_stages
-    from fedproxy_secure.server.rounds import FederationSettings, RoundEngine, state_from_bytes
+    from fedproxy_secure.protocol.roundcfg import state_from_bytes
+    from fedproxy_secure.protocol.settings import FederationSettings
+    from fedproxy_secure.server.rounds import RoundEngine
     from fedproxy_secure.server.store import SQLiteStore
 
     settings = FederationSettings.from_dict({"rounds": 1, "min_clients": 3, "threshold": 2, "mode": "he", "dim": DIM})

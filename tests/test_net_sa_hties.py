@@ -17,8 +17,8 @@ import numpy as np
 from fedproxy_secure.aggregate import AggState, make_aggregator
 from fedproxy_secure.audit.log import verify_log
 from fedproxy_secure.client.join import clip_update, synthetic_train_fn
-from fedproxy_secure.server.rounds import state_from_bytes
-from fedproxy_secure.server.sa_hties_stages import SAHTiesOptions, reference_step
+from fedproxy_secure.protocol.roundcfg import state_from_bytes
+from fedproxy_secure.protocol.sa_hties_wire import SAHTiesOptions, reference_step
 from tests.net_helpers import db_rounds, make_server, start_client, start_server, stop, wait_for
 
 DIM = 16

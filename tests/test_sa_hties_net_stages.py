@@ -16,10 +16,12 @@ from fedproxy_secure.aggregate import AggState, make_aggregator
 from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.client.stages import make_client_stages
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
-from fedproxy_secure.server.rounds import (ROUND_CONFIG_DOMAIN, FederationSettings, RoundEngine, sign_round_config,
-                                           state_from_bytes)
-from fedproxy_secure.server.sa_hties_stages import (PHASE_DOMAIN, SAHTiesOptions, check_h_message,
+from fedproxy_secure.protocol.names import ROUND_CONFIG_DOMAIN
+from fedproxy_secure.protocol.roundcfg import sign_round_config, state_from_bytes
+from fedproxy_secure.protocol.sa_hties_wire import (PHASE_DOMAIN, SAHTiesOptions, check_h_message,
                                                     check_phase_b_message, reference_step, round_stages)
+from fedproxy_secure.protocol.settings import FederationSettings
+from fedproxy_secure.server.rounds import RoundEngine
 from fedproxy_secure.server.store import SQLiteStore
 
 DIM = 12

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedproxy_secure.config import load_run_config
-from fedproxy_secure.simulate import run_simulation
+from fedproxy_secure.pipelines.simulate import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -49,3 +49,18 @@ class FedAvgAggregator:
             "aggregator": self.name, "num_clients": len(ups), "weights": jsonable_floats(w),
             "delta_norm": float(np.linalg.norm(delta)),
         })
+
+
+def fedavg_from_sum(total: np.ndarray, total_weight: float) -> np.ndarray:
+    """FedAvg's step from a secure sum: ``Σ_i w_i Δ_i / Σ_i w_i`` given both sums.
+
+    With unit weights (``total_weight`` = number of survivors) this is the unweighted mean; with
+    example counts pre-multiplied by the clients it is the example-weighted mean. Guarantees a new
+    float64 array; raises ``DataError`` unless ``total_weight`` is positive and finite.
+    """
+    from fedproxy_secure.errors import DataError
+
+    w = float(total_weight)
+    if not np.isfinite(w) or w <= 0:
+        raise DataError(f"fedavg_from_sum: total weight {total_weight!r} must be positive; check the survivors")
+    return np.asarray(total, dtype=np.float64) / w

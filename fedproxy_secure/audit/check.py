@@ -2,7 +2,7 @@
 
 Two config formats are accepted, told apart by their keys:
 
-* **network** (has ``federation``; the format of ``demo --config``, see ``server/demo.py``):
+* **network** (has ``federation``; the format of ``demo --config``, see ``pipelines/demo.py``):
   ``clients`` (int or ``{count}``), ``federation`` (``FederationSettings``: mode, threshold,
   min_clients, clip_norm, aggregator, train, ...). DP comes from a top-level ``dp`` section or from
   ``federation.train.dp`` (``enabled``, ``epsilon``, ``delta``). Transport from an optional top-level
@@ -98,7 +98,8 @@ def _dp(section: dict, where: str) -> tuple[Optional[bool], Optional[float], Opt
 
 def deployment_from_network(data: dict, source: str) -> tuple[Deployment, tuple[str, ...]]:
     """The deployment view of a networked config (``clients`` + ``federation``)."""
-    from fedproxy_secure.server.rounds import FederationSettings
+    from fedproxy_secure.protocol.settings import FederationSettings
+    from fedproxy_secure.protocol.threshold import effective_threshold
 
     fed_raw = dict(_mapping(data.get("federation") or data.get("network"), "federation"))
     settings = FederationSettings.from_dict(fed_raw)  # refuses unknown keys, validates values
@@ -113,11 +114,8 @@ def deployment_from_network(data: dict, source: str) -> tuple[Deployment, tuple[
     enabled, eps, delta = _dp(dp_top or dp_train, "dp" if dp_top else "federation.train.dp")
     mtls, tls_min = _transport(data, default_mtls=True)
     mode = "none" if settings.mode == "plain" else settings.mode
-    # the round engine raises t to a strict majority of the cohort in masking mode (RoundEngine._threshold)
-    eff = max(settings.threshold, n // 2 + 1, 2) if mode == "masking" else \
-        max(settings.threshold, 2) if mode == "he" else settings.threshold
-    if settings.aggregator == "sa_hties":  # the engine also raises t to 3 (RoundEngine._threshold_for)
-        eff = max(eff, 3)
+    # the same rule the round engine applies (one function, protocol.threshold)
+    eff = effective_threshold(settings.mode, n, settings.threshold, settings.aggregator)
     keep = _mapping(data.get("compress"), "compress").get("keep_ratio")
     d = Deployment(kind="network", source=source, n_clients=n, mode=mode, threshold=settings.threshold,
                    effective_threshold=eff, aggregator=settings.aggregator, dp_enabled=enabled, epsilon=eps,

@@ -16,17 +16,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fedproxy_secure.errors import SecurityError
+from fedproxy_secure.protocol.canonical import canonical_json
 
 GENESIS = "0" * 64
 _FIELDS = ("seq", "ts", "event", "data", "prev_hash", "hash")
-
-
-def canonical_json(obj: Any) -> bytes:
-    """Canonical JSON bytes: sorted keys, compact separators, UTF-8, no NaN."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def entry_hash(entry: dict) -> str:

@@ -49,7 +49,7 @@ LABELS = {"zs_llm": "zero-shot LLM", "zs_proxy": "proxy (untuned)", "prior_only"
 
 
 def _json_default(o):
-    from fedproxy_secure.simulate import json_default
+    from fedproxy_secure.pipelines.simulate import json_default
 
     return json_default(o)
 
@@ -147,7 +147,7 @@ class _Shared:
 
     def __init__(self, a: QualityArgs, setting: str, tasks: Sequence[str]):
         from fedproxy_secure.eval.score_cache import ScoreCache
-        from fedproxy_secure.simulate import load_llm
+        from fedproxy_secure.pipelines.simulate import load_llm
 
         self.a, self.setting = a, setting
         self.llm, self.tok, self.llm_hash = load_llm(_run_config(a, setting, "fedavg", 0))
@@ -172,7 +172,7 @@ class _Shared:
         return self._proxies[kind]
 
     def prepared(self, method: str, seed: int):
-        from fedproxy_secure.simulate import Prepared
+        from fedproxy_secure.pipelines.simulate import Prepared
 
         data, client_tasks = client_partition(self.train, self.setting, self.a.clients, seed)
         return Prepared(self.llm, self.tok, self.proxy(method), data, client_tasks, self.test, self.calib, self.llm_hash)
@@ -232,7 +232,7 @@ def _ot_lora_targets(proxy_model, adapter_blocks: int) -> list[str]:
 
 
 def _federated_cell(sh: _Shared, method: str, seed: int, out: Path) -> dict:
-    from fedproxy_secure.simulate import federate, fuse_outcome
+    from fedproxy_secure.pipelines.simulate import federate, fuse_outcome
 
     cfg = _run_config(sh.a, sh.setting, method, seed)
     prep = sh.prepared(method, seed)

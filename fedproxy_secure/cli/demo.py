@@ -19,7 +19,7 @@ def demo_cmd(
 ) -> None:
     """Server + client processes over HTTPS/mTLS: compress, signed bundle, DP LoRA training with masking,
     fusion and evaluation; writes report.md, results.json, rounds.png, audit.jsonl, server/."""
-    from fedproxy_secure.server.demo import load_demo_spec, run_demo
+    from fedproxy_secure.pipelines.demo import load_demo_spec, run_demo
 
     spec, path = load_demo_spec(None if config else preset, config)
     res = run_demo(out, spec, log=console.print, config_path=path)

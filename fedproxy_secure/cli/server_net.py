@@ -30,7 +30,7 @@ def init_cmd(
     from typing import get_args
 
     from fedproxy_secure.server.rounds import NET_AGGREGATORS, FederationSettings
-    from fedproxy_secure.server.sa_hties_stages import SAHTiesOptions
+    from fedproxy_secure.protocol.sa_hties_wire import SAHTiesOptions
     from fedproxy_secure.server.setup import init_server
 
     if aggregator not in NET_AGGREGATORS:

@@ -25,7 +25,7 @@ def simulate_cmd(
 
     from fedproxy_secure.config import load_run_config
     from fedproxy_secure.report import print_simulation_table
-    from fedproxy_secure.simulate import run_simulation
+    from fedproxy_secure.pipelines.simulate import run_simulation
 
     cfg = load_run_config(config)
     if threads:

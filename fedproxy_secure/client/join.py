@@ -26,7 +26,7 @@ from fedproxy_secure.client.policy import ClientPolicy, PolicyViolation, check_r
 from fedproxy_secure.client.stages import make_client_stages
 from fedproxy_secure.client.upload import DEFAULT_THRESHOLD, post_stage_message
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
-from fedproxy_secure.server.rounds import state_from_bytes, verify_round_config
+from fedproxy_secure.protocol.roundcfg import state_from_bytes, verify_round_config
 from fedproxy_secure.transport.http import SignedClient, expect
 from fedproxy_secure.transport.signing import b64u
 

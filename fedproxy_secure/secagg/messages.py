@@ -13,30 +13,20 @@ Flow (client -> server unless noted):
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fedproxy_secure.errors import ProtocolAbort
+from fedproxy_secure.protocol.codec import b64d, b64e, u64_from_b64, u64_to_b64
 
 MAX_ID = (1 << 63) - 1
 MAX_BYTES = 1 << 34  # refuse absurd payloads before decoding them
 
 
-def _b64e(b: bytes) -> str:
-    return base64.b64encode(bytes(b)).decode("ascii")
-
-
 def _b64d(s: Any, what: str) -> bytes:
-    if not isinstance(s, str) or len(s) > MAX_BYTES:
-        raise ProtocolAbort(f"message field {what}: expected a base64 string")
-    try:
-        return base64.b64decode(s.encode("ascii"), validate=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
-        raise ProtocolAbort(f"message field {what}: invalid base64") from exc
+    return b64d(s, f"message field {what}", MAX_BYTES)
 
 
 def _id(v: Any, what: str) -> int:
@@ -47,13 +37,13 @@ def _id(v: Any, what: str) -> int:
 
 def _encode(kind: Any, v: Any) -> Any:
     if kind == "bytes":
-        return _b64e(v)
+        return b64e(v)
     if kind == "id":
         return int(v)
     if kind == "ids":
         return [int(i) for i in v]
     if kind == "vector":
-        return _b64e(np.ascontiguousarray(v, dtype="<u8").tobytes())
+        return u64_to_b64(v)
     return [x.to_dict() for x in v]  # tuple of sub-messages
 
 
@@ -67,10 +57,7 @@ def _decode(kind: Any, v: Any, what: str) -> Any:
             raise ProtocolAbort(f"message field {what}: expected a list of ids")
         return tuple(_id(i, what) for i in v)
     if kind == "vector":
-        raw = _b64d(v, what)
-        if len(raw) % 8:
-            raise ProtocolAbort(f"message field {what}: vector byte length is not a multiple of 8")
-        return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        return u64_from_b64(v, f"message field {what}", MAX_BYTES)
     if not isinstance(v, list):
         raise ProtocolAbort(f"message field {what}: expected a list")
     return tuple(kind.from_dict(x) for x in v)
@@ -162,7 +149,7 @@ class AdvertiseKeys(_Wire):
         return self.keys.client_id
 
     def to_dict(self) -> dict:
-        return {"type": self.TYPE, "session_id": _b64e(self.session_id), "keys": self.keys.to_dict()}
+        return {"type": self.TYPE, "session_id": b64e(self.session_id), "keys": self.keys.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Any) -> "AdvertiseKeys":

@@ -1,131 +1,45 @@
-"""The round state machine of the networked federation.
+"""The round engine of the networked federation: one loop for every secure-aggregation mode.
 
 A round moves through ``join`` (clients check in; the cohort is fixed and the signed round config
-published), then the stages of the secure-aggregation mode (``advertise``, ``share``,
-``masked_input``, ``consistency``, ``unmask`` for masking; ``he_keys``, ``he_input``, ``he_decrypt``
-for HE, see ``server/he_stages.py``), then ``done`` or ``aborted``. With ``aggregator: sa_hties``
-the round runs those stages twice, as two complete secure-sum sessions (phase A, an optional
-``sa_reveal`` stage, phase B as ``b_<stage>``; ``server/sa_hties_stages.py``). Each stage
-has a deadline: it closes early when every live cohort member has submitted, else at the
-deadline, and a client that sent nothing is declared dropped (audited). Fewer than ``t`` live
-clients aborts the round (nothing is revealed). Every transition is committed to the store
-before it is acted on; :meth:`RoundEngine.recover` resumes an open round after a crash by
-replaying the stored messages, or aborts it, and the next round always gets a fresh session id.
+published), then the stages of its mode (:mod:`fedproxy_secure.protocol.modes`: plain, masking,
+HE, or a composite such as SA-H-TIES = two secure sums), then ``done`` or ``aborted``. The engine
+knows modes only through the :class:`~fedproxy_secure.protocol.modes.Mode` interface (stages,
+deadlines, threshold, round options, server stages, ``finish``); it never branches on a mode name.
+Each stage has a deadline: it closes early when every live cohort member has submitted, else at
+the deadline, and a client that sent nothing is declared dropped (audited); a message the mode
+refuses is audited as ``reject`` with the mode's reason. Fewer than ``t`` live clients aborts the
+round (nothing is revealed). Every transition is committed to the store before it is acted on;
+:meth:`RoundEngine.recover` resumes an open round after a crash by replaying the stored messages,
+or aborts it, and the next round always gets a fresh session id.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
-import math
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
 
-from fedproxy_secure.audit.log import AuditLog, canonical_json
-from fedproxy_secure.errors import ConfigError, DataError, ProtocolAbort, SecurityError
-from fedproxy_secure.server.protocols import PlainStages, make_server_stages
+from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.errors import DataError, ProtocolAbort, SecurityError
+from fedproxy_secure.protocol.canonical import canonical_json
+from fedproxy_secure.protocol.codec import b64e
+from fedproxy_secure.protocol.modes import RoundContext, ServerStages, resolve
+from fedproxy_secure.protocol.names import JOIN_STAGE, ROUND_CONFIG_DOMAIN
+from fedproxy_secure.protocol.roundcfg import sign_round_config, state_from_bytes, state_to_bytes, verify_round_config
+from fedproxy_secure.protocol.settings import DEFAULT_DEADLINES, FederationSettings, net_aggregators
 from fedproxy_secure.server.store import RoundRow, Storage
 
-ROUND_CONFIG_DOMAIN = b"fedproxy-secure/v1/round-config\n"
-DEFAULT_DEADLINES = {"join": 30.0, "advertise": 120.0, "share": 20.0, "masked_input": 20.0,
-                     "consistency": 20.0, "unmask": 20.0, "he_keys": 120.0, "he_input": 30.0, "he_decrypt": 60.0,
-                     "sa_reveal": 20.0}
+#: re-exported for operator code written against the old location; new code imports from protocol
+__all__ = ["RoundEngine", "FederationSettings", "DEFAULT_DEADLINES", "NET_AGGREGATORS", "ROUND_CONFIG_DOMAIN",
+           "sign_round_config", "verify_round_config", "state_to_bytes", "state_from_bytes"]
 #: rules the server can apply to secure sums only (hties/ties need every update in the clear)
-NET_AGGREGATORS = ("fedavg", "sa_hties")
-
-
-@dataclass
-class FederationSettings:
-    """What the operator fixes for a federation (stored in the store's meta table as JSON)."""
-
-    rounds: int = 3
-    min_clients: int = 3
-    threshold: int = 2
-    mode: str = "masking"
-    dim: int = 16
-    clip_norm: float = 1.0
-    aggregator: str = "fedavg"
-    deadlines: dict = field(default_factory=lambda: dict(DEFAULT_DEADLINES))
-    train: dict = field(default_factory=dict)   # passed to clients verbatim (lr, epochs, dp, ...)
-    max_aborts: int = 10
-    on_restart: str = "resume"                  # resume | abort
-    a_seed: int | None = None                   # fixed LoRA-A seed of the federation (FFA-LoRA needs one A)
-    he: dict = field(default_factory=dict)      # mode he: CKKS options (server/he_stages.he_settings)
-    sa_hties: dict = field(default_factory=dict)  # aggregator sa_hties: h_norm, r0, delta, rho (sa_hties_stages)
-
-    def validate(self) -> "FederationSettings":
-        """Raise ``ConfigError`` naming the field for any impossible value."""
-        if self.rounds < 1:
-            raise ConfigError(f"federation.rounds={self.rounds}: must be >= 1")
-        if self.min_clients < 2:
-            raise ConfigError(f"federation.min_clients={self.min_clients}: secure aggregation needs >= 2")
-        if not 1 <= self.threshold <= self.min_clients:
-            raise ConfigError(f"federation.threshold={self.threshold}: must be in [1, min_clients]")
-        if self.mode not in ("masking", "plain", "none", "he"):
-            raise ConfigError(f"federation.mode={self.mode!r}: use masking, he or plain over the network")
-        if self.dim < 1 or not self.clip_norm > 0:
-            raise ConfigError("federation.dim and federation.clip_norm must be positive")
-        if self.on_restart not in ("resume", "abort"):
-            raise ConfigError("federation.on_restart: use resume or abort")
-        if self.a_seed is not None and not (isinstance(self.a_seed, int) and 0 <= self.a_seed < 2**63):
-            raise ConfigError(f"federation.a_seed={self.a_seed!r}: use an integer in [0, 2**63)")
-        if self.mode == "he":
-            from fedproxy_secure.server.he_stages import he_settings
-
-            he_settings(self.he, self.clip_norm)
-        elif self.he:
-            raise ConfigError(f"federation.he is set but federation.mode is {self.mode!r}; remove it or use mode he")
-        if self.aggregator not in NET_AGGREGATORS:
-            raise ConfigError(f"federation.aggregator={self.aggregator!r}: over the network use one of "
-                              f"{list(NET_AGGREGATORS)} (ties/hties need every update in the clear)")
-        if self.aggregator == "sa_hties":
-            from fedproxy_secure.server.sa_hties_stages import MIN_COHORT, NET_MODES, sa_options
-
-            if self.mode not in NET_MODES:
-                raise ConfigError(f"federation.aggregator sa_hties with federation.mode={self.mode!r} is not wired "
-                                  "to the network yet; use mode masking")
-            if self.min_clients < MIN_COHORT:
-                raise ConfigError(f"federation.min_clients={self.min_clients}: SA-H-TIES needs >= {MIN_COHORT} (with 2 "
-                                  "clients the broadcast phase-A sum reveals the other client's update direction)")
-            sa_options(self.sa_hties)
-        elif self.sa_hties:
-            raise ConfigError(f"federation.sa_hties is set but federation.aggregator is {self.aggregator!r}; "
-                              "remove it or use aggregator sa_hties")
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FederationSettings":
-        """Build from a dict, refusing unknown keys."""
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"federation: unknown keys {sorted(unknown)}")
-        s = cls(**d)
-        s.deadlines = {**DEFAULT_DEADLINES, **(s.deadlines or {})}
-        return s.validate()
-
-
-def state_to_bytes(theta: np.ndarray, conflict: np.ndarray | None = None) -> bytes:
-    """Global state as safetensors bytes (``theta`` and optional ``conflict``, float64)."""
-    from safetensors.numpy import save
-
-    t = {"theta": np.ascontiguousarray(theta, dtype=np.float64)}
-    if conflict is not None:
-        t["conflict"] = np.ascontiguousarray(conflict, dtype=np.float64)
-    return save(t)
-
-
-def state_from_bytes(blob: bytes) -> dict[str, np.ndarray]:
-    """Inverse of :func:`state_to_bytes` (safetensors only, never pickle)."""
-    from safetensors.numpy import load
-
-    return load(blob)
+NET_AGGREGATORS = net_aggregators()
 
 
 class RoundEngine:
@@ -133,42 +47,24 @@ class RoundEngine:
 
     def __init__(self, store: Storage, audit: AuditLog, settings: FederationSettings,
                  signer=None, clock: Callable[[], float] = time.time, he_key=None) -> None:
-        """``he_key``: the server's Ed25519 key that signs HE contribution statements (mode he only)."""
+        """``he_key``: the server's Ed25519 key that signs HE contribution statements (modes that need one)."""
         self.store, self.audit, self.s, self.signer, self.clock = store, audit, settings, signer, clock
-        if settings.mode == "he" and he_key is None:
-            raise ConfigError("federation.mode he: the server needs its HE statement key (keys/he_statement.key)")
+        self.mode = resolve(settings.mode, settings.aggregator)  # the one place a mode is looked up
+        self.mode.check_server(he_key)
         self.he_key = he_key
         self.lock = threading.RLock()
-        self._proto = None          # ServerStages of the open round (rebuilt on recovery)
-        self._proto_round = None
+        self._proto: ServerStages | None = None  # server stages of the open round (rebuilt on recovery)
+        self._proto_round: int | None = None
 
     # ---------------------------------------------------------------- helpers
-    def stages_for(self, mode: str) -> tuple[str, ...]:
-        """Protocol stages of ``mode`` (after ``join``)."""
-        if mode in ("plain", "none"):
-            return PlainStages.stages
-        if mode == "he":
-            from fedproxy_secure.server.he_stages import HE_STAGES
-
-            return HE_STAGES
-        from fedproxy_secure.server.masking_stages import MaskingServerStages
-
-        return MaskingServerStages.stages
-
     def round_stages(self) -> tuple[str, ...]:
-        """Every stage of a round after ``join``: the mode's, or SA-H-TIES's two phases over them."""
-        base = self.stages_for(self.s.mode)
-        if self.s.aggregator != "sa_hties":
-            return base
-        from fedproxy_secure.server.sa_hties_stages import round_stages, sa_options
-
-        return round_stages(base, sa_options(self.s.sa_hties).h_norm)
+        """Every stage of a round after ``join`` (the mode's)."""
+        return self.mode.stages(self.s)
 
     def _deadline(self, stage: str) -> float:
-        from fedproxy_secure.server.sa_hties_stages import base_stage
-
-        d = self.s.deadlines
-        return self.clock() + float(d.get(stage, d.get(base_stage(stage), 30.0)))
+        if stage == JOIN_STAGE:
+            return self.clock() + float(self.s.deadlines.get(JOIN_STAGE, 30.0))
+        return self.clock() + self.mode.deadline(self.s, stage)
 
     def completed_rounds(self) -> int:
         """Rounds closed as done."""
@@ -217,42 +113,12 @@ class RoundEngine:
     def _cohort(self, row: RoundRow) -> dict[str, int]:
         return {c: i for c, i in row.config.get("cohort", [])}
 
-    def _threshold(self, n: int) -> int:
-        if self.s.mode == "masking":
-            return max(self.s.threshold, n // 2 + 1, 2)
-        if self.s.mode == "he":  # a "sum" of one update would be that update, decrypted
-            return max(self.s.threshold, 2)
-        return self.s.threshold
+    def _phase_signer(self, body: dict, domain: bytes) -> dict:
+        return self.signer(body, domain) if self.signer is not None else body
 
-    def _threshold_for(self, n: int) -> int:
-        """The round's threshold; SA-H-TIES broadcasts the phase-A sum, so it needs t >= 3."""
-        t = self._threshold(n)
-        if self.s.aggregator == "sa_hties":
-            from fedproxy_secure.server.sa_hties_stages import MIN_COHORT
-
-            t = max(t, MIN_COHORT)
-        return t
-
-    def _phase_signer(self, body: dict) -> dict:
-        from fedproxy_secure.server.sa_hties_stages import PHASE_DOMAIN
-
-        return self.signer(body, PHASE_DOMAIN) if self.signer is not None else body
-
-    def _build_proto(self, row: RoundRow):
-        cfg = row.config
-        cohort = sorted(i for _, i in cfg["cohort"])
-        if self.s.aggregator == "sa_hties":
-            from fedproxy_secure.server.sa_hties_stages import SAHTiesServerStages, sa_options
-
-            sa = cfg["sa_hties"]
-            return SAHTiesServerStages(mode=self.s.mode, round_id=row.round_id, cohort=cohort, dim=self.s.dim,
-                                       threshold=cfg["threshold"], session_id=bytes.fromhex(row.session_id),
-                                       session_b=bytes.fromhex(sa["session_id_b"]), options=cfg.get("secagg_options", {}),
-                                       sa=sa_options({k: v for k, v in sa.items() if k != "session_id_b"}),
-                                       signer=self._phase_signer)
-        return make_server_stages(self.s.mode, cohort=cohort, dim=self.s.dim, threshold=cfg["threshold"],
-                                  session_id=bytes.fromhex(row.session_id), clip_norm=self.s.clip_norm,
-                                  options=cfg.get("secagg_options", {}), signing_key=self.he_key)
+    def _build_proto(self, row: RoundRow) -> ServerStages:
+        return self.mode.server_stages(RoundContext(config=row.config, dim=self.s.dim, clip_norm=self.s.clip_norm,
+                                                    he_key=self.he_key, phase_signer=self._phase_signer))
 
     # ---------------------------------------------------------------- client actions
     def submit(self, client_id: str, rid: int, stage: str, msg: dict, raw_sha256: str | None = None) -> dict:
@@ -303,21 +169,8 @@ class RoundEngine:
         return row
 
     def _validate(self, stage: str, msg: dict, sid: int, row: RoundRow) -> None:
-        if self.s.aggregator == "sa_hties":
-            from fedproxy_secure.server.sa_hties_stages import validate_message
-
-            validate_message(self.s.mode, stage, msg, sid, bytes.fromhex(row.session_id),
-                             bytes.fromhex(row.config["sa_hties"]["session_id_b"]), self.s.dim)
-            return
-        if self.s.mode in ("plain", "none"):
-            PlainStages.validate(stage, msg, self.s.dim)
-            return
-        if self.s.mode == "he":  # full check (signatures, envelope parse) against the replayed session state
-            self._proto_for(row).validate(stage, msg, sid)
-            return
-        from fedproxy_secure.server.masking_stages import MaskingServerStages
-
-        MaskingServerStages.validate(stage, msg, sid, bytes.fromhex(row.session_id))
+        """Full check of one message against the replayed session state, before it is stored."""
+        self._proto_for(row).validate(stage, msg, sid)
 
     def _alive(self, row: RoundRow) -> set[str]:
         """Cohort members not yet declared dropped in ``row``."""
@@ -377,7 +230,7 @@ class RoundEngine:
         members = sorted(subs)
         cohort = [[c, i + 1] for i, c in enumerate(members)]
         n = len(cohort)
-        t = self._threshold_for(n)
+        t = self.mode.threshold(self.s, n)
         gs = self.store.global_state()
         assert gs is not None
         cfg = {
@@ -388,29 +241,16 @@ class RoundEngine:
             "a_seed": self.s.a_seed if self.s.a_seed is not None else
             int.from_bytes(hashlib.sha256(b"a-seed" + bytes.fromhex(row.session_id)).digest()[:4], "big"),
             "total_rounds": self.s.rounds, "issued_at": int(self.clock()),
-            "secagg_options": {"identities": {str(i): base64.b64encode(self.store.client_key(c)).decode()
-                                              for c, i in cohort},
+            "secagg_options": {"identities": {str(i): b64e(self.store.client_key(c)) for c, i in cohort},
                                "max_clients": max(n, 2)},
         }
-        if self.s.mode == "he":
-            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-            from fedproxy_secure.server.he_stages import he_settings, key_holder_for
-
-            he = he_settings(self.s.he, self.s.clip_norm)
-            if n > he["max_clients"]:
-                self.abort(row.round_id, f"cohort of {n} exceeds federation.he.max_clients={he['max_clients']}")
-                return
-            pub = self.he_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            he.update(key_holder=key_holder_for(row.round_id, n), statement_key=base64.b64encode(pub).decode())
-            cfg["secagg_options"]["he"] = he
-        if self.s.aggregator == "sa_hties":
-            from fedproxy_secure.server.sa_hties_stages import sa_options
-
-            session_b = secrets.token_bytes(32)  # phase B: a fresh session (never the phase-A id, never reused)
-            while session_b == bytes.fromhex(row.session_id):
-                session_b = secrets.token_bytes(32)
-            cfg["sa_hties"] = {**sa_options(self.s.sa_hties).model_dump(), "session_id_b": session_b.hex()}
+        try:
+            extra = self.mode.round_options(self.s, row.round_id, n, bytes.fromhex(row.session_id), self.he_key)
+        except ProtocolAbort as exc:
+            self.abort(row.round_id, str(exc))
+            return
+        for k, v in extra.items():
+            cfg[k] = {**cfg[k], **v} if isinstance(cfg.get(k), dict) else v
         if self.signer is not None:
             cfg = self.signer(cfg)
         first = self.round_stages()[0]
@@ -425,13 +265,13 @@ class RoundEngine:
         for u in uploads or ():
             self.audit.append("upload_discard", {**u, "reason": why})
 
-    def _proto_for(self, row: RoundRow):
+    def _proto_for(self, row: RoundRow) -> ServerStages:
         if self._proto is None or self._proto_round != row.round_id:
             self._proto = self._replay(row)
             self._proto_round = row.round_id
         return self._proto
 
-    def _replay(self, row: RoundRow):
+    def _replay(self, row: RoundRow) -> ServerStages:
         """Fresh server stages for ``row`` with every closed stage replayed from the store."""
         proto = self._build_proto(row)
         cohort = self._cohort(row)
@@ -454,91 +294,50 @@ class RoundEngine:
             return
         try:
             proto = self._proto_for(row)
+            before = set(proto.rejections)
             out = proto.close(stage, {cohort[c]: json.loads(b) for c, b in got.items()})
         except (ProtocolAbort, SecurityError, ValueError) as exc:
             self.abort(rid, f"stage {stage} failed: {exc}")
             return
-        stages = self.round_stages()
+        by_sid = {i: c for c, i in cohort.items()}
+        outbox = {by_sid[i]: canonical_json(m) for i, m in (out or {}).items()}
+        # messages the mode refused: recorded in its rejections, or (mid-round) left without a next message
+        refused = {by_sid[i] for i in set(proto.rejections) - before if i in by_sid and by_sid[i] in got}
+        if out is not None:
+            refused |= {c for c in got if c not in outbox}
+        for c in sorted(refused):
+            self.audit.append("reject", {"round": rid, "stage": stage, "client": c,
+                                         "reason": proto.rejections.get(cohort[c], "message refused by the "
+                                                                        "secure-aggregation protocol")[:300]})
+        dropped = sorted(set(dropped) | refused)
         if out is None:
             self._finish(row, proto, dropped)
             return
+        stages = self.round_stages()
         nxt = stages[stages.index(stage) + 1]
-        by_sid = {i: c for c, i in cohort.items()}
-        outbox = {by_sid[i]: canonical_json(m) for i, m in out.items()}
-        refused = sorted(c for c in got if c not in outbox)  # messages the protocol rejected
-        reasons = getattr(proto, "rejections", {})
-        for c in refused:
-            self.audit.append("reject", {"round": rid, "stage": stage, "client": c,
-                                         "reason": reasons.get(cohort[c], "message refused by the "
-                                                               "secure-aggregation protocol")[:300]})
-        dropped = sorted(set(dropped) | set(refused))
         gone = self.store.advance_stage(rid, nxt, self._deadline(nxt), {"dropped": dropped, "closed": stage},
                                         outbox=outbox)
         self._audit_discarded(gone, f"stage {stage} closed")
         self.audit.append("stage", {"round": rid, "closed": stage, "next": nxt, "alive": len(got),
                                     "dropped": dropped})
 
-    def _finish(self, row: RoundRow, proto, dropped: list[str]) -> None:
-        if self.s.aggregator == "sa_hties":
-            self._finish_sa_hties(row, proto, dropped)
-            return
+    def _finish(self, row: RoundRow, proto: ServerStages, dropped: list[str]) -> None:
+        """Close the round with the mode's global step (θ += Δ, conflict state kept), or abort it."""
         rid = row.round_id
-        total, survivors = proto.result()
         by_sid = {i: c for c, i in self._cohort(row).items()}
-        surv_ids = [by_sid[i] for i in survivors]
-        gs = self.store.global_state()
-        theta = state_from_bytes(gs[1])["theta"]
-        k = len(survivors)
-        delta = total / k  # FedAvg over survivors: the only rule that needs just the sum
-        new_theta = theta + delta
-        norm = float(np.linalg.norm(total))
-        if norm > k * self.s.clip_norm * (1 + 1e-3) + 1e-6:
-            self.abort(rid, f"aggregate norm {norm:.4g} exceeds {k} x clip norm: refusing the update")
+        theta = state_from_bytes(self.store.global_state()[1])["theta"]
+        try:
+            fin = self.mode.finish(proto, theta, self.s, by_sid)
+        except (ProtocolAbort, DataError, ValueError) as exc:
+            self.abort(rid, str(exc) if isinstance(exc, ProtocolAbort) else f"finish failed: {exc}")
             return
-        result = {"survivors": surv_ids, "dropped_last_stage": dropped, "sum_sha256":
-                  hashlib.sha256(np.ascontiguousarray(total, dtype="<f8").tobytes()).hexdigest(),
-                  "sum_b64": base64.b64encode(np.ascontiguousarray(total, dtype="<f8").tobytes()).decode(),
-                  "aggregate_norm": norm, "delta_norm": float(np.linalg.norm(delta))}
-        if hasattr(proto, "result_info"):
-            info = proto.result_info()
-            if "key_holder_sid" in info:
-                info["key_holder"] = by_sid.get(info["key_holder_sid"])
-            result["he"] = info
-        blob = state_to_bytes(new_theta)
+        surv_ids = [by_sid[i] for i in fin.survivors]
+        result = {"survivors": surv_ids, "dropped_last_stage": dropped, **fin.result}
+        blob = state_to_bytes(theta + fin.delta, fin.conflict)
         gone = self.store.close_round(rid, "done", "ok", result, blob)
         self._audit_discarded(gone, "round closed")
         self.audit.append("round_close", {"round": rid, "survivors": surv_ids,
-                                          "state_sha256": hashlib.sha256(blob).hexdigest(),
-                                          "aggregate_norm": norm})
-        self._proto, self._proto_round = None, None
-        if self.finished():
-            self.audit.append("federation_end", {"rounds_done": self.completed_rounds()})
-        else:
-            self.open_round()
-
-    def _finish_sa_hties(self, row: RoundRow, proto, dropped: list[str]) -> None:
-        """Close an SA-H-TIES round: Δ* and C from the two phases' sums; θ += Δ*, C kept in the state."""
-        rid = row.round_id
-        try:
-            delta, conflict, info, surv_b = proto.global_step(self.s.clip_norm)
-        except (ProtocolAbort, DataError, ValueError) as exc:
-            self.abort(rid, f"SA-H-TIES finish failed: {exc}")
-            return
-        by_sid = {i: c for c, i in self._cohort(row).items()}
-        surv_ids = [by_sid[i] for i in surv_b]
-        info["phase_a_survivors"] = [by_sid[i] for i in info["phase_a_survivors_sid"]]
-        theta = state_from_bytes(self.store.global_state()[1])["theta"]
-        d = np.ascontiguousarray(delta, dtype="<f8").tobytes()
-        result = {"survivors": surv_ids, "dropped_last_stage": dropped, "sa_hties": info,
-                  "delta_sha256": hashlib.sha256(d).hexdigest(), "delta_b64": base64.b64encode(d).decode(),
-                  "delta_norm": float(np.linalg.norm(delta))}
-        blob = state_to_bytes(theta + delta, conflict)
-        gone = self.store.close_round(rid, "done", "ok", result, blob)
-        self._audit_discarded(gone, "round closed")
-        self.audit.append("round_close", {"round": rid, "survivors": surv_ids, "aggregator": "sa_hties",
-                                          "phase_a_survivors": info["phase_a_survivors"],
-                                          "state_sha256": hashlib.sha256(blob).hexdigest(),
-                                          "delta_norm": result["delta_norm"]})
+                                          "state_sha256": hashlib.sha256(blob).hexdigest(), **fin.audit})
         self._proto, self._proto_round = None, None
         if self.finished():
             self.audit.append("federation_end", {"rounds_done": self.completed_rounds()})
@@ -572,37 +371,3 @@ class RoundEngine:
                 self.audit.append("round_resume", {"round": row.round_id, "stage": row.stage})
             except Exception as exc:  # any replay failure: abort cleanly, fresh keys next round
                 self.abort(row.round_id, f"server restarted and could not resume: {exc}")
-
-
-def sign_round_config(key, cfg: dict, domain: bytes = ROUND_CONFIG_DOMAIN) -> dict:
-    """Return ``cfg`` plus ``kid`` and ``signature`` (Ed25519 over the canonical JSON of the rest).
-
-    ``domain`` separates round configs from other operator-signed messages (SA-H-TIES phases).
-    """
-    from fedproxy_secure.artifacts.keys import key_id, sign
-
-    body = dict(cfg)
-    body["kid"] = key_id(key)
-    sig = sign(key, domain, canonical_json(body))
-    return {**body, "signature": base64.b64encode(sig).decode()}
-
-
-def verify_round_config(pub, cfg: dict, domain: bytes = ROUND_CONFIG_DOMAIN) -> dict:
-    """Check the operator's signature on a round config; returns it without the signature.
-
-    Raises ``SecurityError`` on a missing/bad signature or a key id other than ``pub``'s.
-    """
-    from fedproxy_secure.artifacts.keys import key_id, verify_signature
-
-    if not isinstance(cfg, dict) or "signature" not in cfg or "kid" not in cfg:
-        raise SecurityError("round config is not signed")
-    body = {k: v for k, v in cfg.items() if k != "signature"}
-    if body["kid"] != key_id(pub):
-        raise SecurityError(f"round config signed by unknown key {str(body['kid'])[:16]}")
-    try:
-        sig = base64.b64decode(cfg["signature"], validate=True)
-    except (ValueError, TypeError):
-        raise SecurityError("round config signature is not base64") from None
-    if not verify_signature(pub, sig, domain, canonical_json(body)):
-        raise SecurityError("round config signature does not verify")
-    return body

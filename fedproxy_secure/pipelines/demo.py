@@ -32,7 +32,7 @@ import numpy as np
 
 from fedproxy_secure.audit.log import verify_log
 from fedproxy_secure.errors import ConfigError, FedProxyError
-from fedproxy_secure.server.demo_config import DemoSpec, load_demo_spec
+from fedproxy_secure.pipelines.demo_config import DemoSpec, load_demo_spec
 
 __all__ = ["load_demo_spec", "run_demo"]
 
@@ -139,9 +139,9 @@ def run_demo(out: str | os.PathLike, spec: DemoSpec, log=print, config_path: Pat
     from fedproxy_secure.fuse.adapter import deltas_from_peft_model
     from fedproxy_secure.fuse.weight import fuse_weights
     from fedproxy_secure.lora import save_adapter, set_lora_vector
-    from fedproxy_secure.server import demo_prepare as P
+    from fedproxy_secure.pipelines import demo_prepare as P
     from fedproxy_secure.server.app import status_summary
-    from fedproxy_secure.server.rounds import state_from_bytes
+    from fedproxy_secure.protocol.roundcfg import state_from_bytes
     from fedproxy_secure.server.setup import enroll_site, init_server
     from fedproxy_secure.server.store import SQLiteStore
 
@@ -237,7 +237,7 @@ def run_demo(out: str | os.PathLike, spec: DemoSpec, log=print, config_path: Pat
         "audit_log_ok": ver.ok, "audit_entries": ver.lines,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    from fedproxy_secure.server.demo_report import plot, write_report
+    from fedproxy_secure.pipelines.demo_report import plot, write_report
 
     plot(out / "rounds.png", results)
     write_report(out / "report.md", results)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedproxy_secure.errors import ConfigError
-from fedproxy_secure.server.demo_config import DemoSpec
+from fedproxy_secure.pipelines.demo_config import DemoSpec
 
 Log = Callable[[str], None]
 

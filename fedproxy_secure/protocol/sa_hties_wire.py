@@ -1,42 +1,14 @@
-"""SA-H-TIES over the network: one round = two secure-sum sessions (DESIGN §1 stage ii).
+"""SA-H-TIES over the network: options, phase messages and their checks (both parties use these).
 
-The round is a state machine over named stages (``base`` = the mode's stages, e.g. ``advertise
-share masked_input consistency unmask`` for masking, ``masked_input`` for plain)::
-
-    join -> base (phase A, session id = the round's)          clients sum [Δ̂_i, sgn Δ_i]   (2P values)
-         -> sa_reveal                  (h_norm = reveal only)  clients send the scalar h_i in the clear
-         -> b_<base> (phase B, session id = sa_hties.session_id_b of the signed round config)
-                                                               clients sum [u+, u-, w·1[u>0], w·1[u<0]] (4P)
-         -> done | aborted
-
-Closing phase A gives the server ``T = Σ Δ̂_i``, ``Σ sgn Δ_i`` and ``K`` (the phase-A survivors).
-It signs (operator key, domain :data:`PHASE_DOMAIN`) the public outputs the clients need and sends
-them as the server message of the next stage: ``sa_phase_a`` {T, K, m} for ``sa_reveal``, or the
-phase-B config ``sa_phase_b`` {T, K, m, h_range, cohort, threshold, session ids} for the first
-``b_`` stage. Phase B is a fresh, complete secure-aggregation session over the phase-A survivors
-(those who also revealed h, in ``reveal`` mode): new session id, new keys, new masks.
-
-Dropouts. A client summed in phase A but absent from phase B (dropped at ``sa_reveal`` or during
-phase B) stays counted in ``T``, ``Σ sgn`` and ``K``: those sums are already revealed and cannot be
-un-summed without revealing that client's vectors. Its ``u`` and ``w`` are absent from the phase-B
-sums, so Δ* is the ρ-gated weighted mean over the phase-B survivors only (the rule is a ratio of
-sums, so removing a client is exact), while ``C`` and every client's ``h_i``/``w_i`` still refer to
-the K phase-A clients. :func:`reference_step` computes exactly this in-process. Fewer than the
-round threshold ``t`` at any stage aborts the round (nothing further is revealed).
-
-Scale. Clients divide their clipped update by ``clip_norm`` before both phases (every phase value
-then lies in [-1, 1], the encoder's clip range), and the server multiplies Δ* back by ``clip_norm``:
-SA-H-TIES is positively homogeneous of degree 1, so this is exact.
-
-``close`` is deterministic in its inputs (Ed25519 signatures are deterministic), so a restarted
-server rebuilds both sessions by replaying the stored messages of the closed stages.
+The round shape, the dropout semantics and the scale argument are described in
+:mod:`fedproxy_secure.protocol.modes.sa_hties`, which holds the stage machines. The math is
+:mod:`fedproxy_secure.aggregate.sa_hties` (the in-process aggregator's own functions).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -46,24 +18,25 @@ from fedproxy_secure.aggregate.hties import HTiesParams
 from fedproxy_secure.aggregate.sa_hties import (
     PHASE_A_PARTS,
     PHASE_B_PARTS,
-    pack,
     sa_client_h,
     sa_h_range,
     sa_phase_a_client,
     sa_phase_b_client,
     sa_server_finish,
     sa_weight_shift,
-    unpack,
 )
-from fedproxy_secure.errors import ConfigError, DataError, ProtocolAbort
-from fedproxy_secure.server.protocols import PlainStages, make_server_stages, vec_from_b64, vec_to_b64
+from fedproxy_secure.errors import ConfigError, ProtocolAbort
+from fedproxy_secure.protocol.codec import vec_from_b64, vec_to_b64
+from fedproxy_secure.protocol.names import SA_B_PREFIX as B_PREFIX
+from fedproxy_secure.protocol.names import SA_PHASE_DOMAIN as PHASE_DOMAIN
+from fedproxy_secure.protocol.names import SA_REVEAL_STAGE as REVEAL_STAGE
+from fedproxy_secure.protocol.threshold import SA_HTIES_MIN as MIN_COHORT
 
-REVEAL_STAGE = "sa_reveal"
-B_PREFIX = "b_"
-#: signature domain of the two phase messages (kept apart from round configs)
-PHASE_DOMAIN = b"fedproxy-secure/v1/sa-hties-phase\n"
-NET_MODES = ("masking", "plain", "none")
-MIN_COHORT = 3  # with K = 2, T - Δ̂_i is the other client's normalised update (SECURITY.md)
+__all__ = ["B_PREFIX", "PHASE_DOMAIN", "REVEAL_STAGE", "MIN_COHORT", "PHASE_A_PARTS", "PHASE_B_PARTS", "PHASE_CLIP",
+           "SAHTiesOptions", "sa_options", "round_stages", "base_stage", "h_message", "check_h_message",
+           "check_sums", "check_public_t", "phase_a_message", "phase_b_message", "check_phase_a_message",
+           "check_phase_b_message", "reference_step"]
+
 #: every phase value lies in [-1, 1] once the update is divided by clip_norm
 PHASE_CLIP = 1.0
 SUM_SLACK = 1e-6
@@ -106,17 +79,6 @@ def round_stages(base: tuple[str, ...], h_norm: str) -> tuple[str, ...]:
 def base_stage(stage: str) -> str:
     """The mode's stage name behind a phase-B stage name (``b_share`` -> ``share``); others unchanged."""
     return stage[len(B_PREFIX):] if stage.startswith(B_PREFIX) else stage
-
-
-def _mode_stages(mode: str) -> tuple[str, ...]:
-    if mode in ("plain", "none"):
-        return PlainStages.stages
-    if mode == "masking":
-        from fedproxy_secure.server.masking_stages import MaskingServerStages
-
-        return MaskingServerStages.stages
-    raise ConfigError(f"federation.aggregator sa_hties over mode {mode!r} is not wired to the network; "
-                      f"use mode masking (or plain for baselines)")
 
 
 # ----------------------------------------------------------------------------- pure message logic
@@ -258,22 +220,6 @@ def check_phase_b_message(msg: dict, *, round_id: int, session_a: bytes, session
     return t, k, cohort, h_range
 
 
-def validate_message(mode: str, stage: str, msg: dict, sid: int, session_a: bytes, session_b: bytes,
-                     dim: int) -> None:
-    """Server, on arrival: refuse a malformed message for ``stage`` (before it is stored)."""
-    if stage == REVEAL_STAGE:
-        check_h_message(msg, sid)
-        return
-    phase_b = stage.startswith(B_PREFIX)
-    base = base_stage(stage)
-    if mode in ("plain", "none"):
-        PlainStages.validate(base, msg, (PHASE_B_PARTS if phase_b else PHASE_A_PARTS) * dim)
-        return
-    from fedproxy_secure.server.masking_stages import MaskingServerStages
-
-    MaskingServerStages.validate(base, msg, sid, session_b if phase_b else session_a)
-
-
 # ----------------------------------------------------------------------------- reference (tests, docs)
 
 def reference_step(updates: dict[int, np.ndarray], phase_b: list[int], opts: SAHTiesOptions | None = None,
@@ -304,132 +250,3 @@ def reference_step(updates: dict[int, np.ndarray], phase_b: list[int], opts: SAH
     return res
 
 
-# ----------------------------------------------------------------------------- server stages
-
-class SAHTiesServerStages:
-    """Server side of one SA-H-TIES round: phase A session, optional reveal, phase B session.
-
-    ``signer(body) -> signed body`` signs the two phase messages with the operator key (domain
-    :data:`PHASE_DOMAIN`). ``options`` are the round's ``secagg_options`` (identities, max_clients).
-    """
-
-    def __init__(self, *, mode: str, round_id: int, cohort: list[int], dim: int, threshold: int,
-                 session_id: bytes, session_b: bytes, options: dict, sa: SAHTiesOptions,
-                 signer: Callable[[dict], dict]) -> None:
-        if session_b == session_id:
-            raise ProtocolAbort("SA-H-TIES: phase B must not reuse the phase-A session id")
-        self.mode, self.rid, self.dim, self.t = mode, int(round_id), int(dim), int(threshold)
-        self.session_a, self.session_b, self.sa, self.sign = bytes(session_id), bytes(session_b), sa, signer
-        self.options = dict(options or {})
-        self.base = _mode_stages(mode)
-        self.stages = round_stages(self.base, sa.h_norm)
-        self.a = self._phase(cohort, self.session_a, PHASE_A_PARTS * self.dim)
-        self.b = None
-        self.T: np.ndarray | None = None
-        self.sign_sum: np.ndarray | None = None
-        self.survivors_a: list[int] = []
-        self.alive_a: list[int] = []
-        self.h_range: tuple[float, float] | None = None
-        self.cohort_b: list[int] = []
-        self.phase_a_msg: dict | None = None
-        self.rejections: dict[int, str] = {}
-
-    def _phase(self, cohort: list[int], session: bytes, dim: int):
-        opts = dict(self.options)
-        if "identities" in opts:
-            opts["identities"] = {k: v for k, v in opts["identities"].items() if int(k) in set(cohort)}
-        return make_server_stages(self.mode, cohort=list(cohort), dim=dim, threshold=self.t, session_id=session,
-                                  clip_norm=PHASE_CLIP if self.mode == "masking" else None, options=opts)
-
-    def close(self, stage: str, inputs: dict[int, dict]) -> dict[int, dict] | None:
-        """Close ``stage`` with the survivors' messages; the next stage's message per client, None at the end.
-
-        Any failure is a ``ProtocolAbort`` (the engine aborts the round with its reason).
-        """
-        try:
-            return self._close(stage, inputs)
-        except (ConfigError, DataError) as exc:
-            raise ProtocolAbort(f"SA-H-TIES stage {stage}: {exc}") from None
-
-    def _close(self, stage: str, inputs: dict[int, dict]) -> dict[int, dict] | None:
-        if stage == REVEAL_STAGE:
-            return self._after_reveal(inputs)
-        if stage.startswith(B_PREFIX):
-            if self.b is None:
-                raise ProtocolAbort(f"{stage} closed before the phase-B session was set up")
-            return self.b.close(base_stage(stage), inputs)
-        if self.T is not None:
-            raise ProtocolAbort(f"phase-A stage {stage} closed again after phase A finished")
-        out = self.a.close(stage, inputs)
-        return out if out is not None else self._after_a(inputs)
-
-    def _after_a(self, last_inputs: dict[int, dict]) -> dict[int, dict]:
-        total, surv = self.a.result()
-        try:
-            t, sgn = unpack(total, PHASE_A_PARTS)
-        except DataError as exc:
-            raise ProtocolAbort(f"phase A: {exc}") from None
-        k = len(surv)
-        if k < max(self.t, MIN_COHORT):
-            raise ProtocolAbort(f"phase A summed {k} clients; SA-H-TIES needs at least max(t, {MIN_COHORT})")
-        check_sums([t, sgn], float(k), "phase A")
-        if np.linalg.norm(t) > k * (1 + SUM_SLACK):
-            raise ProtocolAbort(f"phase A: ‖T‖ exceeds K = {k}: refusing the round")
-        self.T, self.sign_sum, self.survivors_a = t, sgn, sorted(surv)
-        self.alive_a = sorted(set(surv) & set(last_inputs))  # summed and still answering at the last stage
-        if len(self.alive_a) < self.t:
-            raise ProtocolAbort(f"only {len(self.alive_a)} phase-A survivors still answer, threshold {self.t}")
-        if self.sa.h_norm == "reveal":
-            self.phase_a_msg = self.sign(phase_a_message(self.rid, self.session_a, self.survivors_a, self.alive_a, t))
-            return {sid: self.phase_a_msg for sid in self.alive_a}
-        return self._start_b(self.alive_a, None)
-
-    def _after_reveal(self, inputs: dict[int, dict]) -> dict[int, dict]:
-        if self.T is None:
-            raise ProtocolAbort("sa_reveal closed before phase A finished")
-        hs: dict[int, float] = {}
-        for sid in sorted(inputs):
-            try:
-                if sid not in self.alive_a:
-                    raise ProtocolAbort("not a phase-A survivor")
-                hs[sid] = check_h_message(inputs[sid], sid)
-            except ProtocolAbort as exc:
-                self.rejections[sid] = str(exc)
-        if len(hs) < self.t:
-            raise ProtocolAbort(f"only {len(hs)} clients revealed h, threshold {self.t}")
-        return self._start_b(sorted(hs), sa_h_range(list(hs.values()), len(hs)))
-
-    def _start_b(self, cohort_b: list[int], h_range) -> dict[int, dict]:
-        self.cohort_b, self.h_range = list(cohort_b), h_range
-        self.b = self._phase(cohort_b, self.session_b, PHASE_B_PARTS * self.dim)
-        msg = self.sign(phase_b_message(self.rid, self.session_a, self.session_b, self.survivors_a, cohort_b,
-                                        self.t, self.T, self.sa, h_range))
-        return {sid: msg for sid in cohort_b}
-
-    def result(self) -> tuple[np.ndarray, tuple[int, ...]]:
-        """Phase-B sum (4P packed values) and the phase-B survivors."""
-        if self.b is None:
-            raise ProtocolAbort("SA-H-TIES: phase B did not run")
-        return self.b.result()
-
-    def global_step(self, clip_norm: float) -> tuple[np.ndarray, np.ndarray, dict, tuple[int, ...]]:
-        """``(Δ*, C, info, phase-B survivors)``: Δ* scaled back by ``clip_norm``; ``ProtocolAbort`` on bad sums."""
-        total, surv_b = self.result()
-        try:
-            sums_b = unpack(total, PHASE_B_PARTS)
-        except DataError as exc:
-            raise ProtocolAbort(f"phase B: {exc}") from None
-        check_sums(sums_b, float(len(surv_b)), "phase B")
-        k = len(self.survivors_a)
-        res = sa_server_finish([self.T, self.sign_sum], sums_b, k, self.sa.params())
-        delta = res.delta * float(clip_norm)
-        if float(np.max(np.abs(delta), initial=0.0)) > clip_norm * (1 + 1e-3):
-            raise ProtocolAbort("SA-H-TIES step has a coordinate above the clip norm: refusing the update")
-        info = {"aggregator": "sa_hties", "K": k, "phase_a_survivors_sid": self.survivors_a,
-                "phase_b_cohort_sid": self.cohort_b, "phase_b_survivors_sid": sorted(surv_b),
-                "h_norm": self.sa.h_norm, "h_range": None if self.h_range is None else list(self.h_range),
-                "sum_normalised_norm": res.info["sum_normalised_norm"], "mean_conflict": res.info["mean_conflict"],
-                "gated_zero_fraction": res.info["gated_zero_fraction"],
-                "phase_a_sum_sha256": hashlib.sha256(pack([self.T, self.sign_sum]).astype("<f8").tobytes()).hexdigest(),
-                "phase_b_sum_sha256": hashlib.sha256(np.ascontiguousarray(total, "<f8").tobytes()).hexdigest()}
-        return delta, res.conflict, info, tuple(sorted(surv_b))

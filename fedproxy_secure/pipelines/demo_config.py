@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedproxy_secure.config import CompressConfig, DPConfig, LoraConfig, TinyModelSpec, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError
-from fedproxy_secure.server.rounds import FederationSettings
+from fedproxy_secure.protocol.settings import FederationSettings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PRESETS = {"tiny": EXAMPLES / "demo-tiny.yaml", "smollm": EXAMPLES / "demo.yaml"}
