@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -12,27 +13,59 @@ from fedproxy_secure.cli.app import server_app
 from fedproxy_secure.cli.common import console
 
 
+_YAML_FIELDS = {"rounds": "--rounds", "min_clients": "--min-clients", "threshold": "--threshold", "mode": "--mode",
+                "dim": "--dim", "clip_norm": "--clip-norm", "aggregator": "--aggregator", "h_norm": "--h-norm",
+                "host": "--host"}
+
+
 @server_app.command("init")
 def init_cmd(
     dir: Path = typer.Option(Path("fedserver"), "--dir", help="server folder to create"),
-    rounds: int = typer.Option(3, help="rounds to run"),
-    min_clients: int = typer.Option(3, help="clients needed to start a round"),
-    threshold: int = typer.Option(2, help="minimum survivors (t) of secure aggregation"),
-    mode: str = typer.Option("masking", help="masking | he | plain"),
-    dim: int = typer.Option(16, help="length of the update vector"),
-    clip_norm: float = typer.Option(1.0, help="L2 clip norm of each update"),
-    aggregator: str = typer.Option("fedavg", help="fedavg | sa_hties (two secure sums per round, needs >= 3 clients)"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="signed proxy bundle ('server issue-proxy'): the "
+                                          "LoRA vector size and the FFA A seed are derived from it and fixed"),
+    keyset: Optional[Path] = typer.Option(None, "--keyset", help="the keyset the bundle verifies against "
+                                          "('server keygen'); every site kit pins it"),
+    config: Optional[Path] = typer.Option(None, "--config", help="federation.yaml (url, rounds, min_clients, "
+                                          "mode, lora, train, dp, deadlines; see docs/operator-guide.md)"),
+    rounds: Optional[int] = typer.Option(None, help="rounds to run [without --bundle; default 3]"),
+    min_clients: Optional[int] = typer.Option(None, help="clients needed to start a round [without --bundle; default 3]"),
+    threshold: Optional[int] = typer.Option(None, help="minimum survivors (t) [without --bundle; default 2]"),
+    mode: Optional[str] = typer.Option(None, help="masking | he | plain [without --bundle; default masking]"),
+    dim: Optional[int] = typer.Option(None, help="length of the update vector [only without --bundle, synthetic "
+                                      "trainer; default 16]"),
+    clip_norm: Optional[float] = typer.Option(None, help="L2 clip norm of each update [without --bundle; default 1.0]"),
+    aggregator: Optional[str] = typer.Option(None, help="fedavg | sa_hties [without --bundle; default fedavg]"),
     h_norm: Optional[str] = typer.Option(None, "--h-norm",
                                          help="sa_hties only: reveal (default; each h_i in the clear) | none"),
-    host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host", help="names in the server certificate"),
+    host: Optional[list[str]] = typer.Option(None, "--host", help="names in the server certificate [without "
+                                             "--bundle; default 127.0.0.1, localhost]"),
 ) -> None:
-    """Create the CA, the server certificate, the operator key, the store and the audit log."""
+    """Create the CA, the server certificate, the operator key, the store and the audit log.
+
+    With --bundle/--keyset/--config (a real federation): the bundle is verified, the proxy's trainable
+    LoRA size and a fresh A seed are fixed in federation.json, and the bundle and keyset are copied in.
+    """
     from typing import get_args
 
     from fedproxy_secure.server.rounds import NET_AGGREGATORS, FederationSettings
     from fedproxy_secure.protocol.sa_hties_wire import SAHTiesOptions
-    from fedproxy_secure.server.setup import init_server
+    from fedproxy_secure.server.setup import init_server, new_a_seed
 
+    given = {k: v for k, v in dict(rounds=rounds, min_clients=min_clients, threshold=threshold, mode=mode, dim=dim,
+                                   clip_norm=clip_norm, aggregator=aggregator, h_norm=h_norm, host=host).items()
+             if v is not None}
+    if bundle is not None or keyset is not None or config is not None:
+        if bundle is None or keyset is None:
+            raise typer.BadParameter("a federation from a proxy bundle needs both --bundle and --keyset",
+                                     param_hint="'--bundle'")
+        if given:
+            k = sorted(given)[0]
+            why = ("derived from the bundle's proxy and LoRA config" if k == "dim"
+                   else "set it in the federation YAML (--config)")
+            raise typer.BadParameter(f"not allowed with --bundle: {why}", param_hint=f"'{_YAML_FIELDS[k]}'")
+        _init_from_bundle(dir, bundle, keyset, config)
+        return
+    aggregator = aggregator or "fedavg"
     if aggregator not in NET_AGGREGATORS:
         raise typer.BadParameter(f"{aggregator!r}: use one of {', '.join(NET_AGGREGATORS)} over the network "
                                  "(ties/hties need every update in the clear)", param_hint="'--aggregator'")
@@ -42,61 +75,137 @@ def init_cmd(
     if h_norm is not None and aggregator != "sa_hties":
         raise typer.BadParameter(f"{h_norm!r} applies only with --aggregator sa_hties (got {aggregator!r})",
                                  param_hint="'--h-norm'")
-    s = FederationSettings(rounds=rounds, min_clients=min_clients, threshold=threshold, mode=mode, dim=dim,
-                           clip_norm=clip_norm, aggregator=aggregator,
+    s = FederationSettings(rounds=3 if rounds is None else rounds, min_clients=3 if min_clients is None else min_clients,
+                           threshold=2 if threshold is None else threshold, mode=mode or "masking",
+                           dim=16 if dim is None else dim, clip_norm=1.0 if clip_norm is None else clip_norm,
+                           aggregator=aggregator, a_seed=new_a_seed(),
                            sa_hties={"h_norm": h_norm or "reveal"} if aggregator == "sa_hties" else {})
-    p = init_server(dir, s, tuple(host))
+    p = init_server(dir, s, tuple(host or ("127.0.0.1", "localhost")))
     console.print(f"[green]initialised[/] {p['dir']}: CA {p['ca']}, server cert {p['cert']}, operator key {p['op_key']}")
+
+
+def _init_from_bundle(dir: Path, bundle: Path, keyset: Path, config: Optional[Path]) -> None:
+    from fedproxy_secure.server.fed_config import FederationFile, load_federation_yaml
+    from fedproxy_secure.server.setup import init_from_bundle, load_settings
+
+    fed = FederationFile() if config is None else load_federation_yaml(config)
+    rec = init_from_bundle(dir, fed, bundle, keyset)
+    s = load_settings(dir)
+    console.print(f"[green]initialised[/] {dir}: bundle {rec['bundle_id'][:12]} v{rec['bundle_version']} verified "
+                  f"(keyset {rec['keyset_name']!r}); LoRA r={fed.lora.r} on {rec['lora_tensors']} tensors -> "
+                  f"dim {rec['lora_dim']}, A seed fixed; {s.rounds} rounds, {s.mode}/{s.aggregator}, "
+                  f"min {s.min_clients} sites; sites connect to {rec['url']}", highlight=False, soft_wrap=True)
 
 
 @server_app.command("enroll")
 def enroll_cmd(
-    name: str = typer.Option(..., "--name", help="site name (letters, digits, - _ .)"),
+    site: Optional[str] = typer.Argument(None, help="site name (letters, digits, - _ .)"),
+    name: Optional[str] = typer.Option(None, "--name", help="site name (same as the SITE argument)"),
     dir: Path = typer.Option(Path("fedserver"), "--dir"),
-    url: str = typer.Option("https://127.0.0.1:8443", "--url", help="server URL the site will use"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the site kit zip here (CA cert, TLS key, one-time "
+                                       "token, pinned keyset, URL, policy, client.yaml); the server keeps no copy"),
+    url: Optional[str] = typer.Option(None, "--url", help="server URL the site will use (default: federation.yaml's "
+                                      "url; https://127.0.0.1:8443 for a folder made without --config)"),
     ttl_hours: float = typer.Option(168.0, help="token validity"),
 ) -> None:
-    """Issue a one-time enrolment token and a client certificate bundle for a site."""
+    """Enrol a site: a one-time token and a TLS client certificate, as a kit zip (--out) or a folder."""
     from fedproxy_secure.server.setup import enroll_site
 
-    out = enroll_site(dir, name, url, ttl_hours * 3600)
-    console.print(f"[green]enrolment bundle[/] {out} (hand it to the site over a trusted channel; token is one-time)")
+    if (site is None) == (name is None):
+        raise typer.BadParameter("give the site name once: as SITE or as --name", param_hint="'SITE'")
+    site = site or name
+    if out is not None:
+        from fedproxy_secure.server.kit import write_site_kit
+
+        k = write_site_kit(dir, site, out, url, ttl_hours * 3600)
+        console.print(f"[green]site kit[/] {k['path']} for {site!r} (sha256 {k['sha256'][:16]}, server {k['url']}): "
+                      "hand it to the site over a trusted channel; it holds the site's TLS key and a one-time token",
+                      highlight=False, soft_wrap=True)
+        return
+    out_dir = enroll_site(dir, site, url or "https://127.0.0.1:8443", ttl_hours * 3600)
+    console.print(f"[green]enrolment bundle[/] {out_dir} (hand it to the site over a trusted channel; token is one-time)")
 
 
 @server_app.command("start")
 def start_cmd(
     dir: Path = typer.Option(Path("fedserver"), "--dir"),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8443),
-    bundle: Path = typer.Option(None, help="signed proxy bundle folder to publish"),
+    port: Optional[int] = typer.Option(None, help="listen port (default: the port of federation.yaml's url, else 8443)"),
+    bundle: Optional[Path] = typer.Option(None, help="signed proxy bundle folder to publish (default: the one "
+                                          "'server init --bundle' copied into DIR/bundle; another one is refused)"),
     max_body: int = typer.Option(64 << 20, help="largest request body in bytes"),
     chunk_bytes: int = typer.Option(1 << 20, help="chunk size of resumable uploads of large stage messages"),
     max_upload: int = typer.Option(256 << 20, help="declared bytes one client may hold in open uploads"),
+    linger: float = typer.Option(10.0, help="seconds to keep serving after the federation ended (sites read the end)"),
 ) -> None:
-    """Serve the federation over HTTPS (TLS 1.3, client certificates required)."""
-    from fedproxy_secure.server.runner import serve
+    """Serve the federation over HTTPS (TLS 1.3, client certificates required) until it ends.
+
+    Logs each round's stage transitions and results, one line each. Ends with a stored state:
+    finished (exit 0) or failed (exit 1, e.g. more aborted rounds than max_aborts, with the reason).
+    """
+    from fedproxy_secure.server.lifecycle import run_server
+    from fedproxy_secure.server.setup import deployment, server_paths
     from fedproxy_secure.server.uploads import UploadLimits
 
-    console.print(f"serving {dir} on https://{host}:{port}")
-    serve(dir, host, port, bundle, max_body, uploads=UploadLimits(chunk_bytes=chunk_bytes, max_bytes=max_upload))
+    dep = deployment(dir)
+    stored = server_paths(dir)["bundle"]
+    if bundle is None and dep and stored.is_dir():
+        bundle = stored
+    elif bundle is not None and dep:
+        from fedproxy_secure.artifacts import load_keyset, verify_bundle
+        from fedproxy_secure.errors import ConfigError
+
+        vb = verify_bundle(bundle, load_keyset(server_paths(dir)["keyset"]))
+        if vb.bundle_id != dep.get("bundle_id"):
+            raise ConfigError(f"--bundle {bundle}: bundle {vb.bundle_id[:12]} is not the one this federation was "
+                              f"initialised with ({str(dep.get('bundle_id'))[:12]}); its LoRA size and A seed are "
+                              "fixed to that bundle. Leave --bundle out, or init a new federation")
+    port = port or int(dep.get("port", 8443))
+
+    def log(msg: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {msg}", highlight=False, soft_wrap=True)
+
+    log(f"serving {dir} on https://{host}:{port}" + (f", publishing bundle {bundle}" if bundle else ""))
+    code = run_server(dir, host, port, bundle, max_body, UploadLimits(chunk_bytes=chunk_bytes, max_bytes=max_upload),
+                      linger_s=linger, log=log)
+    raise typer.Exit(code)
 
 
 @server_app.command("status")
 def status_cmd(dir: Path = typer.Option(Path("fedserver"), "--dir"),
                as_json: bool = typer.Option(False, "--json")) -> None:
-    """Rounds, clients, dropouts and ε reported, as a table."""
+    """Federation state (running / finished / failed), rounds, clients, dropouts and ε reported.
+
+    Exit status: 0 when the federation is running, not started or finished; 1 when it failed.
+    """
     from rich.table import Table
 
     from fedproxy_secure.server.app import status_summary
-    from fedproxy_secure.server.setup import server_paths
+    from fedproxy_secure.server.lifecycle import federation_state, stored_state
+    from fedproxy_secure.server.setup import load_settings, server_paths
     from fedproxy_secure.server.store import SQLiteStore
 
-    st = SQLiteStore(server_paths(dir)["db"])
-    s = status_summary(st)
-    st.close()
+    paths = server_paths(dir)
+    if not (paths["settings"].is_file() and paths["db"].is_file()):  # never create a store to report on
+        from fedproxy_secure.errors import ConfigError
+
+        raise ConfigError(f"--dir: no federation in {str(dir)!r} (no federation.json and state.db there); "
+                          f"create one with 'fedproxy-secure server init --dir {dir}' or point --dir at a server folder")
+    settings = load_settings(dir)
+    st = SQLiteStore(paths["db"])
+    try:
+        s = status_summary(st)
+        s["federation"] = federation_state(settings.rounds, settings.max_aborts, st.rounds(), stored_state(st))
+    finally:
+        st.close()
+    code = 1 if s["federation"]["state"] == "failed" else 0
     if as_json:
         console.print_json(json.dumps(s))
-        return
+        raise typer.Exit(code)
+    f = s["federation"]
+    colour = {"finished": "green", "failed": "bold red", "running": "yellow"}.get(f["state"], "white")
+    console.print(f"federation [{colour}]{f['state']}[/]: {f['rounds_done']}/{f['rounds_total']} rounds done, "
+                  f"{f['aborted']} aborted" + (f"; {f['reason']}" if f["reason"] else ""), soft_wrap=True)
     t = Table(title=f"rounds ({dir})")
     names = {x["client_id"]: x["name"] for x in s["clients"]}
     for col in ("round", "status", "stage", "cohort", "survivors", "dropouts", "ε max", "seconds", "reason"):
@@ -122,3 +231,24 @@ def status_cmd(dir: Path = typer.Option(Path("fedserver"), "--dir"),
     for x in s["clients"]:
         c.add_row(x["client_id"], x["name"], x["status"], "-" if x.get("epsilon") is None else f"{x['epsilon']:.4g}")
     console.print(c)
+    raise typer.Exit(code)
+
+
+@server_app.command("export")
+def export_cmd(
+    dir: Path = typer.Option(Path("fedserver"), "--dir"),
+    round_id: Optional[int] = typer.Option(None, "--round", help="finished round whose global LoRA to export "
+                                           "(default: the last finished round)"),
+    out: Path = typer.Option(..., "--out", help="new folder: proxy/, adapter/ (PEFT), export.json"),
+) -> None:
+    """Write the global LoRA of a round as a PEFT adapter, with the verified proxy beside it.
+
+    Load it with peft's AutoPeftModelForCausalLM.from_pretrained(OUT/adapter), or fuse it into the
+    LLM with 'server fuse --proxy OUT/proxy --lora OUT/adapter'.
+    """
+    from fedproxy_secure.server.export import export_round
+
+    rec = export_round(dir, out, round_id)
+    console.print(f"[green]exported[/] round {rec['round']} ({rec['lora_dim']} LoRA values, state "
+                  f"{rec['state_sha256'][:12]}): adapter {out / 'adapter'}, proxy {out / 'proxy'}",
+                  highlight=False, soft_wrap=True)

@@ -42,6 +42,13 @@ def serve(d: str | os.PathLike, host: str = "127.0.0.1", port: int = 8443, bundl
     Body limits, checked before a body is read: ``max_body`` in general, 16 KiB for enrolment,
     ``uploads.chunk_bytes`` for an upload chunk and 4 KiB for an upload declaration or commit.
     """
+    uvicorn_server(d, host, port, bundle_dir, max_body, poll_s, log_level, uploads)[0].run()
+
+
+def uvicorn_server(d: str | os.PathLike, host: str = "127.0.0.1", port: int = 8443, bundle_dir=None,
+                   max_body: int = 64 << 20, poll_s: float = 10.0, log_level: str = "warning",
+                   uploads: UploadLimits = UploadLimits()):
+    """``(uvicorn.Server, ServerContext)`` of :func:`serve`, not yet running (the caller may stop it)."""
     import uvicorn
 
     from fedproxy_secure.server.app import BodyLimit
@@ -52,7 +59,7 @@ def serve(d: str | os.PathLike, host: str = "127.0.0.1", port: int = 8443, bundl
                     path_limits=[(CHUNK_PATH, uploads.chunk_bytes), (CONTROL_PATH, CONTROL_MAX_BODY)])
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_keep_alive=30, **uvicorn_ssl_kwargs(p["cert"], p["key"], p["ca"]))
-    uvicorn.Server(config).run()
+    return uvicorn.Server(config), ctx
 
 
 def main(argv: list[str] | None = None) -> None:

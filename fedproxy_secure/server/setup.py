@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedproxy_secure.artifacts.keys import generate_key, save_operator_key, save_private_key, save_public_key
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.audit.log import AuditLog, create_audit_secret
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.server.rounds import FederationSettings
 from fedproxy_secure.server.store import SQLiteStore
@@ -32,7 +32,8 @@ def server_paths(d: str | os.PathLike) -> dict[str, Path]:
     return {"dir": d, "ca": d / "pki" / "ca.pem", "ca_key": d / "pki" / "ca.key", "cert": d / "pki" / "server.pem",
             "key": d / "pki" / "server.key", "op_key": d / "keys" / "operator.key", "op_pub": d / "keys" / "operator.pub",
             "settings": d / "federation.json", "db": d / "state.db", "audit": d / "audit.jsonl", "enrol": d / "enrol",
-            "he_key": d / "keys" / "he_statement.key"}
+            "he_key": d / "keys" / "he_statement.key", "bundle": d / "bundle", "keyset": d / "keys" / "keyset.json",
+            "deployment": d / "deployment.json", "kits": d / "kits"}
 
 
 def he_statement_key(d: str | os.PathLike):
@@ -67,23 +68,112 @@ def init_server(d: str | os.PathLike, settings: FederationSettings,
     save_public_key(key.public_key(), p["op_pub"])
     p["settings"].write_text(json.dumps(asdict(settings), indent=2))
     SQLiteStore(p["db"]).close()
+    create_audit_secret(p["dir"])  # keys/audit.secret: the audit log is HMAC-chained from its first entry
     AuditLog(p["audit"]).append("server_init", {"hosts": list(hosts), "settings": asdict(settings)})
     return p
 
 
 def load_settings(d: str | os.PathLike) -> FederationSettings:
-    """The federation settings of a server folder."""
+    """The federation settings of a server folder, with a fixed A seed.
+
+    A folder made before the A seed was stored (``a_seed: null``) gets one now, written back to
+    ``federation.json`` before it is returned, so every round of the federation signs the same seed.
+    """
     p = server_paths(d)["settings"]
     try:
-        return FederationSettings.from_dict(json.loads(p.read_text()))
+        s = FederationSettings.from_dict(json.loads(p.read_text()))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {p}: {exc}; run 'fedproxy-secure server init' first") from None
+    if s.a_seed is None:
+        s.a_seed = new_a_seed()
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(s), indent=2))
+        os.replace(tmp, p)
+    return s
+
+
+def new_a_seed() -> int:
+    """A fresh FFA-LoRA A seed (62 random bits), fixed for the federation's life once stored."""
+    import secrets
+
+    return secrets.randbits(62)
+
+
+def deployment(d: str | os.PathLike) -> dict:
+    """``deployment.json`` of a folder made with ``server init --bundle`` (URL, bundle id, LoRA size),
+    or ``{}`` for a folder made without a bundle."""
+    p = server_paths(d)["deployment"]
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def lora_dim_of_bundle(bundle: str | os.PathLike, keyset, lora_cfg, a_seed: int) -> tuple[int, dict]:
+    """Verify ``bundle`` against ``keyset``, load its proxy and count its trainable LoRA values.
+
+    Returns ``(dim, info)``: ``dim`` is exactly the length of the vector every site trains (the
+    same :func:`fedproxy_secure.lora.attach_lora` call with the same LoRA config and A seed), so a
+    federation made from the bundle cannot carry another size. Raises SecurityError if the bundle
+    does not verify, ModelError if the LoRA targets do not exist in the proxy.
+    """
+    import tempfile
+
+    from fedproxy_secure.artifacts import load_verified_proxy
+    from fedproxy_secure.lora import attach_lora, get_lora_vector, lora_names
+
+    with tempfile.TemporaryDirectory(prefix="fedproxy-init-state-") as state:
+        loaded = load_verified_proxy(bundle, keyset, state)
+    model, _tok = loaded
+    pm = attach_lora(model, lora_cfg, a_seed)
+    vb = loaded.bundle
+    info = {"bundle_id": vb.bundle_id, "bundle_version": vb.version, "bundle_key_id": vb.signer.key_id,
+            "keyset_name": vb.keyset_name, "lora_tensors": len(lora_names(pm)),
+            "proxy_params": int(sum(p.numel() for p in model.parameters()))}
+    return int(get_lora_vector(pm).size), info
+
+
+def init_from_bundle(d: str | os.PathLike, fed, bundle: str | os.PathLike, keyset_path: str | os.PathLike) -> dict:
+    """``server init --bundle --keyset --config``: a federation whose LoRA size and A seed come from the bundle.
+
+    ``fed`` is a validated :class:`~fedproxy_secure.server.fed_config.FederationFile`. Verifies the
+    bundle against the operator's keyset, derives ``dim`` from the proxy and draws the A seed, then
+    creates the server folder (:func:`init_server`), copies the bundle to ``DIR/bundle`` (what
+    ``server start`` publishes; re-verified after the copy, same bundle id required) and the keyset to
+    ``DIR/keys/keyset.json`` (what every site kit pins), and writes ``DIR/deployment.json``.
+    Returns the deployment record. Nothing is created if the bundle or the config is refused.
+    """
+    import shutil
+
+    from fedproxy_secure.artifacts import load_keyset, verify_bundle
+
+    p = server_paths(d)
+    if p["ca_key"].exists() or p["settings"].exists():
+        raise ConfigError(f"{p['dir']} is already initialised; use another --dir")
+    keyset = load_keyset(keyset_path)
+    a_seed = new_a_seed()
+    dim, info = lora_dim_of_bundle(bundle, keyset, fed.lora, a_seed)
+    settings = fed.to_settings(dim, a_seed)
+    init_server(d, settings, fed.server_hosts())
+    shutil.copytree(bundle, p["bundle"])
+    copied = verify_bundle(p["bundle"], keyset)
+    if copied.bundle_id != info["bundle_id"]:
+        raise ConfigError(f"{bundle} changed while 'server init' copied it; run init again in a new --dir")
+    shutil.copy(keyset_path, p["keyset"])
+    rec = {"url": fed.url, "hosts": list(fed.server_hosts()), "port": fed.port(), "lora_dim": dim,
+           "lora": fed.lora.model_dump(mode="json"), **info}
+    p["deployment"].write_text(json.dumps(rec, indent=2))
+    AuditLog(p["audit"]).append("server_init_bundle", {k: v for k, v in rec.items() if k != "hosts"})
+    return rec
+
+
+def check_site_name(name: str) -> str:
+    """``name`` if it is a valid site name (letters, digits, ``-_.``, not only dots), else ConfigError."""
+    if not name or set(name) <= {"."} or not all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in name):
+        raise ConfigError(f"site name {name!r}: use letters, digits, '-', '_' or '.'")
+    return name
 
 
 def enroll_site(d: str | os.PathLike, name: str, server_url: str, ttl_s: float = 7 * 86400) -> Path:
     """Issue a one-time token and a client certificate for site ``name``; returns the bundle folder."""
-    if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
-        raise ConfigError(f"--name {name!r}: use letters, digits, '-', '_' or '.'")
+    check_site_name(name)
     p = server_paths(d)
     out = p["enrol"] / name
     if out.exists():

@@ -1,0 +1,89 @@
+"""``server enroll SITE --out kit.zip``: the site kit, one file the operator hands to a site.
+
+The kit is the enrolment folder of :func:`~fedproxy_secure.server.setup.enroll_site` (CA certificate,
+the site's TLS client certificate and key, the one-time token, the operator's public key, the server
+URL) plus the pinned keyset, the federation's policy for the site and a commented ``client.yaml``
+(file set: :data:`fedproxy_secure.client.kit.KIT_FILES`). After the zip is written (0600) the server's
+copy of the enrolment folder, with the site's TLS key and the token, is deleted: only the kit holds
+them. A site name gets one kit; ``DIR/kits/SITE.json`` records its SHA-256 (no secrets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.protocol.kit import DATA_PLACEHOLDER, KIT_FILES, SECRET_FILES, render_client_yaml
+from fedproxy_secure.errors import ConfigError
+from fedproxy_secure.server.setup import check_site_name, deployment, enroll_site, load_settings, server_paths
+
+
+def site_policy(d: str | os.PathLike, name: str) -> dict:
+    """What the federation of server folder ``d`` asks of site ``name`` (written to the kit's ``policy.json``)."""
+    s = load_settings(d)
+    dep = deployment(d)
+    tr = dict(s.train or {})
+    return {"site": name, "rounds": s.rounds, "min_clients": s.min_clients, "mode": s.mode,
+            "aggregator": s.aggregator, "clip_norm": s.clip_norm, "lora_dim": s.dim,
+            "dp_required": tr.get("dp") or {"enabled": False},
+            "lora": tr.get("lora"), "train": {k: v for k, v in tr.items() if k not in ("dp", "lora")},
+            "bundle_id": dep.get("bundle_id"), "bundle_version": dep.get("bundle_version"),
+            "leaves_the_site": ["the clipped LoRA update, only inside secure aggregation "
+                                f"({s.mode})", "a scalar report per round: epsilon, delta, loss, norms, "
+                                "example and step counts"]}
+
+
+def write_site_kit(d: str | os.PathLike, name: str, out: str | os.PathLike, url: str | None = None,
+                   ttl_s: float = 7 * 86400) -> dict:
+    """Enrol site ``name`` and write its kit zip to ``out``; returns ``{"path", "sha256", "url"}``.
+
+    Guarantees: the zip holds exactly the kit file set, is written with mode 0600 and replaces
+    nothing (``out`` must not exist); the server keeps no copy of the site's TLS key or token
+    afterwards. ``url`` defaults to the one in ``deployment.json`` (``server init --config``).
+    Raises ConfigError naming the option when the site already has a kit or no URL is known.
+    """
+    check_site_name(name)
+    p = server_paths(d)
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"--out {str(out)!r} exists; choose a new file for the kit")
+    record = p["kits"] / f"{name}.json"
+    if record.exists():
+        raise ConfigError(f"site {name!r} already has a kit ({record}); enrol it under another name")
+    url = url or deployment(d).get("url")
+    if not url:
+        raise ConfigError("--url: this server folder has no deployment URL (made without --config); pass --url")
+    if not p["keyset"].is_file():
+        raise ConfigError(f"{p['keyset']} is missing: the site kit pins the operator's keyset; make the server folder "
+                          "with 'server init --bundle B --keyset K --config F'")
+    policy = site_policy(d, name)
+    folder = enroll_site(d, name, url, ttl_s)
+    try:
+        files = {f: (folder / f).read_bytes() for f in ("ca.pem", "client.pem", "client.key", "token",
+                                                        "operator.pub", "server.json")}
+        files["keyset.json"] = p["keyset"].read_bytes()
+        files["policy.json"] = json.dumps(policy, indent=2).encode()
+        files["client.yaml"] = render_client_yaml(data=DATA_PLACEHOLDER, dp=policy["dp_required"]).encode()
+        assert set(files) == set(KIT_FILES)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
+            for fname in KIT_FILES:
+                info = zipfile.ZipInfo(fname, date_time=(2020, 1, 1, 0, 0, 0))
+                info.external_attr = (0o600 if fname in SECRET_FILES else 0o644) << 16
+                zf.writestr(info, files[fname], zipfile.ZIP_DEFLATED)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the server never keeps the site's TLS key or token
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    p["kits"].mkdir(exist_ok=True)
+    record.write_text(json.dumps({"site": name, "sha256": digest, "url": url, "issued_at": int(time.time())}))
+    AuditLog(p["audit"]).append("kit_issue", {"name": name, "kit_sha256": digest})
+    return {"path": out, "sha256": digest, "url": url}
