@@ -25,8 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from fedproxy_secure.audit.controls import Deployment, Finding, KeyValidity, Policy, evaluate
 from fedproxy_secure.audit.log import verify_log
 from fedproxy_secure.errors import ConfigError
@@ -155,15 +153,10 @@ def deployment_from_run_config(data: dict, source: str, base_dir: Path | None) -
 
 def load_deployment(path: str | Path) -> tuple[Deployment, tuple[str, ...]]:
     """Read a YAML config of either format; ``ConfigError`` names the field for anything invalid."""
+    from fedproxy_secure.config import read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path}: the top level must be a mapping")
+    data = read_yaml_mapping(path)  # the one config reader: size cap, UTF-8, no YAML aliases
     if "federation" in data or "network" in data:
         return deployment_from_network(data, str(path))
     if "model" in data or "data" in data:
