@@ -9,6 +9,7 @@ names the field path, the bad value and the fix, e.g.::
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -211,6 +212,21 @@ def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(cur, "model_fields", {}))
 
 
+#: longest repr of a user value in any error message (a value can be as large as the config file)
+MAX_REPR_CHARS = 200
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_REPR_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def short_repr(value: Any, limit: int = MAX_REPR_CHARS) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters (with ``...``); bounded work for any size of value."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel] = None) -> str:
     """One line per problem: ``field.path = value: what is wrong (fix: ...)``."""
     model = model or RunConfig
@@ -228,7 +244,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] = None)
             continue
         msg = err["msg"].removeprefix("Value error, ")
         fix = _FIXES.get(kind)
-        shown = "" if kind == "missing" or isinstance(value, dict) else f" = {value!r}"
+        shown = "" if kind == "missing" or isinstance(value, dict) else f" = {short_repr(value)}"
         lines.append(f"{path}{shown}: {msg}" + (f" (fix: {fix})" if fix else ""))
     return "; ".join(lines)
 
@@ -254,15 +270,59 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file; ConfigError if the file is missing, not YAML or not a mapping."""
+#: largest config file read (bytes); anything bigger is refused before parsing
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: a config never needs them, and an alias bomb
+    (a 1.4 KB file that expands to gigabytes) is stopped at its first ``&anchor``."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            raise ConfigError(f"config {self.name}: line {mark.line + 1}: YAML anchors/aliases (&name, *name, <<) are "
+                              "not allowed in fedproxy-secure configs (fix: write the values out in full)")
+        return super().compose_node(parent, index)
+
+
+def read_yaml_mapping(path: str | Path, what: str = "--config") -> dict[str, Any]:
+    """The top-level mapping of a YAML config file: the one reader every config goes through.
+
+    Guarantees, each a ``ConfigError`` with one line naming ``what``/the file and the fix, raised before
+    any large allocation: the path exists and is a regular file (a folder is named as such), it is at
+    most :data:`MAX_CONFIG_BYTES` bytes (checked before reading, and the read is capped), it is UTF-8,
+    it is YAML without anchors/aliases (no expansion bombs), and its top level is a mapping.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what}: {str(path)!r} is a directory; pass the YAML file itself (e.g. {path}/config.yaml)")
     if not path.is_file():
-        raise ConfigError(f"--config: file {str(path)!r} does not exist")
+        raise ConfigError(f"{what}: file {str(path)!r} does not exist")
+    too_big = (f"{what}: {str(path)!r} is larger than the {MAX_CONFIG_BYTES} bytes (1 MiB) a config may have; "
+               "pass the YAML config, not a data or model file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(too_big)
+    with path.open("rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)  # capped even if the file grows or is not a regular size
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(too_big)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what}: {str(path)!r} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                          "save it as UTF-8") from None
+    loader = _NoAliasLoader(text)
+    loader.name = str(path)
+    try:
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
+        why = " ".join(str(exc).split())  # one line
+        raise ConfigError(f"config {path}: not valid YAML: {why[:400]}") from None
+    finally:
+        loader.dispose()
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping of sections")
     return data

@@ -21,13 +21,14 @@ def simulate_cmd(
     Writes OUT/results.json (LLM accuracy before/after, per-round train loss, the config used, per
     client metrics) and prints a table. Invalid configs are refused before any work.
     """
+    from fedproxy_secure.config import load_run_config
+
+    cfg = load_run_config(config)  # refused before torch is even imported
     import torch
 
-    from fedproxy_secure.config import load_run_config
     from fedproxy_secure.report import print_simulation_table
     from fedproxy_secure.pipelines.simulate import run_simulation
 
-    cfg = load_run_config(config)
     if threads:
         torch.set_num_threads(threads)
     out_dir = out or cfg.output.dir
