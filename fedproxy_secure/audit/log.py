@@ -1,15 +1,33 @@
-"""Append-only, hash-chained JSON-lines audit log.
+"""Append-only, hash-chained, keyed and anchorable JSON-lines audit log.
 
-Each line is one JSON object ``{seq, ts, event, data, prev_hash, hash}`` where ``hash`` is the
-SHA-256 (hex) of the canonical JSON (sorted keys, no spaces, UTF-8) of the entry *without* its
-``hash`` field, and ``prev_hash`` is the previous line's ``hash`` (64 zeros for the first line).
-Editing, deleting, inserting or reordering any line breaks the chain at that line, which
-:func:`verify_log` reports by line number. Every append is flushed and fsync'ed before it returns.
+Each line is one JSON object ``{seq, ts, event, data, prev_hash, hash[, mac]}``. ``hash`` is the
+SHA-256 (hex) of the canonical JSON (sorted keys, no spaces, UTF-8) of the entry without ``hash``
+and ``mac``; ``prev_hash`` is the previous line's ``hash`` (64 zeros for the first line). Editing,
+deleting, inserting or reordering a line breaks the chain at that line, which :func:`verify_log`
+reports by line number. Every append is flushed and fsync'ed before it returns.
+
+**Keyed.** A hash chain alone can be rewritten by anyone who can write the file: delete a line and
+recompute the later hashes. A keyed log therefore carries ``mac`` = HMAC-SHA256 over the canonical
+entry (which includes ``prev_hash`` and ``hash``, so the MACs are chained too), under a key derived
+with HKDF-SHA256 (domain ``fedproxy-secure/v1/audit-log-hmac``) from a 32-byte server secret,
+``DIR/keys/audit.secret`` (0600, made by ``server init``). A log next to a ``keys/audit.secret`` is
+keyed automatically; a keyed log never takes an unkeyed line, and a verifier with the key refuses
+a line without a valid MAC. This stops whoever can write the log but not read the secret (log
+shipping, backups, another account); it cannot stop someone holding the server's secret.
+
+**Anchored.** Against that, :func:`export_head` writes a *signed head*: the index and hash of the
+last entry and the time, Ed25519-signed by the operator key (domain ``fedproxy-secure/v1/audit-head``).
+Kept off the server, it pins the prefix of the log: ``verify_log(..., head=...)`` refuses a log
+whose entry at the head's index has another hash (rewritten history) or that ends before it
+(truncated tail), keyed or not.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import hmac
 import json
 import os
 import threading
@@ -17,92 +35,246 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedproxy_secure.errors import SecurityError
+from fedproxy_secure.errors import ConfigError, SecurityError
 from fedproxy_secure.protocol.canonical import canonical_json
 
 GENESIS = "0" * 64
 _FIELDS = ("seq", "ts", "event", "data", "prev_hash", "hash")
+_KEYED_FIELDS = _FIELDS + ("mac",)
+MAC_INFO = b"fedproxy-secure/v1/audit-log-hmac"
+HEAD_DOMAIN = b"fedproxy-secure/v1/audit-head\n"
+HEAD_TYPE = "fedproxy-secure/audit-head/v1"
+SECRET_NAME = "audit.secret"
+#: "find the key next to the log": ``<log folder>/keys/audit.secret`` when it exists
+AUTO = "auto"
+
+
+def derive_audit_key(secret: bytes) -> bytes:
+    """The 32-byte HMAC key of the audit log: HKDF-SHA256(secret, info = ``MAC_INFO``).
+
+    Domain-separated, so the server secret never keys anything else directly. Pure."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    if len(secret) < 32:
+        raise SecurityError(f"audit secret is {len(secret)} bytes; need >= 32")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=MAC_INFO).derive(secret)
+
+
+def secret_path_for(log_path: str | os.PathLike) -> Path:
+    """Where the server secret of the log at ``log_path`` lives: ``<folder>/keys/audit.secret``."""
+    return Path(log_path).parent / "keys" / SECRET_NAME
+
+
+def create_audit_secret(server_dir: str | os.PathLike) -> Path:
+    """Create ``server_dir/keys/audit.secret`` (32 random bytes, 0600, never overwritten); the
+    audit log of ``server_dir`` is keyed from then on. Returns the path."""
+    from fedproxy_secure.artifacts.keyfiles import new_secret_file
+
+    path = Path(server_dir) / "keys" / SECRET_NAME
+    new_secret_file(path)
+    return path
+
+
+def resolve_key(log_path: str | os.PathLike, key: bytes | str | None) -> bytes | None:
+    """The HMAC key for the log at ``log_path``: ``key`` itself (bytes), None (unkeyed), or with
+    ``AUTO`` the key derived from ``<folder>/keys/audit.secret`` if that file exists."""
+    if key is None or isinstance(key, bytes):
+        return key
+    if key != AUTO:
+        raise ValueError(f"key: bytes, None or {AUTO!r}")
+    sp = secret_path_for(log_path)
+    if not sp.exists():
+        return None
+    from fedproxy_secure.artifacts.keyfiles import read_secret_file
+
+    return derive_audit_key(read_secret_file(sp))
 
 
 def entry_hash(entry: dict) -> str:
-    """SHA-256 hex of the canonical JSON of ``entry`` without its ``hash`` key."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
+    """SHA-256 hex of the canonical JSON of ``entry`` without its ``hash`` and ``mac`` keys."""
+    body = {k: v for k, v in entry.items() if k not in ("hash", "mac")}
     return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def entry_mac(key: bytes, entry: dict) -> str:
+    """HMAC-SHA256 hex of the canonical JSON of ``entry`` without its ``mac`` key (covers ``hash``)."""
+    body = {k: v for k, v in entry.items() if k != "mac"}
+    return hmac.new(key, canonical_json(body), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """Outcome of :func:`verify_log`: ``ok``, lines checked, first bad line (1-based) and why."""
+    """Outcome of :func:`verify_log`: ``ok``, lines checked, first bad line (1-based) and why;
+    ``keyed``: every MAC was checked; ``anchored``: the log matches a signed head."""
 
     ok: bool
     lines: int
     bad_line: int | None = None
     reason: str = ""
     last_hash: str = GENESIS
+    keyed: bool = False
+    anchored: bool = False
 
     def message(self, path: str | os.PathLike = "") -> str:
         """One human line describing the result."""
         if self.ok:
-            return f"{path}: OK, {self.lines} entries, chain head {self.last_hash[:16]}"
+            how = ("MACs verified" if self.keyed else "hash chain only, no MAC key") + \
+                  (", matches the signed head" if self.anchored else "")
+            return f"{path}: OK, {self.lines} entries, chain head {self.last_hash[:16]} ({how})"
         return f"{path}: line {self.bad_line}: {self.reason}"
 
 
-def verify_log(path: str | os.PathLike, expected_head: str | None = None) -> VerifyResult:
+def verify_log(path: str | os.PathLike, expected_head: str | None = None, *, key: bytes | str | None = AUTO,
+               head: dict | None = None) -> VerifyResult:
     """Check every line of the log at ``path``; return the first bad line and the reason.
 
     Detects edits (hash mismatch), deletions and reorderings (``seq`` gap or ``prev_hash``
-    mismatch), malformed lines and, when ``expected_head`` is given, truncation of the tail.
+    mismatch), malformed lines, a mix of keyed and unkeyed lines, and: with a MAC key (``key``
+    bytes, or found next to the log with ``AUTO``) any line without a valid MAC (a rewritten
+    chain); with ``expected_head`` (a hash) a truncated tail; with ``head`` (a signed head already
+    checked by :func:`verify_head`) a log whose entry at ``head["index"]`` is not ``head["hash"]``
+    or that ends before it. MACs are compared in constant time.
     """
     p = Path(path)
     if not p.is_file():
         return VerifyResult(False, 0, 0, f"no such file {p}")
+    mac_key = resolve_key(p, key)
     prev = GENESIS
     n = 0
+    keyed_log: bool | None = None
+    at_head: str | None = None
+    head_index = int(head["index"]) if head is not None else None
+
+    def bad(lineno: int, why: str) -> VerifyResult:
+        return VerifyResult(False, lineno - 1, lineno, why, prev)
+
     with p.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             n = lineno
             if not raw.endswith(b"\n"):
-                return VerifyResult(False, lineno - 1, lineno, "truncated line (no newline)", prev)
+                return bad(lineno, "truncated line (no newline)")
             try:
                 entry = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                return VerifyResult(False, lineno - 1, lineno, f"not valid JSON ({exc.__class__.__name__})", prev)
-            if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
-                return VerifyResult(False, lineno - 1, lineno, f"fields must be exactly {list(_FIELDS)}", prev)
+                return bad(lineno, f"not valid JSON ({exc.__class__.__name__})")
+            if not isinstance(entry, dict) or set(entry) not in (set(_FIELDS), set(_KEYED_FIELDS)):
+                return bad(lineno, f"fields must be exactly {list(_FIELDS)} (+ mac in a keyed log)")
+            has_mac = "mac" in entry
+            if keyed_log is None:
+                keyed_log = has_mac
+            elif has_mac != keyed_log:
+                return bad(lineno, "keyed and unkeyed lines mixed (a MAC was stripped or a line inserted)")
             if entry["seq"] != lineno - 1:
-                return VerifyResult(False, lineno - 1, lineno, f"seq {entry['seq']!r}, expected {lineno - 1} (line deleted, inserted or moved)", prev)
+                return bad(lineno, f"seq {entry['seq']!r}, expected {lineno - 1} (line deleted, inserted or moved)")
             if entry["prev_hash"] != prev:
-                return VerifyResult(False, lineno - 1, lineno, "prev_hash does not match the previous line's hash (chain broken)", prev)
+                return bad(lineno, "prev_hash does not match the previous line's hash (chain broken)")
             if entry["hash"] != entry_hash(entry):
-                return VerifyResult(False, lineno - 1, lineno, "hash does not match the entry's content (line edited)", prev)
+                return bad(lineno, "hash does not match the entry's content (line edited)")
+            if mac_key is not None:
+                if not has_mac:
+                    return bad(lineno, "no MAC, but the log is verified with its key (MACs stripped, or "
+                                       "the chain was rewritten)")
+                if not (isinstance(entry["mac"], str)
+                        and hmac.compare_digest(entry["mac"], entry_mac(mac_key, entry))):
+                    return bad(lineno, "MAC does not verify (entry rewritten without the key)")
             prev = entry["hash"]
+            if head_index is not None and entry["seq"] == head_index:
+                at_head = prev
     if n == 0:
         return VerifyResult(False, 0, 1, "empty log", prev)
     if expected_head is not None and expected_head != prev:
         return VerifyResult(False, n, n + 1, "chain head differs from the expected head (tail truncated)", prev)
-    return VerifyResult(True, n, None, "", prev)
+    if head is not None:
+        if at_head is None:
+            return VerifyResult(False, n, n + 1, f"log has {n} entries but the signed head covers "
+                                                 f"{head_index + 1} (tail truncated)", prev)
+        if not hmac.compare_digest(at_head, str(head["hash"])):
+            return VerifyResult(False, n, head_index + 1, f"entry {head_index} differs from the signed head "
+                                                          "(history rewritten)", prev)
+    return VerifyResult(True, n, None, "", prev, keyed=mac_key is not None, anchored=head is not None)
+
+
+def export_head(log_path: str | os.PathLike, signing_key, *, key: bytes | str | None = AUTO,
+                clock=time.time) -> dict:
+    """A signed head of the log at ``log_path``: ``{type, log, index, entries, hash, time, kid,
+    signature}``, Ed25519 by ``signing_key`` (the operator key) over ``HEAD_DOMAIN`` + canonical JSON.
+
+    Verifies the log first (with its MAC key when it has one) and raises SecurityError naming the
+    bad line rather than sign a broken log."""
+    from fedproxy_secure.artifacts.keys import key_id, sign
+
+    res = verify_log(log_path, key=key)
+    if not res.ok:
+        raise SecurityError(f"refusing to sign the head of a broken log: {res.message(log_path)}")
+    body = {"type": HEAD_TYPE, "log": Path(log_path).name, "index": res.lines - 1, "entries": res.lines,
+            "hash": res.last_hash, "time": int(clock()), "keyed": res.keyed, "kid": key_id(signing_key)}
+    sig = sign(signing_key, HEAD_DOMAIN, canonical_json(body))
+    return {**body, "signature": base64.b64encode(sig).decode()}
+
+
+def verify_head(head: dict, pub) -> dict:
+    """Check a signed head against the operator public key ``pub``; returns it without the signature.
+
+    SecurityError for a wrong type, key id, malformed field or signature."""
+    from fedproxy_secure.artifacts.keys import key_id, verify_signature
+
+    if not isinstance(head, dict) or head.get("type") != HEAD_TYPE or "signature" not in head:
+        raise SecurityError(f"not a signed audit head (type must be {HEAD_TYPE!r})")
+    body = {k: v for k, v in head.items() if k != "signature"}
+    if body.get("kid") != key_id(pub):
+        raise SecurityError(f"audit head signed by unknown key {str(body.get('kid'))[:16]}")
+    idx, h = body.get("index"), body.get("hash")
+    if not (isinstance(idx, int) and idx >= 0 and isinstance(h, str) and len(h) == 64):
+        raise SecurityError("audit head: index must be an integer >= 0 and hash 64 hex characters")
+    try:
+        sig = base64.b64decode(head["signature"], validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise SecurityError("audit head signature is not base64") from None
+    if not verify_signature(pub, sig, HEAD_DOMAIN, canonical_json(body)):
+        raise SecurityError("audit head signature does not verify")
+    return body
+
+
+def load_head(path: str | os.PathLike, pub) -> dict:
+    """Read a head file written by ``audit export-head`` and verify it (:func:`verify_head`)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read audit head {path}: {exc}") from None
+    return verify_head(doc, pub)
 
 
 class AuditLog:
-    """Appends hash-chained entries to a JSONL file; safe across restarts (resumes the chain).
+    """Appends hash-chained (and, with a key, HMAC-chained) entries to a JSONL file; safe across
+    restarts (resumes the chain).
 
-    Opening an existing log verifies it first and refuses (``SecurityError``) to extend a broken
-    chain. A torn last line left by a crash (no trailing newline) is cut off before appending.
+    ``key``: the HMAC key (bytes), None for an unkeyed log, or ``AUTO`` (default): keyed iff
+    ``<folder>/keys/audit.secret`` exists. Opening an existing log verifies it first (with the key)
+    and refuses (``SecurityError``) to extend a broken chain, or to mix keyed and unkeyed lines. A
+    torn last line left by a crash (no trailing newline) is cut off before appending.
     """
 
-    def __init__(self, path: str | os.PathLike, clock=time.time) -> None:
+    def __init__(self, path: str | os.PathLike, clock=time.time, key: bytes | str | None = AUTO) -> None:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._key = resolve_key(self.path, key)
         self._seq = 0
         self._head = GENESIS
         if self.path.exists() and self.path.stat().st_size > 0:
             self._repair_torn_tail()
-            res = verify_log(self.path)
+            res = verify_log(self.path, key=self._key)
             if not res.ok:
                 raise SecurityError(f"audit log {self.path} fails verification: {res.message()}; "
                                     "move it aside and investigate before restarting")
+            with self.path.open("rb") as fh:
+                first = json.loads(fh.readline())
+            if ("mac" in first) != (self._key is not None):
+                raise SecurityError(f"audit log {self.path} is {'keyed' if 'mac' in first else 'unkeyed'} but was "
+                                    f"opened {'with' if self._key is not None else 'without'} a MAC key; keep "
+                                    f"{secret_path_for(self.path)} with the log (or move the log aside)")
             self._seq = res.lines
             self._head = res.last_hash
 
@@ -121,12 +293,19 @@ class AuditLog:
         """Hash of the last entry (``GENESIS`` when empty)."""
         return self._head
 
+    @property
+    def keyed(self) -> bool:
+        """True iff entries carry an HMAC."""
+        return self._key is not None
+
     def append(self, event: str, data: dict | None = None) -> dict:
-        """Append one entry and fsync it; returns the entry written (with its hash)."""
+        """Append one entry (with its MAC in a keyed log) and fsync it; returns the entry written."""
         with self._lock:
             entry = {"seq": self._seq, "ts": round(float(self._clock()), 6), "event": str(event),
                      "data": data or {}, "prev_hash": self._head}
             entry["hash"] = entry_hash(entry)
+            if self._key is not None:
+                entry["mac"] = entry_mac(self._key, entry)
             line = canonical_json(entry) + b"\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:

@@ -20,6 +20,8 @@ def check_cmd(
     max_epsilon: float = typer.Option(10.0, "--max-epsilon", help="epsilon above this FAILs"),
     warn_epsilon: float = typer.Option(8.0, "--warn-epsilon", help="epsilon above this WARNs"),
     fmt: str = typer.Option("table", "--format", help="table | json"),
+    head: Path = typer.Option(None, "--head", help="signed head from 'audit export-head': the audit log (of "
+                                                   "--server-state or --audit-log) must match it (control audit.head)"),
 ) -> None:
     """Evaluate a deployment against the threat models: PASS/WARN/FAIL per control, exit 1 on any FAIL.
 
@@ -42,6 +44,10 @@ def check_cmd(
         raise ConfigError(f"--format {fmt!r}: use table or json")
     rep = run_check(config, server_state=server_state, audit_log=audit_log,
                     policy=Policy(max_epsilon=max_epsilon, warn_epsilon=warn_epsilon))
+    if head is not None:
+        from dataclasses import replace
+
+        rep = replace(rep, findings=tuple(rep.findings) + (head_finding(head, server_state, audit_log),))
     if fmt == "json":
         typer.echo(report_json(rep))
     else:
@@ -58,3 +64,30 @@ def check_cmd(
             console.print(f"ignored sections (not security-relevant here): {', '.join(rep.ignored_sections)}")
         console.print(f"result: [{_COLOURS[rep.result]}]{rep.result}[/]")
     raise typer.Exit(rep.exit_code)
+
+
+def head_finding(head: Path, server_state: Path | None, audit_log: Path | None):
+    """Control ``audit.head``: PASS iff the head's operator signature verifies and the audit log
+    (``audit_log``, else ``server_state/audit.jsonl``) matches it (MACs checked when the secret is
+    beside the log); FAIL naming the reason otherwise. ConfigError when there is no log to check."""
+    from fedproxy_secure.artifacts.keys import load_public_key
+    from fedproxy_secure.audit.controls import Finding
+    from fedproxy_secure.audit.log import load_head, verify_log
+    from fedproxy_secure.errors import ConfigError, SecurityError
+
+    if audit_log is None and server_state is None:
+        raise ConfigError("--head needs the log to check: pass --server-state DIR or --audit-log FILE")
+    log = audit_log if audit_log is not None else server_state / "audit.jsonl"
+    pub = (server_state if server_state is not None else log.parent) / "keys" / "operator.pub"
+    if not pub.is_file():
+        raise ConfigError(f"--head: no operator public key at {pub} to check the head's signature; pass "
+                          "--server-state DIR (the folder made by 'server init')")
+    try:
+        h = load_head(head, load_public_key(pub))
+    except SecurityError as exc:
+        return Finding("audit.head", "FAIL", f"{head}: {exc}", ("T17",))
+    res = verify_log(log, head=h)
+    if not res.ok:
+        return Finding("audit.head", "FAIL", res.message(log), ("T17",))
+    return Finding("audit.head", "PASS", f"{log} matches the signed head at entry {h['index']} "
+                                         f"({'MACs verified' if res.keyed else 'no MAC key'})", ("T17",))
