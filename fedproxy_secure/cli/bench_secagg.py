@@ -10,13 +10,18 @@ import typer
 from fedproxy_secure.cli.common import load_benchmark
 from fedproxy_secure.cli.app import bench_app
 
+#: fewest clients a secure-aggregation run can have (the threshold t is at least 2)
+MIN_CLIENTS = 2
+
 
 @bench_app.command("secagg")
 def bench_secagg(
-    clients: int = typer.Option(10, "--clients", help="Number of clients N."),
-    params: int = typer.Option(1_000_000, "--params", help="Vector length P."),
-    dropout: float = typer.Option(0.3, "--dropout", help="Fraction of clients dropping before masked input."),
-    repeats: int = typer.Option(3, "--repeats", help="Runs per setting; timings are medians."),
+    clients: int = typer.Option(10, "--clients", min=MIN_CLIENTS,
+                                help=f"Number of clients N (at least {MIN_CLIENTS}: secure aggregation needs t >= 2)."),
+    params: int = typer.Option(1_000_000, "--params", min=1, help="Vector length P."),
+    dropout: float = typer.Option(0.3, "--dropout", min=0.0, max=1.0,
+                                  help="Fraction of clients dropping before masked input, in [0, 1)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per setting; timings are medians."),
     neighbours: Optional[int] = typer.Option(None, "--neighbours", help="SecAgg+ degree (default: complete graph)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
 ) -> None:
@@ -24,7 +29,14 @@ def bench_secagg(
     mod = load_benchmark("secagg_bench")
     print_secagg_table, run_secagg_bench, write_json = mod.print_secagg_table, mod.run_secagg_bench, mod.write_json
 
-    result = run_secagg_bench(clients=clients, params=params, dropout=dropout, repeats=repeats, neighbours=neighbours)
+    try:
+        result = run_secagg_bench(clients=clients, params=params, dropout=dropout, repeats=repeats,
+                                  neighbours=neighbours)
+    except ValueError as exc:  # the bench's own check: too few survivors of --dropout for the threshold
+        if not str(exc).startswith("--dropout"):
+            raise
+        raise typer.BadParameter(f"{exc} (with --clients {clients}); lower --dropout or raise --clients",
+                                 param_hint="'--dropout'") from None
     print_secagg_table(result)
     if json_file is not None:
         write_json(result, json_file)

@@ -58,16 +58,19 @@ def compress_cmd(
         if heldout < 0 or calib_limit < 1:
             raise ConfigError("--heldout must be >= 0 and --calib-limit >= 1")
         _check_out(out)
+        from fedproxy_secure.compress.tokenizer_check import check_llm_folder, load_llm_tokenizer
+
+        check_llm_folder(llm)  # ModelError (no config.json, not causal, no tokenizer) before any model work
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         from fedproxy_secure.compress import calib_texts_from, compress, save_proxy
-        from fedproxy_secure.models import load_causal_lm, load_tokenizer, weights_hash
+        from fedproxy_secure.models import load_causal_lm, weights_hash
 
         texts = calib_texts_from(calib, limit=calib_limit)  # DataError if empty: before loading the model
+        tok = load_llm_tokenizer(llm)  # ModelError naming --llm: before the (large) model is loaded
         model = load_causal_lm(llm)  # ModelError if not a causal LM folder
-        tok = load_tokenizer(llm)
         n_held = min(heldout, len(texts) // 2)
         calib_set, held = texts[: len(texts) - n_held], texts[len(texts) - n_held :]
         t0 = time.perf_counter()

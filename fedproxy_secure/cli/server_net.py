@@ -187,10 +187,10 @@ def status_cmd(dir: Path = typer.Option(Path("fedserver"), "--dir"),
 
     paths = server_paths(dir)
     if not (paths["settings"].is_file() and paths["db"].is_file()):  # never create a store to report on
-        from fedproxy_secure.errors import ConfigError
+        from fedproxy_secure.cli.common import fail
 
-        raise ConfigError(f"--dir: no federation in {str(dir)!r} (no federation.json and state.db there); "
-                          f"create one with 'fedproxy-secure server init --dir {dir}' or point --dir at a server folder")
+        raise fail(f"--dir: no federation in {str(dir)!r} (no federation.json and state.db there); create one with "
+                   f"'fedproxy-secure server init --dir {dir}' or point --dir at a server folder", code=2)
     settings = load_settings(dir)
     st = SQLiteStore(paths["db"])
     try:
