@@ -118,7 +118,7 @@ def enroll_cmd(
         from fedproxy_secure.server.kit import write_site_kit
 
         k = write_site_kit(dir, site, out, url, ttl_hours * 3600)
-        console.print(f"[green]site kit[/] {k['path']} for {site!r} (sha256 {k['sha256'][:16]}, server {k['url']}): "
+        console.print(f"[green]site kit[/] {k['path']} for {site!r} (sha256 {k['sha256']}, server {k['url']}): "
                       "hand it to the site over a trusted channel; it holds the site's TLS key and a one-time token",
                       highlight=False, soft_wrap=True)
         return
