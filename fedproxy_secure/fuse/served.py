@@ -127,7 +127,7 @@ class FusedLogitModel(nn.Module):
     """LLM + β·(tuned proxy − base proxy) as one module; ``forward`` returns ``.logits`` at every position.
 
     ``proxy`` is a PEFT model over a proxy built by :func:`build_shared_proxy`; the base proxy is the
-    same model with the adapter disabled.
+    same model with the adapter disabled (rows marked ``__base__`` in one mixed batch).
     """
 
     def __init__(self, llm: nn.Module, proxy: nn.Module, beta: float, tokenizer: Any = None,
@@ -142,22 +142,27 @@ class FusedLogitModel(nn.Module):
         self.tokenizer, self.fused_meta = tokenizer, dict(meta or {})
 
     def _three(self, ids: torch.Tensor, mask: torch.Tensor, caches: list | None = None,
-               position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+               position_ids: torch.Tensor | None = None, last_only: bool = False) -> tuple[torch.Tensor, list]:
+        """Fused logits; the tuned and base proxy run as ONE batch (PEFT mixed-adapter rows), sharing weights."""
         kw: dict[str, Any] = {"attention_mask": mask}
         if position_ids is not None:
             kw["position_ids"] = position_ids
+        if last_only:
+            kw["logits_to_keep"] = 1
         use_cache = caches is not None
-        c = caches or [None, None, None]
+        c = caches or [None, None]
         name = _cache_arg(self.llm)
         o_llm = self.llm(input_ids=ids, use_cache=use_cache, **{name: c[0]}, **kw)
         z = o_llm.logits.float()
         if self.beta == 0.0:
-            return z, [getattr(o_llm, name, None), None, None]
-        o_t = self.proxy(input_ids=ids, use_cache=use_cache, **{name: c[1]}, **kw)
-        with self.proxy.disable_adapter():
-            o_b = self.proxy(input_ids=ids, use_cache=use_cache, **{name: c[2]}, **kw)
-        z = z + self.beta * (o_t.logits.float() - o_b.logits.float())
-        return z, [getattr(o, name, None) for o in (o_llm, o_t, o_b)]
+            return z, [getattr(o_llm, name, None), None]
+        b = ids.shape[0]
+        pkw = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        o_p = self.proxy(input_ids=torch.cat([ids, ids]), use_cache=use_cache, **{name: c[1]},
+                         adapter_names=[self.proxy.active_adapter] * b + ["__base__"] * b, **pkw)
+        zp = o_p.logits.float()
+        z = z + self.beta * (zp[:b] - zp[b:])
+        return z, [getattr(o_llm, name, None), getattr(o_p, name, None)]
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> FusedOutput:
@@ -187,9 +192,9 @@ class FusedLogitModel(nn.Module):
         for _ in range(max_new_tokens):
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
             if use_cache:
-                z, caches = self._three(step_ids, mask, caches or [None, None, None], pos[:, -step_ids.shape[1]:])
+                z, caches = self._three(step_ids, mask, caches or [None, None], pos[:, -step_ids.shape[1]:], last_only=True)
             else:
-                z, _ = self._three(ids, mask, None, pos)
+                z, _ = self._three(ids, mask, None, pos, last_only=True)
             nxt = z[:, -1].argmax(-1)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
