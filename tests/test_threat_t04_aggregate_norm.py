@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedproxy_secure.server.rounds import state_from_bytes
+from fedproxy_secure.protocol.roundcfg import state_from_bytes
 from tests.threat_helpers import InProcessFederation
 
 DIM, CLIP = 8, 1.0

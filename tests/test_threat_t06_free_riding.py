@@ -17,7 +17,8 @@ import pytest
 
 from fedproxy_secure.aggregate import AggState, make_aggregator
 from fedproxy_secure.errors import ConfigError
-from fedproxy_secure.server.rounds import NET_AGGREGATORS, FederationSettings, state_from_bytes
+from fedproxy_secure.protocol.roundcfg import state_from_bytes
+from fedproxy_secure.protocol.settings import FederationSettings, net_aggregators
 from tests.threat_helpers import InProcessFederation
 
 DIM = 12
@@ -47,7 +48,7 @@ def _round(tmp_path, aggregator: str, k_honest: int = 4) -> tuple[InProcessFeder
 
 @pytest.mark.parametrize("rule", ["hties", "ties", "fedprox", "median"])
 def test_network_offers_only_secure_sum_aggregators(rule):
-    assert NET_AGGREGATORS == ("fedavg", "sa_hties")
+    assert net_aggregators() == ("fedavg", "sa_hties")
     with pytest.raises(ConfigError, match="federation.aggregator"):
         FederationSettings.from_dict({"aggregator": rule})
 

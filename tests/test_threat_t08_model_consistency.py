@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedproxy_secure.artifacts.keys import save_public_key
 from fedproxy_secure.client.join import ClientSession
 from fedproxy_secure.errors import SecurityError
-from fedproxy_secure.server.rounds import sign_round_config, state_from_bytes, state_to_bytes
+from fedproxy_secure.protocol.roundcfg import sign_round_config, state_from_bytes, state_to_bytes
 from fedproxy_secure.transport.http import Reply
 from tests.net_helpers import make_server
 from tests.threat_helpers import InProcessFederation

@@ -57,7 +57,7 @@ class InProcessFederation:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         from fedproxy_secure.audit.log import AuditLog
-        from fedproxy_secure.server.rounds import FederationSettings
+        from fedproxy_secure.protocol.settings import FederationSettings
         from fedproxy_secure.server.store import SQLiteStore
 
         base = {"rounds": 1, "min_clients": n, "threshold": 2, "mode": "masking", "dim": 8, "clip_norm": 1.0}
@@ -83,7 +83,9 @@ class InProcessFederation:
         return cid
 
     def _engine(self):
-        from fedproxy_secure.server.rounds import ROUND_CONFIG_DOMAIN, RoundEngine, sign_round_config
+        from fedproxy_secure.protocol.names import ROUND_CONFIG_DOMAIN
+        from fedproxy_secure.protocol.roundcfg import sign_round_config
+        from fedproxy_secure.server.rounds import RoundEngine
 
         return RoundEngine(self.store, self.audit, self.settings,
                            signer=lambda cfg, domain=ROUND_CONFIG_DOMAIN: sign_round_config(self.op, cfg, domain))
@@ -100,7 +102,7 @@ class InProcessFederation:
         (what a malicious client can do); returns the round id."""
         import json
 
-        from fedproxy_secure.client.stages import make_client_stages
+        from fedproxy_secure.protocol.modes import make_client_stages
 
         rid, cfg = self.join_all()
         cohort = {c: i for c, i in cfg["cohort"]}
