@@ -116,13 +116,13 @@ def test_client_yaml_lora_needs_data_and_pinned_keyset(tmp_path):
         load_join_config(y)
 
 
-def test_report_carries_only_round_scalars_and_no_nan():
-    rep = public_report({"epsilon": 3.5, "delta": 1e-5, "accountant": "prv", "train_loss": float("nan"),
+def test_report_carries_only_round_accounting_and_no_nan():
+    rep = public_report({"epsilon": np.float64(3.5), "delta": 1e-5, "accountant": "prv", "train_loss": float("nan"),
                          "num_examples": 96, "examples": ["secret prompt"], "lora_names": ["a"],
-                         "pre_clip_norm": np.float64(0.4), "dp": True})
-    assert rep == {"epsilon": 3.5, "delta": 1e-5, "accountant": "prv", "num_examples": 96,
-                   "pre_clip_norm": 0.4, "dp": True}
+                         "pre_clip_norm": np.float64(0.4), "dp": True}, 4)
+    assert rep == {"round_id": 4, "epsilon": 3.5, "delta": 1e-5, "accountant": "prv", "status": "trained"}
     json.dumps(rep, allow_nan=False)
+    assert public_report({"epsilon": float("nan")}, 1) == {"round_id": 1, "status": "trained"}
 
 
 def test_client_refuses_a_federation_stricter_than_its_dp():

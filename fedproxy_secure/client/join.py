@@ -23,11 +23,12 @@ import numpy as np
 
 from fedproxy_secure.artifacts.keys import generate_key, load_private_key, load_public_key, save_private_key
 from fedproxy_secure.client.policy import ClientPolicy, PolicyViolation, check_round_policy
+from fedproxy_secure.client.report import public_report, save_local_report
 from fedproxy_secure.client.stages import make_client_stages
 from fedproxy_secure.client.upload import DEFAULT_THRESHOLD, post_stage_message
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
 from fedproxy_secure.protocol.roundcfg import state_from_bytes, verify_round_config
-from fedproxy_secure.transport.http import SignedClient, expect
+from fedproxy_secure.transport.http import ServerUnreachable, SignedClient, expect
 from fedproxy_secure.transport.signing import b64u
 
 #: train_fn(theta, verified_round_config) -> (update vector, report dict with e.g. epsilon)
@@ -188,8 +189,9 @@ class ClientSession:
         stages = make_client_stages(cfg, update, cohort[self.client_id], identity_key=self.key,
                                     used_sessions=self.used, operator=self.operator)
         self._save_used()  # durable before any key of this session leaves the client
-        report = public_report(report)
-        r = self.http.post_json(f"/v1/round/{rid}/report", report, round_id=rid)
+        sent = public_report(report, rid)  # round id, ε/δ/accountant, status: nothing about the data or update
+        report = save_local_report(self.state, rid, report, sent)["report"]  # the full report stays on the site
+        r = self.http.post_json(f"/v1/round/{rid}/report", sent, round_id=rid)
         if r.status != 200:
             self.log(f"round {rid}: report refused ({r.status}): {r.content[:200]!r}")
         deadlines = cfg.get("deadlines", {})
@@ -221,30 +223,12 @@ class ClientSession:
         return post_stage_message(self.http, rid, stage, msg, self.upload_threshold, progress=progress)
 
 
-#: keys of a trainer's report that may leave the client (scalars about the round, never data)
-REPORT_KEYS = ("round_id", "epsilon", "delta", "accountant", "epsilon_scope", "noise_multiplier", "sample_rate",
-               "max_grad_norm", "dp", "num_examples", "steps", "train_loss", "pre_clip_norm", "post_clip_norm",
-               "seconds", "seconds_per_step", "truncated")
-
-
-def public_report(report: dict) -> dict:
-    """The part of a trainer report sent to the server: :data:`REPORT_KEYS` only, JSON scalars only
-    (NaN/inf become null, so the server's strict JSON parser accepts it)."""
-    out = {}
-    for k in REPORT_KEYS:
-        v = (report or {}).get(k)
-        if isinstance(v, (bool, int, str)) or v is None:
-            out[k] = v
-        elif isinstance(v, (float, np.floating)):
-            out[k] = float(v) if np.isfinite(v) else None
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def join_federation(enrol_dir, state_dir, train_fn: TrainFn | None, server_url: str | None = None,
                     log: Callable[[str], None] | None = None, die_at: tuple[int, str] | None = None,
                     max_wait_s: float = 900.0,
                     setup: Callable[[ClientSession], TrainFn] | None = None,
-                    upload_threshold: int = DEFAULT_THRESHOLD, policy: ClientPolicy | None = None) -> JoinResult:
+                    upload_threshold: int = DEFAULT_THRESHOLD, policy: ClientPolicy | None = None,
+                    retry_s: float = 120.0) -> JoinResult:
     """Enrol if needed and take part in rounds until the server says the federation is finished.
 
     ``setup(session)`` (optional, used when ``train_fn`` is None) runs once after enrolment and
@@ -254,11 +238,14 @@ def join_federation(enrol_dir, state_dir, train_fn: TrainFn | None, server_url: 
     messages above ``upload_threshold`` bytes are sent as resumable chunked uploads. A round config
     that breaks ``policy`` (default: the safe :class:`ClientPolicy`) or fails its signature check
     ends participation with :class:`PolicyViolation` / ``SecurityError`` before anything is trained
-    or sent; the refusal is in ``state_dir/audit.jsonl``.
+    or sent; the refusal is in ``state_dir/audit.jsonl``. A server unreachable for ``retry_s`` seconds
+    ends it with one :class:`ServerUnreachable` line naming the URL. Each round's full report stays in
+    ``state_dir/reports/``; the server gets only :func:`public_report` (round, ε, δ, accountant, status).
     """
     from fedproxy_secure.errors import FedProxyError, PrivacyBudgetExceeded
 
-    s = ClientSession(enrol_dir, state_dir, server_url, log=log, upload_threshold=upload_threshold, policy=policy)
+    s = ClientSession(enrol_dir, state_dir, server_url, log=log, upload_threshold=upload_threshold, policy=policy,
+                      retry_s=retry_s)
     try:
         cid = s.enroll()
         res = JoinResult(cid)
@@ -287,7 +274,7 @@ def join_federation(enrol_dir, state_dir, train_fn: TrainFn | None, server_url: 
             except PrivacyBudgetExceeded as exc:
                 (log or print)(f"round {rid}: not training: {exc}")
                 rep, stop = None, True
-            except SecurityError:
+            except (SecurityError, ServerUnreachable):
                 raise
             except FedProxyError as exc:  # TrainingAborted, ConfigError, ModelError: nothing is sent
                 (log or print)(f"round {rid}: training failed, nothing sent: {exc}")

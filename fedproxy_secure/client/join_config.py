@@ -10,6 +10,7 @@ Example (paths are relative to the YAML file)::
     dp: {enabled: true, epsilon: 8.0, delta: 1.0e-5, max_grad_norm: 1.0}
     threads: 1                      # torch threads (several clients on one machine must split the cores)
     upload_threshold: 4194304       # stage messages above this many bytes go as resumable chunked uploads
+    server_retry_s: 120             # keep retrying an unreachable server this long, then stop with its URL
     policy:                         # what a signed round config must satisfy before this site trains
       modes: [masking, he]          #   (client/policy.py; these are the defaults: the safe ones)
       min_cohort: 3
@@ -57,6 +58,8 @@ class ClientJoinConfig(BaseModel):
     upload_threshold: int = Field(4 << 20, ge=1, description="stage messages above this many bytes go as "
                                   "resumable chunked uploads")
     policy: ClientPolicy = ClientPolicy()
+    server_retry_s: float = Field(120.0, gt=0, description="seconds to keep retrying a server that cannot be "
+                                  "reached before giving up with one error line naming its URL")
 
     @model_validator(mode="after")
     def _lora_needs_data_and_keyset(self) -> "ClientJoinConfig":

@@ -22,7 +22,7 @@ def run_from_config(cfg, server: str | None = None, log=None, die_at=None, max_w
     if cfg.trainer == "synthetic":
         return join_federation(cfg.enrolment, cfg.state_dir, synthetic_train_fn(cfg.seed, cfg.scale), server,
                                log=log, die_at=die_at, max_wait_s=max_wait_s, upload_threshold=cfg.upload_threshold,
-                               policy=cfg.policy)
+                               policy=cfg.policy, retry_s=cfg.server_retry_s)
     import torch
 
     torch.set_num_threads(cfg.threads)
@@ -41,7 +41,7 @@ def run_from_config(cfg, server: str | None = None, log=None, die_at=None, max_w
 
     return join_federation(cfg.enrolment, cfg.state_dir, None, server, log=log, die_at=die_at,
                            max_wait_s=max_wait_s, setup=setup, upload_threshold=cfg.upload_threshold,
-                           policy=cfg.policy)
+                           policy=cfg.policy, retry_s=cfg.server_retry_s)
 
 
 def _policy_file(path: str):

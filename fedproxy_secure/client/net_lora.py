@@ -28,22 +28,40 @@ Log = Callable[[str], None]
 
 
 def _signed_stream(session, path: str, dest: Path, max_bytes: int) -> int:
-    """GET ``path`` (signed, mTLS) into ``dest``, refusing more than ``max_bytes``; returns bytes written."""
+    """GET ``path`` (signed, mTLS) into ``dest``, refusing more than ``max_bytes``; returns bytes written.
+
+    Goes through the transport's retry wrapper (:func:`retry_transport`): a server that is down
+    or restarting is retried with a freshly signed request and the download starts over; after the
+    retry window it ends as one ``ServerUnreachable`` line naming the server URL.
+    """
+    from fedproxy_secure.transport.http import retry_transport
     from fedproxy_secure.transport.signing import sign_request
 
-    headers = sign_request(session.key, session.client_id, "GET", path, b"")
-    n = 0
-    with session.http.http.stream("GET", session.http.base + path, headers=headers) as r:
-        if r.status_code != 200:
-            r.read()
-            raise SecurityError(f"bundle file {path}: server answered {r.status_code}: {r.content[:200]!r}")
-        with open(dest, "xb") as fh:
-            for chunk in r.iter_bytes(1 << 20):
-                n += len(chunk)
-                if n > max_bytes:
-                    raise SecurityError(f"bundle file {path}: larger than the {max_bytes} bytes the signed manifest states")
-                fh.write(chunk)
-    return n
+    http = session.http
+
+    def attempt() -> int:
+        headers = sign_request(session.key, session.client_id, "GET", path, b"")  # fresh nonce per attempt
+        n, created = 0, False
+        try:
+            with http.http.stream("GET", http.base + path, headers=headers) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise SecurityError(f"bundle file {path}: server answered {r.status_code}: {r.content[:200]!r}")
+                with open(dest, "xb") as fh:
+                    created = True
+                    for chunk in r.iter_bytes(1 << 20):
+                        n += len(chunk)
+                        if n > max_bytes:
+                            raise SecurityError(f"bundle file {path}: larger than the {max_bytes} bytes the signed "
+                                                "manifest states")
+                        fh.write(chunk)
+        except Exception:
+            if created:
+                dest.unlink(missing_ok=True)  # never leave a partial file (a retry starts over)
+            raise
+        return n
+
+    return retry_transport(attempt, http.base, getattr(http, "retry_s", 120.0), f"proxy bundle download {path}")
 
 
 def fetch_bundle(session, keyset, dest: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ from typing import Callable
 import httpx
 
 from fedproxy_secure.errors import SecurityError
-from fedproxy_secure.transport.http import Reply, SignedClient
+from fedproxy_secure.transport.http import Reply, ServerUnreachable, SignedClient
 
 DEFAULT_THRESHOLD = 4 << 20
 #: progress(bytes the server holds, total bytes) after each chunk
@@ -70,7 +70,7 @@ def upload(http: SignedClient, rid: int, stage: str, body: bytes, progress: Uplo
                     if progress:
                         progress(done, size)
             return http.request("POST", f"{base}/commit", b"", rid)
-        except httpx.TransportError:
+        except (httpx.TransportError, ServerUnreachable):  # the server stayed away for retry_s
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable: the last attempt returns or raises")
