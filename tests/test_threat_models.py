@@ -141,7 +141,8 @@ def test_index_lists_every_threat(models) -> None:
     assert "```mermaid" in index
     for m in models:
         assert f"| {m.id} |" in index and m.title in index, m.id
-        assert next(TM.glob(f"{m.id.lower()}-*.yaml")).name in index
+        f = next(TM.glob(f"{m.id.lower()}-*.yaml")).name
+        assert f"| {m.id} | [{m.title}]({f}) | {m.severity} |" in index, m.id  # severity column in step
 
 
 def test_security_md_has_required_sections_and_figures() -> None:
