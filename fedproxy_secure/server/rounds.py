@@ -61,6 +61,10 @@ class RoundEngine:
         """Every stage of a round after ``join`` (the mode's)."""
         return self.mode.stages(self.s)
 
+    def stage_names(self) -> tuple[str, ...]:
+        """Every stage a client may post or fetch in this federation: ``join`` and the mode's stages."""
+        return (JOIN_STAGE,) + self.round_stages()
+
     def _deadline(self, stage: str) -> float:
         if stage == JOIN_STAGE:
             return self.clock() + float(self.s.deadlines.get(JOIN_STAGE, 30.0))

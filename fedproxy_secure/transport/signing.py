@@ -13,7 +13,6 @@ the skew check, so the cache survives restarts).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import secrets
 import time
@@ -24,22 +23,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedproxy_secure.errors import SecurityError
+from fedproxy_secure.protocol.codec import b64u, b64u_decode  # the one codec (re-exported for callers)
 
 PREFIX = b"FEDPROXY-REQ-v1"
 H_CLIENT, H_ROUND, H_TS, H_NONCE, H_SIG = ("x-fp-client", "x-fp-round", "x-fp-timestamp",
                                            "x-fp-nonce", "x-fp-signature")
 NO_ROUND = "-"
-
-
-def b64u(data: bytes) -> str:
-    """URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64u_decode(text: str) -> bytes:
-    """Inverse of :func:`b64u`; raises ``ValueError`` on bad input."""
-    pad = "=" * (-len(text) % 4)
-    return base64.urlsafe_b64decode(text + pad)
 
 
 def canonical_request(method: str, path: str, body: bytes, round_id: str, ts: int, nonce: str,
