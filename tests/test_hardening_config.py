@@ -146,3 +146,20 @@ def test_cli_prints_one_line_and_exits_2_for_each_bad_config(tmp_path):
         err = " ".join(r.stderr.split())
         assert want in err and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_site_kit_whose_client_yaml_is_an_alias_bomb_is_refused(tmp_path):
+    """``client join --kit``: the operator's client.yaml template goes through the same reader."""
+    import zipfile
+
+    from fedproxy_secure.client.kit import KIT_FILES, unpack_kit
+
+    bomb = billion_laughs(tmp_path / "bomb.yaml").read_bytes()
+    kit = tmp_path / "kit.zip"
+    with zipfile.ZipFile(kit, "w") as zf:
+        for name in KIT_FILES:
+            zf.writestr(name, bomb if name == "client.yaml" else b"x")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(ConfigError, match=r"line 1: YAML anchors/aliases"):
+        unpack_kit(kit, tmp_path / "site", data)

@@ -12,7 +12,6 @@ first join, the privacy budget and the anti-rollback state).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import zipfile
 from pathlib import Path
@@ -57,7 +56,7 @@ def unpack_kit(kit: str | os.PathLike, site_dir: str | os.PathLike, data: str | 
     is refused. The DP settings come from the kit's template (the federation's policy) unless the
     site already edited ``client.yaml``; ``data`` is always the one given.
     """
-    import yaml
+    from fedproxy_secure.config import read_yaml_mapping
 
     kit, site = Path(kit), Path(site_dir)
     if not kit.is_file():
@@ -87,7 +86,7 @@ def unpack_kit(kit: str | os.PathLike, site_dir: str | os.PathLike, data: str | 
                 path.write_bytes(body)
         (site / "client.yaml.kit").write_bytes(files["client.yaml"])  # the operator's template, kept for reference
         marker.write_text(digest + "\n")
-    cfg = yaml.safe_load(io.BytesIO((site / "client.yaml").read_bytes())) or {}
+    cfg = read_yaml_mapping(site / "client.yaml", what="--kit client.yaml")  # size cap, UTF-8, no YAML aliases
     dp = cfg.get("dp") or {}
     text = render_client_yaml(data=str(data.resolve()), dp=dp, threads=threads or int(cfg.get("threads", 1)),
                               seed=int(cfg.get("seed", 0)))
