@@ -83,8 +83,10 @@ def test_three_clients_he_sum_within_tolerance_and_no_secret_key_on_server(tmp_p
     for raw in set(descs):
         pc = PublicContext.parse(raw)  # refuses a descriptor with a secret key
         assert not ts.context_from(pc.context_bytes).is_private()
-    # its key folder holds only Ed25519 signing keys (operator + HE statement), no CKKS context
-    assert sorted(p.name for p in (d / "keys").iterdir()) == ["he_statement.key", "operator.key", "operator.pub"]
+    # its key folder holds only Ed25519 signing keys (operator + HE statement) and the audit-log MAC secret,
+    # no CKKS context
+    assert sorted(p.name for p in (d / "keys").iterdir()) == ["audit.secret", "he_statement.key", "operator.key",
+                                                              "operator.pub"]
     for p in (d / "keys").iterdir():
         assert p.stat().st_size < 1024
     assert verify_log(d / "audit.jsonl").ok
