@@ -116,7 +116,8 @@ def _federate(server_dir: Path, bundle: Path, client_yamls: list[Path], logs: Pa
 def _scrub_secrets(server_dir: Path, clients_dir: Path) -> None:
     """Remove every private key and token from the output folder."""
     for secret in (server_dir / "pki" / "ca.key", server_dir / "pki" / "server.key", server_dir / "keys" / "operator.key",
-                   server_dir / "keys" / "he_statement.key"):  # mode he: the server's statement-signing key
+                   server_dir / "keys" / "he_statement.key",  # mode he: the server's statement-signing key
+                   server_dir / "keys" / "audit.secret"):  # audit-log MAC key (the copied log's hash chain still verifies)
         secret.unlink(missing_ok=True)
     shutil.rmtree(server_dir / "enrol", ignore_errors=True)
     for site in clients_dir.glob("site*"):
