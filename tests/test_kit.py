@@ -106,3 +106,22 @@ def test_unpack_refuses_foreign_entries(server, tmp_path):
         dst.writestr("ca.pem", src.read("ca.pem"))
     with pytest.raises(ConfigError, match="missing"):
         unpack_kit(short, tmp_path / "site2", data)
+
+
+def test_join_sends_library_warnings_to_the_state_log_and_keeps_its_own(tmp_path, monkeypatch):
+    import warnings
+
+    from fedproxy_secure.cli.client_join import _library_noise_to
+
+    console: list[str] = []
+    monkeypatch.setattr(warnings, "showwarning", lambda m, *a, **k: console.append(str(m)))  # restored after
+    log = tmp_path / "state" / "warnings.log"
+    _library_noise_to(log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn_explicit("noisy library", FutureWarning, "/venv/site-packages/transformers/x.py", 1)
+        warnings.warn_explicit("15 of 16 examples exceed max_length", UserWarning,
+                               "/src/fedproxy_secure/client/trainer.py", 2)
+    text = log.read_text()
+    assert "noisy library" in text and "exceed max_length" not in text
+    assert console == ["15 of 16 examples exceed max_length"]

@@ -48,6 +48,8 @@ def join_cmd(
     elif data is not None:
         raise ConfigError("--data goes with --kit; with --config set 'data' in client.yaml")
     cfg = load_join_config(config)
+    if cfg.trainer == "lora":
+        _library_noise_to(cfg.state_dir / "warnings.log")
     res = _run(run_from_config, cfg, server, max_wait)
     if not res.rounds_done:
         why = (f"dropped from rounds {res.rounds_dropped}" if res.rounds_dropped
@@ -69,3 +71,25 @@ def _run(run_from_config, cfg, server, max_wait):
     except (httpx.TransportError, ConnectionError) as exc:
         raise fail(f"cannot reach the federation server: {exc}; check the URL in the kit and that the server runs") \
             from None
+
+
+def _library_noise_to(path: Path) -> None:
+    """Send third-party warnings (transformers, opacus, torch) to ``path`` and turn off the HF progress
+    bars, so the console shows the client's own lines; warnings raised by fedproxy_secure stay on the console."""
+    import warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "fedproxy_secure" in str(filename):
+            shown(message, category, filename, lineno, file, line)
+            return
+        with path.open("a") as fh:
+            fh.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    console.print(f"library warnings go to {path}", highlight=False, soft_wrap=True)
