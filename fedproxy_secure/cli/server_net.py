@@ -82,6 +82,7 @@ def init_cmd(
                            sa_hties={"h_norm": h_norm or "reveal"} if aggregator == "sa_hties" else {})
     p = init_server(dir, s, tuple(host or ("127.0.0.1", "localhost")))
     console.print(f"[green]initialised[/] {p['dir']}: CA {p['ca']}, server cert {p['cert']}, operator key {p['op_key']}")
+    _operator_key_note(p["op_key"])
 
 
 def _init_from_bundle(dir: Path, bundle: Path, keyset: Path, config: Optional[Path]) -> None:
@@ -95,6 +96,20 @@ def _init_from_bundle(dir: Path, bundle: Path, keyset: Path, config: Optional[Pa
                   f"(keyset {rec['keyset_name']!r}); LoRA r={fed.lora.r} on {rec['lora_tensors']} tensors -> "
                   f"dim {rec['lora_dim']}, A seed fixed; {s.rounds} rounds, {s.mode}/{s.aggregator}, "
                   f"min {s.min_clients} sites; sites connect to {rec['url']}", highlight=False, soft_wrap=True)
+    _operator_key_note(dir / "keys" / "operator.key")
+
+
+def _operator_key_note(op_key: Path) -> None:
+    """Say whether the round-config signing key is encrypted at rest (FEDPROXY_OPERATOR_PASSPHRASE)."""
+    from fedproxy_secure.artifacts.keyfiles import OPERATOR_PASSPHRASE_ENV, is_encrypted_pem, read_private_file
+
+    if is_encrypted_pem(read_private_file(op_key)):
+        console.print(f"operator key encrypted with the passphrase in {OPERATOR_PASSPHRASE_ENV} ('server start' "
+                      "needs the same variable)", highlight=False)
+    else:
+        console.print(f"[yellow]warning:[/] operator key {op_key} is NOT encrypted at rest; set "
+                      f"{OPERATOR_PASSPHRASE_ENV} (>= 12 characters) before 'server init' for a real deployment",
+                      highlight=False, soft_wrap=True)
 
 
 @server_app.command("enroll")
