@@ -69,7 +69,7 @@ def test_server_fuse_writes_dense_folder_and_record(folders, keyfiles, tmp_path)
     out = tmp_path / "fused"
     r = CliRunner().invoke(app, ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir),
                                  "--out", str(out), "--round", "7", "--aggregator", "hties", "--method", "weight",
-                                 "--key", str(keyfiles[0])])
+                                 "--key", str(keyfiles[0]), "--threads", "1"])
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "fusion.json").read_text())
     assert rec["layer_map"] == KEEP and rec["source_round"] == 7 and rec["aggregator"] == "hties"
@@ -83,7 +83,7 @@ def test_server_fuse_writes_dense_folder_and_record(folders, keyfiles, tmp_path)
     assert load_fused_model(out, keyfiles[1]).fused_meta["method"] == "weight"  # signed, loads through the entry point
     # a second run into the same folder is refused (no overwrite)
     r2 = CliRunner().invoke(app, ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir),
-                                  "--out", str(out), "--method", "weight", "--key", str(keyfiles[0])])
+                                  "--out", str(out), "--method", "weight", "--key", str(keyfiles[0]), "--threads", "1"])
     assert r2.exit_code != 0 and isinstance(r2.exception, ConfigError) and "not an empty folder" in str(r2.exception)
 
 
@@ -92,7 +92,7 @@ def test_server_fuse_refuses_proxy_of_a_bigger_llm(folders, keyfiles, tmp_path):
     (pdir / "fedproxy.json").write_text(json.dumps({"layer_map": [0, 1, 4, 9]}))
     for method in ("weight", "logit"):
         r = CliRunner().invoke(app, ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir),
-                                     "--out", str(tmp_path / "f"), "--method", method, "--key", str(keyfiles[0])])
+                                     "--out", str(tmp_path / "f"), "--method", method, "--key", str(keyfiles[0]), "--threads", "1"])
         assert isinstance(r.exception, ModelError), (method, r.output)
         assert not (tmp_path / "f").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".f.tmp")]  # no half-written folder left
@@ -104,7 +104,7 @@ def test_server_fuse_default_logit_writes_a_folder_load_fused_accepts(folders, k
     llm_dir, pdir, adir, pm = folders
     out = tmp_path / "served"
     r = CliRunner().invoke(app, ["server", "fuse", "--llm", str(llm_dir), "--proxy", str(pdir), "--lora", str(adir),
-                                 "--out", str(out), "--beta", "0.5", "--key", str(keyfiles[0])])
+                                 "--out", str(out), "--beta", "0.5", "--key", str(keyfiles[0]), "--threads", "1"])
     assert r.exit_code == 0, r.output
     assert "logit" in r.output and "shares the LLM's blocks" in r.output
     model = load_fused(out, keyfiles[1])

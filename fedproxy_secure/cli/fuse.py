@@ -9,7 +9,7 @@ import typer
 
 from fedproxy_secure.cli.app import server_app
 
-_METHODS = ("logit", "delta", "weight")
+_METHODS = ("logit", "delta", "weight", "distil-lora")
 _PP_HELP = "file whose first line is the key passphrase (else env FEDPROXY_KEY_PASSPHRASE; else unencrypted)"
 
 
@@ -25,12 +25,21 @@ def server_fuse(
         help="logit (default; the best measured transfer so far): LLM + beta*(tuned proxy - base proxy) served as one "
              "module by fedproxy_secure.fuse.load_fused, the proxy kept as the LLM's blocks + layer map + LoRA; "
              "delta: dense W_llm += scale*dW from a DISTILLED proxy's LoRA; "
-             "weight: dense write-back of the LoRA into the LLM's mapped blocks (any proxy)"),
+             "weight: dense write-back of the LoRA into the LLM's mapped blocks (any proxy); "
+             "distil-lora (experimental): distil the logit plug-in into a LoRA on the LLM itself on --server-text, merged "
+             "into a dense model any HF stack serves"),
     beta: float = typer.Option(1.0, "--beta", min=0.0, help="logit: z = z_llm + beta*(z_tuned - z_base) (recorded in fused.json)"),
     scale: float = typer.Option(1.0, "--scale", min=0.0, help="delta/weight: W[l_j] += scale*dW_j"),
     source_round: Optional[int] = typer.Option(None, "--round", help="federation round the adapter comes from (recorded)"),
     aggregator: Optional[str] = typer.Option(None, "--aggregator", help="aggregator that produced the adapter (recorded)"),
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=_PP_HELP),
+    server_text: Optional[Path] = typer.Option(None, "--server-text", help="distil-lora: SERVER text (as `compress --calib`: .txt folder, .jsonl or BIG-bench .json); never client data"),
+    server_text_limit: int = typer.Option(1024, "--server-text-limit", min=2, help="distil-lora: texts read from --server-text"),
+    distil_steps: int = typer.Option(200, "--distil-steps", min=1, help="distil-lora: AdamW steps (batch 4)"),
+    distil_lr: float = typer.Option(1e-4, "--distil-lr", help="distil-lora: learning rate"),
+    distil_rank: int = typer.Option(8, "--distil-rank", min=1, help="distil-lora: LoRA rank on the LLM (alpha = 2*rank)"),
+    max_length: int = typer.Option(256, "--max-length", min=8, help="distil-lora: tokens per server text"),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads"),
 ) -> None:
     """Fuse the global LoRA into the LLM and write a folder signed with the operator's key (MANIFEST.json/.sig).
 
@@ -48,9 +57,24 @@ def server_fuse(
     if key is None:
         raise ConfigError("--key: the fused folder is signed; pass the operator's key (--key KEYDIR/server.key; "
                           "make one with `fedproxy-secure server keygen --out KEYDIR`)")
+    if method == "distil-lora" and server_text is None:
+        raise ConfigError("--server-text: --method distil-lora distils on the server's own text; pass e.g. the "
+                          "calibration corpus given to `server compress --calib`")
     sk = load_private_key(key, read_passphrase(passphrase_file))
-    torch.set_num_threads(2)
-    if method == "logit":
+    torch.set_num_threads(threads)
+    if method == "distil-lora":
+        from fedproxy_secure.compress.calib import calib_texts_from
+        from fedproxy_secure.fuse.package import write_distil_lora_folder
+
+        texts = calib_texts_from(server_text, limit=server_text_limit)
+        rec = write_distil_lora_folder(llm, proxy, lora, out, sk, texts, beta=beta, steps=distil_steps, lr=distil_lr,
+                                       rank=distil_rank, max_length=max_length, source_round=source_round,
+                                       aggregator=aggregator)
+        d = rec["distil"]
+        typer.echo(f"distil-lora: held-out KL(plug-in || LLM) {d['heldout_kl_llm']:.4f} -> KL(plug-in || student) "
+                   f"{d['heldout_kl_student']:.4f} nats/token ({d['train_texts']} train / {d['heldout_texts']} held-out "
+                   f"server texts); wrote signed {out}")
+    elif method == "logit":
         rec = write_logit_folder(llm, proxy, lora, out, sk, beta=beta, source_round=source_round, aggregator=aggregator)
         shared = "shares the LLM's blocks" if rec["proxy_shares_llm_blocks"] else f"stores {len(rec['proxy_own_tensors'])} own proxy tensors"
         typer.echo(f"logit plug-in (beta {beta}), proxy layer map {rec['layer_map']} ({shared}); wrote signed {out}")

@@ -19,6 +19,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,19 +73,29 @@ def _copy_adapter(adapter_dir: Path, dest: Path) -> None:
     shutil.copyfile(adapter_dir / "adapter_model.safetensors", dest / "adapter_model.safetensors")
 
 
-def write_logit_folder(
-    llm_dir: str | Path, proxy_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, key: Ed25519PrivateKey,
-    *, beta: float = 1.0, source_round: int | None = None, aggregator: str | None = None,
-) -> dict:
-    """Write and sign a logit plug-in folder that :func:`fedproxy_secure.fuse.load_fused` serves; return ``fused.json``.
+@dataclass
+class LogitBuild:
+    """The logit plug-in built in memory from folders, with what a fused folder records about it."""
 
-    Guarantees: the proxy is stored as the LLM's blocks by reference (layer map) plus only the
-    tensors where it differs from the LLM (checked tensor by tensor, not trusted from
-    ``fedproxy.json``); the adapter is checked to be a safetensors LoRA that loads onto the proxy
-    before anything is written; the folder appears complete and signed, or not at all.
+    model: Any  # FusedLogitModel
+    tokenizer: Any
+    own: dict
+    meta: dict
+
+
+def build_logit_model(
+    llm_dir: str | Path, proxy_dir: str | Path, adapter_dir: str | Path, *, beta: float = 1.0,
+    source_round: int | None = None, aggregator: str | None = None,
+) -> LogitBuild:
+    """Build the logit plug-in (LLM + shared proxy + LoRA) in memory from the server's folders.
+
+    Guarantees: the proxy is rebuilt from the LLM's tensors by the layer map plus only the tensors
+    where it differs from the LLM (checked tensor by tensor, not trusted from ``fedproxy.json``),
+    and the rebuilt proxy is checked bit for bit against the proxy folder; the adapter must be a
+    safetensors LoRA that loads onto the proxy. Raises ConfigError/ModelError naming the input.
     """
     import torch
-    from safetensors.torch import save_file
+    from peft import PeftModel
 
     from fedproxy_secure.fuse.adapter import deltas_from_adapter
     from fedproxy_secure.fuse.served import FusedLogitModel, build_shared_proxy, differing_tensors
@@ -93,7 +104,6 @@ def write_logit_folder(
     if not (0.0 <= beta < float("inf")):
         raise ConfigError(f"--beta: {beta} must be a finite number >= 0")
     llm_dir, proxy_dir, adapter_dir = Path(llm_dir), Path(proxy_dir), Path(adapter_dir)
-    _check_out(out_dir)
     mapping = read_proxy_mapping(proxy_dir)
     deltas_from_adapter(adapter_dir)  # refuses pickle, non-LoRA and incomplete adapters
     llm = load_causal_lm(llm_dir)
@@ -106,13 +116,11 @@ def write_logit_folder(
         for name, t in shared.state_dict().items():
             if name in ref and not torch.equal(ref[name], t):
                 raise ModelError(f"fusion: rebuilt proxy tensor {name!r} differs from the proxy folder's")
-    from peft import PeftModel
-
     try:
         tuned = PeftModel.from_pretrained(shared, str(adapter_dir), is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"--lora: the adapter does not load onto the proxy ({exc}); was it trained on this proxy?") from None
-    FusedLogitModel(llm, tuned, beta)  # vocabulary and beta checks
+    model = FusedLogitModel(llm, tuned, beta, tok)  # vocabulary and beta checks
     n_proxy = len({id(p) for p in proxy.parameters()})
     meta = {
         "format": FUSED_FORMAT_VERSION, "method": "logit", "beta": float(beta),
@@ -124,7 +132,26 @@ def write_logit_folder(
                    "adapter_sha256": adapter_hash(adapter_dir)},
         "created_unix": int(time.time()),
     }
-    del tuned, shared, proxy
+    model.fused_meta = dict(meta)
+    return LogitBuild(model, tok, own, meta)
+
+
+def write_logit_folder(
+    llm_dir: str | Path, proxy_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, key: Ed25519PrivateKey,
+    *, beta: float = 1.0, source_round: int | None = None, aggregator: str | None = None,
+) -> dict:
+    """Write and sign a logit plug-in folder that :func:`fedproxy_secure.fuse.load_fused` serves; return ``fused.json``.
+
+    Guarantees: everything :func:`build_logit_model` checks is checked before anything is written;
+    the folder stores the LLM, the proxy's config and only its own (non-LLM) tensors, and the
+    adapter; it appears complete and signed, or not at all.
+    """
+    from safetensors.torch import save_file
+
+    proxy_dir, adapter_dir = Path(proxy_dir), Path(adapter_dir)
+    _check_out(out_dir)
+    b = build_logit_model(llm_dir, proxy_dir, adapter_dir, beta=beta, source_round=source_round, aggregator=aggregator)
+    llm, tok, own, meta = b.model.llm, b.tokenizer, b.own, b.meta
 
     def write(tmp: Path) -> None:
         llm.save_pretrained(tmp / "llm", safe_serialization=True)
@@ -180,3 +207,41 @@ def write_dense_folder(
 
     _atomic(out_dir, write)
     return rec
+
+
+def write_distil_lora_folder(
+    llm_dir: str | Path, proxy_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, key: Ed25519PrivateKey,
+    server_texts: list[str], *, beta: float = 1.0, steps: int = 200, lr: float = 1e-4, rank: int = 8,
+    max_length: int = 256, seed: int = 0, source_round: int | None = None, aggregator: str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Distil the logit plug-in into a LoRA on the LLM (server text only), merge it, write + sign a dense folder.
+
+    Guarantees: only ``server_texts`` (the operator's own text, e.g. the calibration corpus) are
+    used, split (seeded) into training and held-out parts; ``fused.json`` records the held-out
+    KL(teacher || LLM) and KL(teacher || student) and a hash of the texts, never the texts.
+    """
+    from fedproxy_secure.compress.calib import calib_hash
+    from fedproxy_secure.fuse.distil_lora import distil_into_lora, split_server_texts
+    from fedproxy_secure.models.loading import weights_hash
+
+    _check_out(out_dir)
+    train, heldout = split_server_texts(server_texts, seed=seed)
+    b = build_logit_model(llm_dir, proxy_dir, adapter_dir, beta=beta, source_round=source_round, aggregator=aggregator)
+    dense, stats = distil_into_lora(b.model, b.model.llm, b.tokenizer, train, heldout, steps=steps, lr=lr, r=rank,
+                                    alpha=2.0 * rank, max_length=max_length, seed=seed, on_step=on_step)
+    meta = {
+        "format": FUSED_FORMAT_VERSION, "method": "distil-lora",
+        "teacher": {k: b.meta[k] for k in ("formula", "beta", "layer_map", "distilled", "inputs")},
+        "distil": stats, "server_texts_sha256": calib_hash(server_texts),
+        "source_round": source_round, "aggregator": aggregator, "created_unix": int(time.time()),
+    }
+
+    def write(tmp: Path) -> None:
+        dense.save_pretrained(tmp, safe_serialization=True)
+        b.tokenizer.save_pretrained(tmp)
+        (tmp / FUSED_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        sign_fused_folder(tmp, key, method="distil-lora", base_model_hash=weights_hash(llm_dir))
+
+    _atomic(out_dir, write)
+    return meta
