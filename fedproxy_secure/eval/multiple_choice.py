@@ -17,11 +17,12 @@ LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def model_logits_fn(model: torch.nn.Module) -> LogitsFn:
-    """Wrap a HF causal LM as a logits function."""
+    """Wrap a HF causal LM as a logits function (``fn.model`` keeps the model for prefix-shared scoring)."""
 
     def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask).logits
 
+    fn.model = model  # type: ignore[attr-defined]
     return fn
 
 
@@ -45,7 +46,76 @@ def score_choices(
     logits_fn: LogitsFn, tokenizer, examples: Sequence[MCExample], *, batch_size: int = 16,
     max_length: int = 512, device: str | torch.device = "cpu", normalize: bool = False,
 ) -> list[list[float]]:
-    """Sum (or mean if ``normalize``) log-probability of each choice's tokens, per example."""
+    """Sum (or mean if ``normalize``) log-probability of each choice's tokens, per example.
+
+    When ``logits_fn`` wraps a plain HF model (:func:`model_logits_fn`), each example's prompt is run
+    once and its key/value cache shared by all choices (:func:`score_choices_shared`, same scores up
+    to float rounding, several times fewer tokens); any other scorer gets one sequence per choice.
+    """
+    model = getattr(logits_fn, "model", None)
+    if model is not None:
+        return score_choices_shared(model, tokenizer, examples, max_length=max_length, device=device,
+                                    normalize=normalize)
+    return score_choices_full(logits_fn, tokenizer, examples, batch_size=batch_size, max_length=max_length,
+                              device=device, normalize=normalize)
+
+
+@torch.no_grad()
+def score_choices_shared(model: torch.nn.Module, tokenizer, examples: Sequence[MCExample], *, max_length: int = 512,
+                         device: str | torch.device = "cpu", normalize: bool = False) -> list[list[float]]:
+    """:func:`score_choices` for a HF causal LM, running each example's shared prefix once.
+
+    Guarantees: the tokens scored and the positions they are predicted from are those of
+    :func:`tokenize_pair` for every choice (the prefix is the longest run shared by all choices, up to
+    the first response token), so the result equals the one-sequence-per-choice scores.
+    """
+    out: list[list[float]] = []
+    for ex in examples:
+        enc = [tokenize_pair(tokenizer, ex.prompt, c, max_length) for c in ex.choices]
+        seqs = [e[0] for e in enc]
+        q = min(e[1] for e in enc)  # every choice's response starts at or after q
+        while q > 0 and any(s[:q] != seqs[0][:q] for s in seqs[1:]):
+            q -= 1
+        if q == 0:  # choices truncated the prompt differently: nothing to share, score one sequence each
+            out += score_choices_full(model_logits_fn(model), tokenizer, [ex], batch_size=len(ex.choices),
+                                      max_length=max_length, device=device, normalize=normalize)
+            continue
+        pre = torch.tensor([seqs[0][:q]], dtype=torch.long, device=device)
+        res = model(input_ids=pre, attention_mask=torch.ones_like(pre), use_cache=True, logits_to_keep=1)
+        last = torch.log_softmax(res.logits[0, -1].float(), dim=-1).cpu()
+        tails = [s[q:] for s in seqs]
+        width = max(len(t) for t in tails)
+        scores = []
+        if width:
+            n = len(seqs)
+            ids = torch.zeros((n, width), dtype=torch.long)
+            mask = torch.zeros((n, q + width), dtype=torch.long)
+            mask[:, :q] = 1
+            for r, t in enumerate(tails):
+                ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+                mask[r, q : q + len(t)] = 1
+            cache = res.past_key_values
+            cache.batch_repeat_interleave(n)
+            pos_ids = torch.arange(q, q + width, dtype=torch.long).expand(n, width)
+            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                                           position_ids=pos_ids.to(device), use_cache=True).logits.float(), dim=-1).cpu()
+        for r, (seq, rstart, _) in enumerate(enc):
+            lps = []
+            for pos in range(rstart, len(seq)):  # token seq[pos] is predicted at position pos - 1
+                row = last if pos - 1 == q - 1 else logp[r, pos - 1 - q]
+                lps.append(float(row[seq[pos]]))
+            t = torch.tensor(lps, dtype=torch.float64)
+            scores.append(float(t.mean() if normalize else t.sum()) if len(lps) else 0.0)
+        out.append(scores)
+    return out
+
+
+@torch.no_grad()
+def score_choices_full(
+    logits_fn: LogitsFn, tokenizer, examples: Sequence[MCExample], *, batch_size: int = 16,
+    max_length: int = 512, device: str | torch.device = "cpu", normalize: bool = False,
+) -> list[list[float]]:
+    """:func:`score_choices` with one padded sequence per (example, choice), for any logits function."""
     pairs = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
     enc = [tokenize_pair(tokenizer, examples[i].prompt, examples[i].choices[c], max_length) for i, c in pairs]
     order = sorted(range(len(enc)), key=lambda k: -len(enc[k][0]))  # length-sorted batches pad less

@@ -1,0 +1,54 @@
+"""Prefix-shared option scoring equals one-sequence-per-choice scoring; the score cache computes once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedproxy_secure.config import TinyModelSpec
+from fedproxy_secure.data import MCExample, load_task
+from fedproxy_secure.eval import ScoreCache, model_logits_fn, score_choices
+from fedproxy_secure.eval.multiple_choice import score_choices_full
+from fedproxy_secure.models import build_tiny_model, byte_tokenizer
+
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "bigbench-mini"
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_tiny_model(TinyModelSpec(layers=2, hidden=32, heads=2, intermediate=64, vocab=259)).eval()
+
+
+def test_shared_prefix_scores_equal_full_scores() -> None:
+    model, tok = _model(), byte_tokenizer()
+    exs = [*load_task(DATA, "social_support", prompt_format="reference").examples[:3],
+           *load_task(DATA, "navigate", prompt_format="bigbench").examples[:3],
+           MCExample("Q: pick\\nA:", (" a", " ab", " abc d"), 2, "t", 0)]
+    fn = model_logits_fn(model)
+    full = score_choices_full(fn, tok, exs, batch_size=4, max_length=64)
+    shared = score_choices(fn, tok, exs, max_length=64)
+    for a, b in zip(full, shared):
+        assert len(a) == len(b)
+        assert all(abs(x - y) < 1e-3 for x, y in zip(a, b)), (a, b)
+    # truncation from the left (long prompt, max_length 24) gives the same scores too
+    assert all(abs(x - y) < 1e-3 for a, b in zip(score_choices_full(fn, tok, exs[:2], max_length=24),
+                                                   score_choices(fn, tok, exs[:2], max_length=24)) for x, y in zip(a, b))
+
+
+def test_score_cache_scores_once_and_persists(tmp_path: Path) -> None:
+    model, tok = _model(), byte_tokenizer()
+    exs = list(load_task(DATA, "navigate", prompt_format="reference").examples[:4])
+    calls = []
+
+    def fn(ids, mask):
+        calls.append(ids.shape[0])
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    cache = ScoreCache(tmp_path / "c.jsonl", log=lambda m: None)
+    first = cache.scores("fp", "reference", fn, tok, exs, max_length=64)
+    n_calls = len(calls)
+    again = ScoreCache(tmp_path / "c.jsonl", log=lambda m: None).scores("fp", "reference", fn, tok, exs, max_length=64)
+    assert again == first and len(calls) == n_calls  # read back from the file, nothing recomputed
+    other = cache.scores("fp2", "reference", fn, tok, exs[:1], max_length=64)  # another fingerprint is scored
+    assert len(calls) > n_calls and other == first[:1]
