@@ -85,6 +85,7 @@ class QualityArgs:
     fusion_scale: float = 1.0
     lora_r: int = 8
     n_boot: int = 2000
+    score_cache: Path | None = None  # default OUT/score_cache.jsonl; share one file between runs to reuse zero-shot scores
     eval_batch_size: int = 16
     device: str = "cpu"
     log: Callable[[str], None] = field(default=print, repr=False)
@@ -156,7 +157,7 @@ class _Shared:
         self.test_list = [ex for t in tasks for ex in self.test[t]]
         self.calib = [ex.prompt for t in a.calib_tasks
                       for ex in _load_calib(a, t)[:32]]
-        self.cache = ScoreCache(Path(a.out) / "score_cache.jsonl", log=a.log)
+        self.cache = ScoreCache(a.score_cache or Path(a.out) / "score_cache.jsonl", log=a.log)
         self._proxies: dict[str, object] = {}
 
     def proxy(self, method: str):

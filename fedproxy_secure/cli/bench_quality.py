@@ -50,6 +50,7 @@ def bench_quality(
     distill_steps: int = typer.Option(0, "--distill-steps"),
     max_length: int = typer.Option(256, "--max-length", min=16),
     n_boot: int = typer.Option(2000, "--n-boot", min=100, help="bootstrap resamples"),
+    score_cache: Path = typer.Option(None, "--score-cache", help="option-score cache file shared between runs (default OUT/score_cache.jsonl)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)"),
 ) -> None:
@@ -70,7 +71,7 @@ def bench_quality(
             centralized_epochs=centralized_epochs or None, limit_train=limit_train, limit_test=limit_test,
             methods=_csv(methods) or q.ALL_METHODS, settings=_csv(settings) or ["hetero"],
             seeds=_ints(seeds, "--seeds") or [0], prompt_format=prompt_format, calib_dir=cal, fusion=fusion,
-            distill=distill, distill_steps=distill_steps, max_length=max_length, n_boot=n_boot, device=device,
+            distill=distill, distill_steps=distill_steps, max_length=max_length, n_boot=n_boot, score_cache=score_cache, device=device,
             log=lambda m: console.print(f"[dim]{m}[/]"),
         )
         sizes = _ints(train_sizes, "--train-sizes")
