@@ -89,6 +89,14 @@ def test_client_session_refuses_a_readable_identity_key(tmp_path):
     os.chmod(e / "client.key", 0o644)
     with pytest.raises(SecurityError, match=f"chmod 600 {e / 'client.key'}"):
         ClientSession(e, state, retry_s=1)
+    os.chmod(e / "client.key", 0o600)
+    os.chmod(e / "token", 0o644)
+    s = ClientSession(e, state, retry_s=1)
+    try:
+        with pytest.raises(SecurityError, match=f"chmod 600 {e / 'token'}"):
+            s.enroll()  # the one-time token is read only from a 0600 file, before anything is sent
+    finally:
+        s.close()
 
 
 def test_every_private_file_of_a_server_folder_is_0600(tmp_path, open_umask):

@@ -100,7 +100,9 @@ class ClientSession:
         from cryptography.hazmat.primitives import serialization
 
         pub = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        token = (self.enrol / "token").read_text().strip()
+        from fedproxy_secure.artifacts.keyfiles import read_private_file
+
+        token = read_private_file(self.enrol / "token").decode("utf-8").strip()  # refused if group/world-readable
         r = expect(self.http.post_json("/v1/enroll", {"token": token, "pubkey": b64u(pub)}), "enrolment")
         self.client_id = r["client_id"]
         (self.state / "enrolment.json").write_text(json.dumps({"client_id": self.client_id, "name": r["name"]}))
