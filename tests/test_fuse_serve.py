@@ -243,3 +243,17 @@ def test_dense_folders_load_through_the_same_entry_point(env, tmp_path):
 def test_build_shared_proxy_refuses_a_layer_map_of_the_wrong_length(env):
     with pytest.raises(ModelError, match="layer map"):
         build_shared_proxy(env["llm"], env["proxy"].config, [0, 1, 2])
+
+
+def test_fuse_package_never_imports_the_client_package():
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "fedproxy_secure" / "fuse"
+    files = list(root.glob("*.py"))
+    assert files
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("fedproxy_secure.client"), f
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("fedproxy_secure.client") for a in node.names), f

@@ -120,8 +120,8 @@ def _parse(data: bytes) -> FusedManifest:
             raise SecurityError(f"{MANIFEST_NAME}: lists reserved file {p!r}")
         if not isinstance(s, int) or isinstance(s, bool) or s < 0:
             raise SecurityError(f"{MANIFEST_NAME}: files[{i}].size must be a non-negative integer")
-        if not isinstance(h, str) or len(h) != 64:
-            raise SecurityError(f"{MANIFEST_NAME}: files[{i}].sha256 must be 64 hex characters")
+        if not isinstance(h, str) or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+            raise SecurityError(f"{MANIFEST_NAME}: files[{i}].sha256 must be 64 lowercase hex characters")
         out.append((p, s, h))
     if [p for p, _, _ in out] != sorted({p for p, _, _ in out}):
         raise SecurityError(f"{MANIFEST_NAME}: files must be sorted by path and unique")
