@@ -45,9 +45,10 @@ from fedproxy_secure.server.store import Storage
 from fedproxy_secure.server.uploads import UploadLimits, parse_declaration
 from fedproxy_secure.transport.signing import RequestVerifier, VerifiedRequest, b64u_decode
 
+#: the stages of every built-in mode (routing itself accepts exactly the running mode's, RoundEngine.stage_names)
 ROUTE_STAGES = ("join", "advertise", "share", "masked_input", "consistency", "unmask", "he_keys", "he_input",
                 "he_decrypt",
-                # SA-H-TIES (server/sa_hties_stages.py): the h reveal and the phase-B session's stages
+                # SA-H-TIES (protocol/modes/sa_hties.py): the h reveal and the phase-B session's stages
                 "sa_reveal", "b_advertise", "b_share", "b_masked_input", "b_consistency", "b_unmask")
 MAX_JSON_DEPTH = 32
 
@@ -288,7 +289,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         v, _, bad = await authed(request)
         if bad:
             return bad
-        if stage not in ROUTE_STAGES + ("config", "result"):
+        if stage not in ctx.engine.stage_names() + ("config", "result"):
             return reject(404, f"unknown stage {stage!r}", request, v.client_id)
         if v.round_id != str(rid):
             return reject(409, f"wrong round id: signed for {v.round_id}, path says {rid}", request, v.client_id)
@@ -325,7 +326,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         v, body, bad = await authed(request)
         if bad:
             return None, body, bad
-        if stage not in ROUTE_STAGES:
+        if stage not in ctx.engine.stage_names():
             return v, body, reject(404, f"unknown stage {stage!r}", request, v.client_id)
         if (bad := check_round(v, rid, request)) is not None:
             return v, body, bad
