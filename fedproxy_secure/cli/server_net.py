@@ -137,7 +137,9 @@ def enroll_cmd(
                       "hand it to the site over a trusted channel; it holds the site's TLS key and a one-time token",
                       highlight=False, soft_wrap=True)
         return
-    out_dir = enroll_site(dir, site, url or "https://127.0.0.1:8443", ttl_hours * 3600)
+    from fedproxy_secure.server.setup import deployment
+
+    out_dir = enroll_site(dir, site, url or deployment(dir).get("url") or "https://127.0.0.1:8443", ttl_hours * 3600)
     console.print(f"[green]enrolment bundle[/] {out_dir} (hand it to the site over a trusted channel; token is one-time)")
 
 

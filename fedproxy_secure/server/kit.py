@@ -63,6 +63,7 @@ def write_site_kit(d: str | os.PathLike, name: str, out: str | os.PathLike, url:
         raise ConfigError(f"{p['keyset']} is missing: the site kit pins the operator's keyset; make the server folder "
                           "with 'server init --bundle B --keyset K --config F'")
     policy = site_policy(d, name)
+    tmp = out.with_name(f".{out.name}.tmp")
     folder = enroll_site(d, name, url, ttl_s)
     try:
         files = {f: (folder / f).read_bytes() for f in ("ca.pem", "client.pem", "client.key", "token",
@@ -72,7 +73,7 @@ def write_site_kit(d: str | os.PathLike, name: str, out: str | os.PathLike, url:
         files["client.yaml"] = render_client_yaml(data=DATA_PLACEHOLDER, dp=policy["dp_required"]).encode()
         assert set(files) == set(KIT_FILES)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.unlink(missing_ok=True)  # left by an interrupted earlier run
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
             for fname in KIT_FILES:
@@ -82,6 +83,7 @@ def write_site_kit(d: str | os.PathLike, name: str, out: str | os.PathLike, url:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the server never keeps the site's TLS key or token
+        tmp.unlink(missing_ok=True)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     p["kits"].mkdir(exist_ok=True)
     record.write_text(json.dumps({"site": name, "sha256": digest, "url": url, "issued_at": int(time.time())}))
