@@ -257,3 +257,16 @@ def test_fuse_package_never_imports_the_client_package():
                 assert not (node.module or "").startswith("fedproxy_secure.client"), f
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("fedproxy_secure.client") for a in node.names), f
+
+
+def test_logit_metadata_is_validated_with_the_field_named():
+    from fedproxy_secure.fuse.load import parse_logit_meta
+
+    ok = parse_logit_meta({"method": "logit", "beta": 0.5, "layer_map": [0, 2], "extra": 1})
+    assert ok.beta == 0.5 and ok.layer_map == [0, 2] and ok.proxy_own_tensors == []
+    for bad, field in (({"method": "logit", "beta": -1, "layer_map": [0]}, "beta"),
+                       ({"method": "logit", "beta": float("nan"), "layer_map": [0]}, "beta"),
+                       ({"method": "logit", "beta": 1.0, "layer_map": []}, "layer_map"),
+                       ({"method": "weight", "beta": 1.0, "layer_map": [0]}, "method")):
+        with pytest.raises(ModelError, match=field):
+            parse_logit_meta(bad)

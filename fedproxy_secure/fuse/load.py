@@ -13,8 +13,9 @@ import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from fedproxy_secure.artifacts.keyset import Keyset, load_keyset
@@ -23,6 +24,26 @@ from fedproxy_secure.fuse.package import OWN_TENSORS
 from fedproxy_secure.fuse.signed import FUSED_META, VerifiedFused, verify_fused_folder
 
 _HF = {"use_safetensors": True, "local_files_only": True, "trust_remote_code": False}
+
+
+class LogitFolderMeta(BaseModel):
+    """The fields of a logit folder's ``fused.json`` the loader relies on (others are kept as a record)."""
+
+    model_config = ConfigDict(extra="allow")
+    method: Literal["logit"]
+    beta: float = Field(ge=0.0, allow_inf_nan=False)
+    layer_map: list[int] = Field(min_length=1)
+    proxy_own_tensors: list[str] = Field(default_factory=list)
+
+
+def parse_logit_meta(meta: Any) -> LogitFolderMeta:
+    """Validate a logit folder's ``fused.json``; ModelError naming the field otherwise."""
+    try:
+        return LogitFolderMeta.model_validate(meta)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "(root)"
+        raise ModelError(f"fused folder: {FUSED_META} field {field!r}: {err['msg']}; rewrite it with `server fuse`") from None
 
 
 def _keyset(keyset: Keyset | str | Path) -> Keyset:
@@ -61,18 +82,19 @@ def _load_logit(root: Path, meta: dict) -> nn.Module:
 
     from fedproxy_secure.fuse.served import FusedLogitModel, build_shared_proxy
 
+    m = parse_logit_meta(meta)
     llm = _causal_lm(root / "llm")
     _no_remote_code(root / "proxy" / "config.json")
     pcfg = AutoConfig.from_pretrained(str(root / "proxy"), local_files_only=True, trust_remote_code=False)
     own = load_file(str(root / OWN_TENSORS)) if (root / OWN_TENSORS).is_file() else {}
-    if sorted(own) != sorted(meta.get("proxy_own_tensors", [])):
+    if sorted(own) != sorted(m.proxy_own_tensors):
         raise ModelError("fused folder: proxy/own.safetensors does not hold the tensors fused.json lists")
-    proxy = build_shared_proxy(llm, pcfg, meta["layer_map"], own)
+    proxy = build_shared_proxy(llm, pcfg, m.layer_map, own)
     try:
         tuned = PeftModel.from_pretrained(proxy, str(root / "adapter"), is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"fused folder: the adapter does not load onto the proxy: {exc}") from None
-    return FusedLogitModel(llm, tuned, float(meta["beta"]), _tokenizer(root / "llm"), meta)
+    return FusedLogitModel(llm, tuned, m.beta, _tokenizer(root / "llm"), meta)
 
 
 def _verified(folder: str | Path, keyset: Keyset | str | Path, now: datetime | None,
