@@ -206,9 +206,12 @@ def run_demo(out: str | os.PathLike, spec: DemoSpec, log=print, config_path: Pat
     shutil.rmtree(work, ignore_errors=True)  # LLM copy / proxy folder (the bundle keeps the proxy)
     ver = verify_log(out / "audit.jsonl")
     names = {c["client_id"]: c["name"] for c in summary["clients"]}
+    # loss and timings never leave a site (minimal report): the demo reads each site's own full report
+    local = {(c.get("client_id"), x.get("round_id")): x for c in client_summaries for x in c.get("reports", [])}
     round_rows = []
     for r, s in zip(rounds, summary["rounds"]):
         reps = {names.get(c, c): x for c, x in reports.get(r.round_id, {}).items()}
+        own = {names.get(c, c): x for (c, rid), x in local.items() if rid == r.round_id}
         res_r = r.result or {}
         sa = {k: v for k, v in (res_r.get("sa_hties") or {}).items()
               if k in ("K", "h_norm", "h_range", "mean_conflict", "gated_zero_fraction")}
@@ -217,8 +220,8 @@ def run_demo(out: str | os.PathLike, spec: DemoSpec, log=print, config_path: Pat
                            "sa_hties": sa or None, "he_key_holder": names.get(holder, holder) if holder else None,
                            "survivor_sites": sorted(names.get(c, c) for c in res_r.get("survivors", [])),
                            "epsilon_by_site": {n: x.get("epsilon") for n, x in sorted(reps.items())},
-                           "train_loss_by_site": {n: x.get("train_loss") for n, x in sorted(reps.items())},
-                           "train_seconds_by_site": {n: x.get("seconds") for n, x in sorted(reps.items())}})
+                           "train_loss_by_site": {n: x.get("train_loss") for n, x in sorted(own.items())},
+                           "train_seconds_by_site": {n: x.get("seconds") for n, x in sorted(own.items())}})
     results = {
         "name": spec.name, "config": str(config_path) if config_path else None,
         "trainer": "lora (train_round, DP-SGD)" if spec.dp.enabled else "lora (train_round)",
