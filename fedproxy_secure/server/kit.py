@@ -35,8 +35,8 @@ def site_policy(d: str | os.PathLike, name: str) -> dict:
             "lora": tr.get("lora"), "train": {k: v for k, v in tr.items() if k not in ("dp", "lora")},
             "bundle_id": dep.get("bundle_id"), "bundle_version": dep.get("bundle_version"),
             "leaves_the_site": ["the clipped LoRA update, only inside secure aggregation "
-                                f"({s.mode})", "a scalar report per round: epsilon, delta, loss, norms, "
-                                "example and step counts"]}
+                                f"({s.mode})", "a report per round: round id, epsilon and delta spent, "
+                                "the accountant's name and a status"]}
 
 
 def write_site_kit(d: str | os.PathLike, name: str, out: str | os.PathLike, url: str | None = None,
