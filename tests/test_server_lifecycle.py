@@ -1,6 +1,7 @@
 """`server start` lifecycle: the finished/failed rule, the watcher's one-line logs and stored end
 state, `server status --json` exit codes, and a loud failure end to end (server exits 1 with the
-reason; a client that took part in no round exits 1 with a one-line reason, no traceback)."""
+reason; a client that took part in no round exits 1 with a one-line reason, no traceback; slow: about
+50 s of process start-up and deadlines on the shared machine)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,26 @@ def test_watcher_logs_each_round_and_stores_failed_then_status_exits_1(tmp_path)
     assert r.exit_code == 1 and "failed" in r.output
 
 
+@pytest.mark.parametrize("dropped, words", [([3], "dropped from rounds [3]"), ([], "no round was open")])
+def test_client_join_in_no_round_exits_1_with_one_line(tmp_path, monkeypatch, dropped, words):
+    import fedproxy_secure.cli.client_join  # noqa: F401  (registers the command)
+    from fedproxy_secure.client import join_main
+    from fedproxy_secure.client.join import JoinResult
+
+    d = _server(tmp_path)
+    enroll_site(d, "late", "https://127.0.0.1:1")
+    (tmp_path / "client.yaml").write_text(f"enrolment: {d / 'enrol' / 'late'}\nstate_dir: {tmp_path / 'cs'}\n"
+                                          "trainer: synthetic\n")
+    monkeypatch.setattr(join_main, "run_from_config",
+                        lambda *a, **k: JoinResult("c-late", rounds_done=[], rounds_dropped=dropped))
+    r = CliRunner().invoke(app, ["client", "join", "--config", str(tmp_path / "client.yaml")])
+    assert r.exit_code == 1 and "took part in no round" in r.output and words in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    monkeypatch.setattr(join_main, "run_from_config", lambda *a, **k: JoinResult("c-late", rounds_done=[4]))
+    assert CliRunner().invoke(app, ["client", "join", "--config", str(tmp_path / "client.yaml")]).exit_code == 0
+
+
+@pytest.mark.slow
 def test_repeated_aborts_stop_the_server_loudly_and_a_client_in_no_round_exits_1(tmp_path):
     port = free_port()
     d = _server(tmp_path, max_aborts=0, deadlines={"join": 12})
