@@ -270,3 +270,32 @@ def test_logit_metadata_is_validated_with_the_field_named():
                        ({"method": "weight", "beta": 1.0, "layer_map": [0]}, "method")):
         with pytest.raises(ModelError, match=field):
             parse_logit_meta(bad)
+
+
+def test_hf_cache_protocol_matches_the_full_forward(env):
+    """Prefix once with use_cache, repeat the cache per choice, continue with position ids (as the evaluator does)."""
+    model = load_fused(env["out"], env["ks"])
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(3, 300, (1, 6), generator=g)
+    tails = torch.randint(3, 300, (3, 4), generator=g)
+    res = model(prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1)
+    assert res.logits.shape == (1, 1, 300) and res.past_key_values.get_seq_length() == 6
+    cache = res.past_key_values
+    cache.batch_repeat_interleave(3)
+    pos = torch.arange(6, 10).expand(3, 4)
+    got = model(tails, attention_mask=torch.ones(3, 10, dtype=torch.long), past_key_values=cache, position_ids=pos,
+                use_cache=True).logits
+    full = model(torch.cat([prefix.expand(3, 6), tails], dim=1)).logits
+    torch.testing.assert_close(got, full[:, 6:], rtol=0, atol=1e-4)
+    torch.testing.assert_close(res.logits[0, -1], full[0, 5], rtol=0, atol=1e-4)
+
+
+def test_left_padded_batch_generates_like_single_prompts(env):
+    model = load_fused(env["out"], env["ks"])
+    a = torch.tensor([[5, 9, 17, 33, 60]])
+    b = torch.tensor([[7, 8, 90]])
+    batch = torch.tensor([[5, 9, 17, 33, 60], [0, 0, 7, 8, 90]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    out = model.generate(batch, mask, max_new_tokens=5, eos_token_id=-1)
+    assert torch.equal(out[0, 5:], model.generate(a, max_new_tokens=5, eos_token_id=-1)[0, 5:])
+    assert torch.equal(out[1, 5:], model.generate(b, max_new_tokens=5, eos_token_id=-1)[0, 3:])

@@ -115,12 +115,37 @@ def _cache_arg(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+class FusedCache:
+    """The KV caches of the fused module: the LLM's (B rows) and the proxy pair's (tuned rows, then base rows)."""
+
+    def __init__(self, llm: Any, proxy: Any) -> None:
+        self.llm, self.proxy = llm, proxy
+
+    def batch_repeat_interleave(self, n: int) -> None:
+        """Repeat every row ``n`` times in place (HF cache protocol; keeps tuned rows before base rows)."""
+        for c in (self.llm, self.proxy):
+            if c is not None:
+                c.batch_repeat_interleave(n)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens already cached (the LLM's count; the proxy's is the same)."""
+        return int(self.llm.get_seq_length(layer_idx)) if self.llm is not None else 0
+
+
 class FusedOutput(dict):
-    """HF-style output: ``out.logits`` (and ``out["logits"]``)."""
+    """HF-style output: ``out.logits`` (and ``out["logits"]``); ``out.past_key_values`` / ``out.cache`` when cached."""
 
     @property
     def logits(self) -> torch.Tensor:
         return self["logits"]
+
+    @property
+    def past_key_values(self) -> FusedCache | None:
+        return self.get("cache")
+
+    @property
+    def cache(self) -> FusedCache | None:
+        return self.get("cache")
 
 
 class FusedLogitModel(nn.Module):
@@ -141,35 +166,44 @@ class FusedLogitModel(nn.Module):
         self.llm, self.proxy, self.beta = llm.eval(), proxy.eval(), float(beta)
         self.tokenizer, self.fused_meta = tokenizer, dict(meta or {})
 
-    def _three(self, ids: torch.Tensor, mask: torch.Tensor, caches: list | None = None,
-               position_ids: torch.Tensor | None = None, last_only: bool = False) -> tuple[torch.Tensor, list]:
+    def _fused(self, ids: torch.Tensor, mask: torch.Tensor, cache: FusedCache | None, use_cache: bool,
+               position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> tuple[torch.Tensor, FusedCache | None]:
         """Fused logits; the tuned and base proxy run as ONE batch (PEFT mixed-adapter rows), sharing weights."""
-        kw: dict[str, Any] = {"attention_mask": mask}
+        kw: dict[str, Any] = {"attention_mask": mask, "use_cache": use_cache}
         if position_ids is not None:
             kw["position_ids"] = position_ids
-        if last_only:
-            kw["logits_to_keep"] = 1
-        use_cache = caches is not None
-        c = caches or [None, None]
+        if logits_to_keep:
+            kw["logits_to_keep"] = int(logits_to_keep)
         name = _cache_arg(self.llm)
-        o_llm = self.llm(input_ids=ids, use_cache=use_cache, **{name: c[0]}, **kw)
+        o_llm = self.llm(input_ids=ids, **{name: cache.llm if cache else None}, **kw)
         z = o_llm.logits.float()
         if self.beta == 0.0:
-            return z, [getattr(o_llm, name, None), None]
+            return z, FusedCache(getattr(o_llm, name, None), None) if use_cache else None
         b = ids.shape[0]
         pkw = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-        o_p = self.proxy(input_ids=torch.cat([ids, ids]), use_cache=use_cache, **{name: c[1]},
+        o_p = self.proxy(input_ids=torch.cat([ids, ids]), **{name: cache.proxy if cache else None},
                          adapter_names=[self.proxy.active_adapter] * b + ["__base__"] * b, **pkw)
         zp = o_p.logits.float()
         z = z + self.beta * (zp[:b] - zp[b:])
-        return z, [getattr(o_llm, name, None), getattr(o_p, name, None)]
+        return z, FusedCache(getattr(o_llm, name, None), getattr(o_p, name, None)) if use_cache else None
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> FusedOutput:
-        """``logits = z_llm + β·(z_tuned − z_base)`` (float32, shape (B, T, V)); β = 0 gives the LLM's logits exactly."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, past_key_values: FusedCache | None = None,
+                cache: FusedCache | None = None, use_cache: bool = False, logits_to_keep: int = 0,
+                **_: Any) -> FusedOutput:
+        """``logits = z_llm + β·(z_tuned − z_base)`` (float32, shape (B, T, V)); β = 0 gives the LLM's logits exactly.
+
+        Follows the HF causal-LM call: ``attention_mask`` covers cached + new tokens, ``use_cache``
+        returns a :class:`FusedCache` (``out.past_key_values``) to pass back, ``logits_to_keep=k``
+        keeps the last k positions. Without a cache, the logits at every position equal the formula.
+        """
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        z, _ = self._three(input_ids, mask)
-        return FusedOutput(logits=z)
+        prev = cache if cache is not None else past_key_values
+        if prev is not None and not isinstance(prev, FusedCache):
+            raise ModelError("fused model: pass back the FusedCache this module returned (out.past_key_values)")
+        z, new = self._fused(input_ids, mask, prev, bool(use_cache or prev is not None), position_ids, logits_to_keep)
+        return FusedOutput(logits=z, cache=new) if new is not None else FusedOutput(logits=z)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -186,15 +220,15 @@ class FusedLogitModel(nn.Module):
         mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        caches: list | None = None
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        cache: FusedCache | None = None
         step_ids = ids
         for _ in range(max_new_tokens):
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
             if use_cache:
-                z, caches = self._three(step_ids, mask, caches or [None, None], pos[:, -step_ids.shape[1]:], last_only=True)
+                z, cache = self._fused(step_ids, mask, cache, True, pos[:, -step_ids.shape[1]:], logits_to_keep=1)
             else:
-                z, _ = self._three(ids, mask, None, pos, last_only=True)
+                z, _ = self._fused(ids, mask, None, False, pos, logits_to_keep=1)
             nxt = z[:, -1].argmax(-1)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
