@@ -178,3 +178,21 @@ def test_folder_without_a_seed_gets_one_stored_once(tmp_path):
     first = load_settings(d).a_seed
     assert first is not None and json.loads((d / "federation.json").read_text())["a_seed"] == first
     assert load_settings(d).a_seed == first
+
+
+def test_start_refuses_a_bundle_the_federation_was_not_made_from(tmp_path, signed_tiny):
+    bundle, _ = signed_tiny
+    d = tmp_path / "legacy"
+    assert init(d, "--dim", "16").exit_code == 0
+    r = CliRunner().invoke(app, ["server", "start", "--dir", str(d), "--bundle", str(bundle), "--port", "1"])
+    assert isinstance(r.exception, ConfigError) and "made without a bundle" in str(r.exception)
+
+
+def test_start_refuses_another_bundle_than_the_federations(tmp_path, signed_tiny):
+    bundle, ks = signed_tiny
+    d = tmp_path / "srv"
+    r = CliRunner().invoke(app, ["server", "init", "--dir", str(d), "--bundle", str(bundle), "--keyset", str(ks)])
+    assert r.exit_code == 0, r.output
+    other, _ = tiny_bundle(tmp_path / "other")  # another operator's bundle: does not verify against this keyset
+    r = CliRunner().invoke(app, ["server", "start", "--dir", str(d), "--bundle", str(other), "--port", "1"])
+    assert isinstance(r.exception, SecurityError)

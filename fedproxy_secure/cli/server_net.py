@@ -168,7 +168,12 @@ def start_cmd(
     stored = server_paths(dir)["bundle"]
     if bundle is None and dep and stored.is_dir():
         bundle = stored
-    elif bundle is not None and dep:
+    elif bundle is not None and not dep:
+        from fedproxy_secure.errors import ConfigError
+
+        raise ConfigError(f"--bundle: {dir} was made without a bundle, so its vector size (dim) was not derived from "
+                          "this proxy; make the federation with 'server init --bundle B --keyset K --config F'")
+    elif bundle is not None:
         from fedproxy_secure.artifacts import load_keyset, verify_bundle
         from fedproxy_secure.errors import ConfigError
 
