@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedproxy_secure.fuse.weight import ProxyMapping, fuse_weights
