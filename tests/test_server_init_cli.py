@@ -140,8 +140,10 @@ def test_init_refuses_a_bundle_that_does_not_verify_against_the_keyset(tmp_path,
     assert not d.exists()
 
 
-def test_engine_signs_the_stored_a_seed_in_every_round(tmp_path):
-    """Round 1 aborted, round 2 opened: both round configs carry federation.json's a_seed."""
+@pytest.mark.parametrize("unset", [False, True])
+def test_engine_signs_the_stored_a_seed_in_every_round(tmp_path, unset):
+    """Round 1 aborted, round 2 opened: both round configs carry federation.json's a_seed (or, for
+    settings built without one, a seed drawn once and kept in the store)."""
     from fedproxy_secure.artifacts.keys import generate_key
     from fedproxy_secure.audit.log import AuditLog
     from fedproxy_secure.server.rounds import RoundEngine, sign_round_config
@@ -152,6 +154,8 @@ def test_engine_signs_the_stored_a_seed_in_every_round(tmp_path):
     s = load_settings(d)
     stored = json.loads((d / "federation.json").read_text())["a_seed"]
     assert s.a_seed == stored is not None
+    if unset:
+        s.a_seed = None
     store = SQLiteStore(d / "state.db")
     op = generate_key()
     eng = RoundEngine(store, AuditLog(d / "audit.jsonl"), s, signer=lambda cfg, *a: sign_round_config(op, cfg, *a))
@@ -165,8 +169,12 @@ def test_engine_signs_the_stored_a_seed_in_every_round(tmp_path):
         assert cfg["round_id"] == rid
         seeds.append(cfg["a_seed"])
         eng.abort(rid, "test: next round")
+    kept = store.get_meta("a_seed")
     store.close()
-    assert seeds == [stored, stored]
+    if unset:
+        assert kept is not None and seeds == [int(kept)] * 2
+    else:
+        assert seeds == [stored, stored]
 
 
 def test_folder_without_a_seed_gets_one_stored_once(tmp_path):

@@ -230,6 +230,17 @@ class RoundEngine:
             if set(subs) >= alive or now >= row.stage_deadline:
                 self._close_stage(row, subs, alive)
 
+    def a_seed(self) -> int:
+        """The federation's fixed FFA-LoRA A seed, the same in every round: ``settings.a_seed``, else one
+        drawn once and kept in the store (meta ``a_seed``), never re-derived per round."""
+        if self.s.a_seed is not None:
+            return int(self.s.a_seed)
+        raw = self.store.get_meta("a_seed")
+        if raw is None:
+            raw = str(secrets.randbits(62))
+            self.store.set_meta("a_seed", raw)
+        return int(raw)
+
     def _close_join(self, row: RoundRow, subs: dict[str, bytes]) -> None:
         members = sorted(subs)
         cohort = [[c, i + 1] for i, c in enumerate(members)]
@@ -242,8 +253,7 @@ class RoundEngine:
             "state_round": gs[0], "state_sha256": hashlib.sha256(gs[1]).hexdigest(),
             "aggregator": self.s.aggregator, "mode": self.s.mode, "threshold": t, "dim": self.s.dim,
             "clip_norm": self.s.clip_norm, "train": self.s.train, "deadlines": self.s.deadlines,
-            "a_seed": self.s.a_seed if self.s.a_seed is not None else
-            int.from_bytes(hashlib.sha256(b"a-seed" + bytes.fromhex(row.session_id)).digest()[:4], "big"),
+            "a_seed": self.a_seed(),
             "total_rounds": self.s.rounds, "issued_at": int(self.clock()),
             "secagg_options": {"identities": {str(i): b64e(self.store.client_key(c)) for c, i in cohort},
                                "max_clients": max(n, 2)},
