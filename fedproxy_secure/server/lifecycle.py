@@ -12,9 +12,13 @@ sites to read the end state). Exit status of :func:`run_server`: 0 finished, 1 f
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from fedproxy_secure.server.uploads import UploadLimits
 
 META_KEY = "federation_state"
 Log = Callable[[str], None]
@@ -133,8 +137,9 @@ class Watcher:
             halt.wait(self.poll_s)
 
 
-def run_server(d, host: str, port: int, bundle=None, max_body: int = 64 << 20, uploads=None,
-               linger_s: float = 10.0, log: Log = print) -> int:
+def run_server(d: str | os.PathLike, host: str, port: int, bundle: str | os.PathLike | None = None,
+               max_body: int = 64 << 20, uploads: "UploadLimits | None" = None, linger_s: float = 10.0,
+               log: Log = print) -> int:
     """Serve the federation of folder ``d`` until it ends (or Ctrl-C); 0 finished, 1 failed, 130 interrupted.
 
     A federation that had already ended when started is reported and not served again.
