@@ -1,36 +1,32 @@
-"""Fusion study: centralized LoRA on a proxy, then every plug-in variant side by side.
+"""Fusion study: centralized LoRA on a proxy, then every plug-in variant side by side, through the SDK.
 
-For each variant: proxy accuracy, fused-LLM accuracy and transfer =
-(fused − zero-shot LLM) / (LLM LoRA − zero-shot LLM). Resumable: each variant's result is cached
-as JSON in ``out/variants`` and each trained adapter as a PEFT safetensors folder in ``out/adapters``.
-Server data (calibration, distillation, scale search) comes from BIG-bench tasks that are NOT
-among the evaluation tasks; client (train) and test data are never used for it.
+Every building block is the shipped one: compression, Block Influence and distillation from
+``fedproxy_secure.compress``, LoRA training from ``fedproxy_secure.client.trainer.train_centralized``,
+fusion from ``fedproxy_secure.fuse``, scoring and metrics from ``fedproxy_secure.eval``. For each
+variant the study stores per-example predictions of the fused LLM (and of the tuned proxy) and
+reports macro balanced accuracy and transfer = (fused − zero-shot LLM) / (LLM LoRA − zero-shot LLM)
+with paired stratified bootstrap 95% CIs (:func:`fedproxy_secure.eval.summarise_predictions`).
+Resumable: each variant's predictions are cached in ``out/variants`` and each trained adapter in
+``out/adapters``. Server data (calibration, distillation, scale search) comes from BIG-bench tasks
+that are NOT among the evaluation tasks; client (train) and test data are never used for it.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedproxy_secure.data import list_tasks, load_task, split_task
 from fedproxy_secure.errors import DataError
-from fedproxy_secure.eval import evaluate_tasks, model_logits_fn, tokenize_pair
-from fedproxy_secure.fuse.adapter import deltas_from_peft_model
-from fedproxy_secure.fuse.calibrate import calibrate_block_scales, encode_texts
-from fedproxy_secure.fuse.logit import logit_plugin_fn
-from fedproxy_secure.fuse.weight import ProxyMapping, fuse_weights
-from fedproxy_secure.models import decoder_blocks, load_causal_lm, load_tokenizer, set_decoder_blocks
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_SERVER_TASKS = ("anachronisms", "causal_judgment", "date_understanding", "disambiguation_qa",
                         "epistemic_reasoning", "implicatures", "logical_fallacy_detection", "snarks")
 ALL_VARIANTS = ("zs_llm", "llm_lora", "bi50_weight", "bi50_logit", "bi50_scaled", "bi50d_delta",
@@ -39,13 +35,15 @@ ALL_VARIANTS = ("zs_llm", "llm_lora", "bi50_weight", "bi50_logit", "bi50_scaled"
 
 @dataclass
 class StudyConfig:
+    """Every knob of the study (the CLI maps its flags onto this)."""
+
     llm: str
     data_dir: str
     out: str
     server_dir: str = ".cache/bigbench-extra"
     server_tasks: tuple[str, ...] = DEFAULT_SERVER_TASKS
     limit_train: int = 200
-    limit_test: int = 100
+    limit_test: int = 200
     epochs: int = 1
     lr: float = 2e-4
     batch_size: int = 8
@@ -59,10 +57,11 @@ class StudyConfig:
     beta: float = 1.0
     threads: int = 2
     seed: int = 0
+    prompt_format: str = "reference"
+    n_boot: int = 2000
     variants: tuple[str, ...] = ALL_VARIANTS
 
 
-# ---------------------------------------------------------------- server data
 def server_texts(cfg: StudyConfig, n: int, seed: int, exclude: set[str]) -> list[str]:
     """Prompt + answer texts of server-only BIG-bench tasks (never an evaluation task)."""
     d = Path(cfg.server_dir)
@@ -73,232 +72,127 @@ def server_texts(cfg: StudyConfig, n: int, seed: int, exclude: set[str]) -> list
     per = max(1, n // len(names))
     out = []
     for name in names:
-        exs = list(load_task(d, name).examples)
+        exs = list(load_task(d, name, prompt_format=cfg.prompt_format).examples)
         rng.shuffle(exs)
         out += [e.prompt + e.response for e in exs[:per]]
     rng.shuffle(out)
     return out[:n]
 
 
-# ---------------------------------------------------------------- compression (local, study-only)
-@torch.no_grad()
-def block_influence(model, tok, texts: list[str], max_length: int = 192) -> list[float]:
-    """ShortGPT Block Influence: 1 − mean cos(h_in, h_out) per block over valid tokens."""
-    _, blocks, _ = decoder_blocks(model)
-    sums = [0.0] * len(blocks)
-    count = 0
-    io: dict[int, tuple] = {}
-    hooks = [b.register_forward_hook(lambda mod, a, kw_out, l=l: io.__setitem__(l, (a[0], kw_out[0] if isinstance(kw_out, tuple) else kw_out)))
-             for l, b in enumerate(blocks)]
-    try:
-        for ids, m in encode_texts(tok, texts, max_length):
-            model(input_ids=ids, attention_mask=m)
-            valid = m.bool()
-            for l in range(len(blocks)):
-                h_in, h_out = io[l]
-                cos = F.cosine_similarity(h_in[valid].float(), h_out[valid].float(), dim=-1)
-                sums[l] += float(cos.sum())
-            count += int(valid.sum())
-    finally:
-        for h in hooks:
-            h.remove()
-    return [1.0 - s / count for s in sums]
+def adapter_block_targets(proxy_model, block_ids: list[int]) -> list[str]:
+    """Full module names of the default LoRA targets inside the given proxy blocks (Offsite-Tuning adapters)."""
+    from fedproxy_secure.lora import default_target_modules
+    from fedproxy_secure.models import decoder_blocks
+
+    path, _, _ = decoder_blocks(proxy_model)
+    leaves = set(default_target_modules(proxy_model))
+    prefixes = tuple(f"{path}.{j}." for j in block_ids)
+    return sorted(name for name, _ in proxy_model.named_modules()
+                  if name.startswith(prefixes) and name.rsplit(".", 1)[-1] in leaves)
 
 
-def bi_keep(bi: list[float], keep_ratio: float) -> list[int]:
-    L = len(bi)
-    k = L - math.floor(L * (1 - keep_ratio))
-    return sorted(sorted(range(L), key=lambda l: -bi[l])[:k])
-
-
-def ot_keep(L: int, keep_ratio: float, n_adapt: int = 2) -> list[int]:
-    """Offsite-Tuning emulator: first/last ``n_adapt`` blocks + uniformly spaced middle blocks."""
-    from fedproxy_secure.fuse.offsite import emulator_layer_map
-
-    return emulator_layer_map(L, keep_ratio, n_adapt)
-
-
-def make_proxy(llm, keep: list[int]):
-    p = copy.deepcopy(llm)
-    set_decoder_blocks(p, keep)
-    return p.eval()
-
-
-def distill(proxy, llm, tok, texts: list[str], steps: int, lr: float, seed: int, log: Callable[[str], None],
-            bs: int = 4, max_length: int = 192) -> None:
-    """KL(LLM || proxy) on server text; trains the proxy's blocks only (embeddings, norm, head frozen)."""
-    _, blocks, _ = decoder_blocks(proxy)
-    for p in proxy.parameters():
-        p.requires_grad_(False)
-    params = [p for p in blocks.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    proxy.train()
-    t0 = time.time()
-    for step in range(steps):
-        batch = rng.sample(texts, min(bs, len(texts)))
-        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False)
-        with torch.no_grad():
-            tl = torch.log_softmax(llm(**enc).logits.float(), -1)
-        pl = torch.log_softmax(proxy(**enc).logits.float(), -1)
-        m = enc["attention_mask"].float()
-        loss = ((tl.exp() * (tl - pl)).sum(-1) * m).sum() / m.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 20 == 0 or step == steps - 1:
-            log(f"distill step {step}/{steps} kl={float(loss):.3f} ({time.time() - t0:.0f}s)")
-    proxy.eval()
-    for p in proxy.parameters():
-        p.requires_grad_(False)
-
-
-@torch.no_grad()
-def agreement(proxy, llm, tok, texts: list[str], max_length: int = 192) -> dict:
-    """Top-1 next-token agreement and KL(LLM || proxy) per token on held-out server text."""
-    agree = kl = n = 0.0
-    for ids, m in encode_texts(tok, texts, max_length):
-        tl = torch.log_softmax(llm(input_ids=ids, attention_mask=m).logits.float(), -1)
-        pl = torch.log_softmax(proxy(input_ids=ids, attention_mask=m).logits.float(), -1)
-        mb = m.bool()
-        agree += float((tl.argmax(-1) == pl.argmax(-1))[mb].sum())
-        kl += float(((tl.exp() * (tl - pl)).sum(-1))[mb].sum())
-        n += float(mb.sum())
-    return {"top1_agreement": agree / n, "kl_per_token": kl / n}
-
-
-# ---------------------------------------------------------------- LoRA training (centralized)
-def train_lora(model, tok, examples, cfg: StudyConfig, log: Callable[[str], None], layers: list[int] | None = None):
-    """Centralized LoRA (r, α, all linear modules of the blocks, optionally only ``layers``); response-only loss."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(cfg.seed)
-    lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LLAMA_TARGETS,
-                    layers_to_transform=layers, task_type="CAUSAL_LM")
-    pm = get_peft_model(copy.deepcopy(model), lc)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    enc = [tokenize_pair(tok, e.prompt, e.response, cfg.max_length) for e in examples]
-    pad = tok.pad_token_id or 0
-    t0 = time.time()
-    pm.train()
-    step = 0
-    for epoch in range(cfg.epochs):
-        order = list(range(len(enc)))
-        random.Random(f"{cfg.seed}:{epoch}").shuffle(order)
-        n_steps = math.ceil(len(order) / cfg.batch_size)
-        for s in range(n_steps):
-            chunk = [enc[k] for k in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
-            w = max(len(c[0]) for c in chunk)
-            ids = torch.full((len(chunk), w), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            labels = torch.full_like(ids, -100)
-            for r, (seq, rs, _) in enumerate(chunk):
-                ids[r, :len(seq)] = torch.tensor(seq)
-                mask[r, :len(seq)] = 1
-                labels[r, rs:len(seq)] = torch.tensor(seq[rs:])
-            loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if s % 10 == 0 or s == n_steps - 1:
-                log(f"lora step {s}/{n_steps} loss={float(loss):.3f} ({time.time() - t0:.0f}s)")
-    pm.eval()
-    return pm
-
-
-# ---------------------------------------------------------------- the study
 @dataclass
 class Study:
+    """The study's shared state: LLM, data split, server text, proxies (built once, cached on disk)."""
+
     cfg: StudyConfig
     log: Callable[[str], None] = print
     _cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from fedproxy_secure.eval.score_cache import ScoreCache
+        from fedproxy_secure.models import decoder_blocks, load_causal_lm, load_tokenizer, weights_hash
+
         torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)
         self.out = Path(self.cfg.out)
-        (self.out / "variants").mkdir(parents=True, exist_ok=True)
-        (self.out / "adapters").mkdir(parents=True, exist_ok=True)
-        self.llm = load_causal_lm(self.cfg.llm)
-        for p in self.llm.parameters():
-            p.requires_grad_(False)
+        for sub in ("variants", "adapters"):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        self.llm = load_causal_lm(self.cfg.llm).requires_grad_(False).eval()
         self.tok = load_tokenizer(self.cfg.llm)
+        self.llm_hash = weights_hash(self.cfg.llm)
         tasks = list_tasks(self.cfg.data_dir)
         self.train, self.test = [], {}
         for t in tasks:
-            tr, te = split_task(load_task(self.cfg.data_dir, t), self.cfg.limit_train, self.cfg.limit_test, seed=0)
+            tr, te = split_task(load_task(self.cfg.data_dir, t, prompt_format=self.cfg.prompt_format),
+                                self.cfg.limit_train, self.cfg.limit_test, seed=0)
             self.train += tr
             self.test[t] = te
-        excl = set(tasks)
-        allt = server_texts(self.cfg, self.cfg.server_texts * 2, self.cfg.seed, excl)
+        self.test_list = [ex for t in tasks for ex in self.test[t]]
+        allt = server_texts(self.cfg, self.cfg.server_texts * 2, self.cfg.seed, set(tasks))
         self.srv_fit, self.srv_held = allt[: len(allt) // 2], allt[len(allt) // 2:]
         self.L = len(decoder_blocks(self.llm)[1])
+        self.cache = ScoreCache(self.out / "score_cache.jsonl", log=self.log)
 
-    # cached building blocks --------------------------------------------------------------
-    def _eval(self, fn) -> dict:
-        t0 = time.time()
-        r = evaluate_tasks(fn, self.tok, self.test, batch_size=16, max_length=self.cfg.max_length).to_dict()
-        r["seconds"] = round(time.time() - t0, 1)
-        return r
+    # building blocks (all SDK) ---------------------------------------------------------------
+    def _scores(self, logits_fn, label: str) -> list[list[float]]:
+        from fedproxy_secure.eval.score_cache import timed_scores
 
-    def _adapter(self, name: str, base, layers=None):
-        """Train (or reload) a LoRA adapter on ``base``; returns the PEFT model."""
+        return timed_scores(logits_fn, self.tok, self.test_list, log=self.log, label=label,
+                            max_length=self.cfg.max_length)
+
+    def _rows(self, method: str, scores) -> list[dict]:
+        from fedproxy_secure.eval.predictions import rows_for
+
+        return rows_for(method, self.cfg.seed, self.test_list, scores)
+
+    def _adapter(self, name: str, base, targets: list[str] | None = None):
+        """Train (or reload) a LoRA adapter on ``base`` with the client trainer; returns the PEFT model."""
         from peft import PeftModel
+
+        from fedproxy_secure.client.trainer import train_centralized
+        from fedproxy_secure.config import LoraConfig
 
         d = self.out / "adapters" / name
         if (d / "adapter_model.safetensors").is_file():
             return PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
         self.log(f"[{name}] training LoRA on {len(self.train)} examples")
-        pm = train_lora(base, self.tok, self.train, self.cfg, self.log, layers)
-        pm.save_pretrained(d, safe_serialization=True)
-        return pm
+        res = train_centralized(copy.deepcopy(base).requires_grad_(False), self.tok, self.train, epochs=self.cfg.epochs,
+                                lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
+                                lora_cfg=LoraConfig(r=self.cfg.lora_r, alpha=self.cfg.lora_alpha, ffa=False,
+                                                    target_modules=targets), seed=self.cfg.seed)
+        res["model"].save_pretrained(d, safe_serialization=True)
+        return res["model"].eval()
 
     def proxy(self, kind: str):
+        """``(proxy module, meta)`` for ``bi50`` / ``bi75`` / ``bi50d`` (distilled) / ``ot`` via ``compress()``."""
+        from fedproxy_secure.compress import compress
+        from fedproxy_secure.config import CompressConfig
+        from fedproxy_secure.models import set_decoder_blocks
+
         if kind in self._cache:
             return self._cache[kind]
-        meta_path = self.out / f"proxy_{kind}.json"
-        if kind == "bi50" or kind == "bi75":
-            ratio = self.cfg.keep_ratio if kind == "bi50" else 0.75
-            if "bi" not in self._cache:
-                self._cache["bi"] = block_influence(self.llm, self.tok, self.srv_fit)
-            keep = bi_keep(self._cache["bi"], ratio)
-            p = make_proxy(self.llm, keep)
-            meta = {"layer_map": keep, "fusion_mode": "overwrite", "distilled": False, "bi": self._cache["bi"]}
-        elif kind == "bi50d":
-            base, bmeta = self.proxy("bi50")
-            keep = bmeta["layer_map"]
-            p = copy.deepcopy(base)
-            sd = self.out / "proxy_bi50d.safetensors"
-            if sd.is_file():
+        if kind not in ("bi50", "bi75", "bi50d", "ot"):
+            raise ValueError(f"proxy kind {kind!r}")
+        meta_path, sd = self.out / f"proxy_{kind}.json", self.out / f"proxy_{kind}.safetensors"
+        if meta_path.is_file() and (kind != "bi50d" or sd.is_file()):
+            meta = json.loads(meta_path.read_text())
+            p = copy.deepcopy(self.llm)
+            set_decoder_blocks(p, meta["layer_map"])
+            if kind == "bi50d":
                 from safetensors.torch import load_file
+
                 p.load_state_dict(load_file(str(sd)), strict=False)
-                meta = json.loads(meta_path.read_text())
-            else:
-                before = agreement(p, self.llm, self.tok, self.srv_held[:32])
-                distill(p, self.llm, self.tok, self.srv_fit, self.cfg.distill_steps, self.cfg.distill_lr, self.cfg.seed, self.log)
-                after = agreement(p, self.llm, self.tok, self.srv_held[:32])
-                from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in p.state_dict().items() if ".layers." in k}, str(sd))
-                meta = {"layer_map": keep, "fusion_mode": "delta", "distilled": True,
-                        "agreement_before": before, "agreement_after": after}
-        elif kind == "ot":
-            keep = ot_keep(self.L, self.cfg.keep_ratio, 2)
-            p = make_proxy(self.llm, keep)
-            meta = {"layer_map": keep, "fusion_mode": "overwrite", "distilled": False, "adapter_blocks": [0, 1, len(keep) - 2, len(keep) - 1]}
         else:
-            raise ValueError(kind)
-        for q in p.parameters():
-            q.requires_grad_(False)
-        meta_path.write_text(json.dumps(meta, indent=1))
+            cc = CompressConfig(strategy="uniform" if kind == "ot" else "bi",
+                                keep_ratio=0.75 if kind == "bi75" else self.cfg.keep_ratio,
+                                distill=kind == "bi50d", distill_steps=self.cfg.distill_steps if kind == "bi50d" else 0,
+                                distill_lr=self.cfg.distill_lr, calib_examples=len(self.srv_fit))
+            cp = compress(self.llm, self.tok, self.srv_fit, cc, heldout_texts=self.srv_held[:32], progress=False,
+                          max_length=192)
+            p, meta = cp.model, cp.meta
+            if kind == "bi50d":
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in p.state_dict().items() if ".layers." in k}, str(sd))
+            meta_path.write_text(json.dumps(meta, indent=1))
+        p.requires_grad_(False).eval()
         self._cache[kind] = (p, meta)
         return p, meta
 
     # variants ------------------------------------------------------------------------------
     def run_variant(self, name: str) -> dict:
+        """One variant's cached result: its prediction rows and what it measured."""
         f = self.out / "variants" / f"{name}.json"
         if f.is_file():
             return json.loads(f.read_text())
@@ -307,136 +201,198 @@ class Study:
         res = getattr(self, "v_" + name)()
         res["name"] = name
         res["seconds"] = round(time.time() - t0, 1)
-        f.write_text(json.dumps(res, indent=1))
+        f.write_text(json.dumps(res))
         return res
 
     def v_zs_llm(self):
-        return {"fused": self._eval(model_logits_fn(self.llm)), "what": "zero-shot LLM"}
+        from fedproxy_secure.eval import model_logits_fn
+        from fedproxy_secure.eval.score_cache import fingerprint
+
+        fp = fingerprint("llm", self.llm_hash, self.cfg.max_length)
+        scores = self.cache.scores(fp, self.cfg.prompt_format, model_logits_fn(self.llm), self.tok, self.test_list,
+                                   max_length=self.cfg.max_length, label="zero-shot LLM")
+        return {"rows": self._rows("zs_llm", scores), "what": "zero-shot LLM"}
 
     def v_llm_lora(self):
+        from fedproxy_secure.eval import model_logits_fn
+
         pm = self._adapter("llm_lora", self.llm)
-        return {"fused": self._eval(model_logits_fn(pm)), "what": "LoRA on the LLM (upper bound)"}
+        return {"rows": self._rows("llm_lora", self._scores(model_logits_fn(pm), "llm_lora")),
+                "what": "LoRA on the LLM (upper bound)"}
 
-    def _proxy_tuned(self, kind: str, layers=None):
+    def _proxy_tuned(self, kind: str, adapters_only: bool = False):
+        from fedproxy_secure.eval import model_logits_fn
+
         p, meta = self.proxy(kind)
-        pm = self._adapter(f"{kind}_lora" if layers is None else f"{kind}_lora_adapters", p, layers)
-        key = f"{kind}_acc" if layers is None else f"{kind}_ad_acc"
-        accf = self.out / f"proxy_acc_{key}.json"
+        targets = None
+        if adapters_only:
+            n = len(meta["layer_map"])
+            k = meta.get("ot_adapter_blocks") or 2
+            targets = adapter_block_targets(p, sorted(set(range(k)) | set(range(n - k, n))))
+        name = f"{kind}_lora" + ("_adapters" if adapters_only else "")
+        pm = self._adapter(name, p, targets)
+        accf = self.out / f"proxy_scores_{name}.json"
         if accf.is_file():
-            acc = json.loads(accf.read_text())
+            scores = json.loads(accf.read_text())
         else:
-            acc = self._eval(model_logits_fn(pm))
-            accf.write_text(json.dumps(acc))
-        return p, meta, pm, acc
+            scores = self._scores(model_logits_fn(pm), f"tuned proxy {name}")
+            accf.write_text(json.dumps(scores))
+        return p, meta, pm, scores
 
-    def _weight_variant(self, kind: str, what: str, scale=1.0, layers=None, extra=None):
-        p, meta, pm, acc = self._proxy_tuned(kind, layers)
-        deltas = deltas_from_peft_model(pm)
-        fused = fuse_weights(self.llm, meta, deltas, scale=scale)
-        r = {"proxy": acc, "fused": self._eval(model_logits_fn(fused)), "what": what,
-             "layer_map": meta["layer_map"], "fusion_mode": meta["fusion_mode"]}
-        if extra:
-            r.update(extra)
-        return r
+    def _weight_variant(self, name: str, kind: str, what: str, scale=1.0, adapters_only=False, extra=None):
+        from fedproxy_secure.eval import model_logits_fn
+        from fedproxy_secure.fuse.adapter import deltas_from_peft_model
+        from fedproxy_secure.fuse.weight import fuse_weights
+
+        p, meta, pm, pscores = self._proxy_tuned(kind, adapters_only)
+        fused = fuse_weights(self.llm, meta, deltas_from_peft_model(pm), scale=scale)
+        return {"rows": self._rows(name, self._scores(model_logits_fn(fused), name)),
+                "proxy_rows": self._rows(f"proxy:{name}", pscores), "what": what,
+                "layer_map": meta["layer_map"], "fusion_mode": meta["fusion_mode"], **(extra or {})}
 
     def v_bi50_weight(self):
-        return self._weight_variant("bi50", "BI proxy (p=0.5), exact copy, weight write-back")
+        return self._weight_variant("bi50_weight", "bi50", "BI proxy (p=0.5), exact copy, weight write-back")
 
     def v_bi75_weight(self):
-        return self._weight_variant("bi75", "BI proxy (p=0.25, 23 blocks), weight write-back")
+        return self._weight_variant("bi75_weight", "bi75", "BI proxy (p=0.25), weight write-back")
 
     def v_bi50d_delta(self):
         _, meta = self.proxy("bi50d")
-        return self._weight_variant("bi50d", "BI proxy distilled on server text, delta plug-in",
-                                    extra={"agreement_before": meta.get("agreement_before"), "agreement_after": meta.get("agreement_after")})
+        return self._weight_variant("bi50d_delta", "bi50d", "BI proxy distilled on server text (compress --distill), delta plug-in",
+                                    extra={"agreement": meta.get("agreement"), "distill": meta.get("distill")})
 
     def v_ot_adapters(self):
-        p, meta = self.proxy("ot")
-        return self._weight_variant("ot", "Offsite-Tuning emulator (uniform), LoRA on first/last 2 blocks, plugged in",
-                                    layers=meta["adapter_blocks"])
+        return self._weight_variant("ot_adapters", "ot", "Offsite-Tuning emulator (uniform), LoRA on first/last 2 blocks, plugged in",
+                                    adapters_only=True)
 
-    def _logit_variant(self, kind: str, what: str):
-        p, meta, pm, acc = self._proxy_tuned(kind)
+    def _logit_variant(self, name: str, kind: str, what: str):
+        from fedproxy_secure.fuse.logit import logit_plugin_fn
+
+        p, meta, pm, pscores = self._proxy_tuned(kind)
         fn = logit_plugin_fn(self.llm, pm, p, beta=self.cfg.beta)
-        return {"proxy": acc, "fused": self._eval(fn), "what": what, "beta": self.cfg.beta}
+        return {"rows": self._rows(name, self._scores(fn, name)), "proxy_rows": self._rows(f"proxy:{name}", pscores),
+                "what": what, "beta": self.cfg.beta}
 
     def v_bi50_logit(self):
-        return self._logit_variant("bi50", "logit plug-in (proxy-tuning) with the BI proxy")
+        return self._logit_variant("bi50_logit", "bi50", "logit plug-in (proxy-tuning) with the BI proxy")
 
     def v_bi50d_logit(self):
-        return self._logit_variant("bi50d", "logit plug-in with the distilled BI proxy")
+        return self._logit_variant("bi50d_logit", "bi50d", "logit plug-in with the distilled BI proxy")
 
     def v_bi50_scaled(self):
-        p, meta, pm, acc = self._proxy_tuned("bi50")
+        from fedproxy_secure.eval import model_logits_fn
+        from fedproxy_secure.fuse.adapter import deltas_from_peft_model
+        from fedproxy_secure.fuse.calibrate import calibrate_block_scales
+        from fedproxy_secure.fuse.logit import logit_plugin_fn
+        from fedproxy_secure.fuse.weight import fuse_weights
+
+        p, meta, pm, pscores = self._proxy_tuned("bi50")
         deltas = deltas_from_peft_model(pm)
         target = logit_plugin_fn(self.llm, pm, p, beta=self.cfg.beta)
         cal = calibrate_block_scales(self.llm, meta, deltas, target, self.tok, self.srv_fit[:16], progress=self.log)
         fused = fuse_weights(self.llm, meta, deltas, scale=cal.scales)
-        return {"proxy": acc, "fused": self._eval(model_logits_fn(fused)),
+        return {"rows": self._rows("bi50_scaled", self._scores(model_logits_fn(fused), "bi50_scaled")),
+                "proxy_rows": self._rows("proxy:bi50_scaled", pscores),
                 "what": "BI proxy, write-back with per-block scales fitted on server text (emulate logit plug-in)",
                 "scales": cal.scales, "kl_at_one": cal.loss_at_one, "kl_best": cal.loss_best}
 
     def run(self) -> dict:
-        results = {}
-        for v in self.cfg.variants:
-            results[v] = self.run_variant(v)
-        return summarise(self.cfg, results)
+        """Run (or reload) every variant, write predictions.jsonl, return the summary."""
+        from fedproxy_secure.eval.predictions import write_jsonl
+
+        results = {v: self.run_variant(v) for v in dict.fromkeys(["zs_llm", *self.cfg.variants])}
+        rows = [r for res in results.values() for r in res["rows"] + res.get("proxy_rows", [])]
+        write_jsonl(rows, self.out / "predictions.jsonl")
+        return summarise(self.cfg, results, rows)
 
 
-def summarise(cfg: StudyConfig, results: dict) -> dict:
-    zs = results.get("zs_llm", {}).get("fused", {}).get("mean_accuracy")
-    up = results.get("llm_lora", {}).get("fused", {}).get("mean_accuracy")
-    rows = []
+def summarise(cfg: StudyConfig, results: dict, rows: list[dict]) -> dict:
+    """Rows per variant: balanced-accuracy headline of the tuned proxy and the fused LLM, and transfer with its CI."""
+    from fedproxy_secure.eval.predictions import summarise_predictions
+
+    s = summarise_predictions(rows, reference="zs_llm", upper="llm_lora" if "llm_lora" in results else None,
+                              n_boot=cfg.n_boot, seed=0)
+    table = []
     for name, r in results.items():
-        fa = r["fused"]["mean_accuracy"]
-        tr = (fa - zs) / (up - zs) if zs is not None and up is not None and up != zs else None
-        rows.append({"variant": name, "what": r.get("what", ""), "proxy_acc": (r.get("proxy") or {}).get("mean_accuracy"),
-                     "fused_acc": fa, "transfer": tr, "per_task": r["fused"]["per_task"]})
-    return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}, "rows": rows,
-            "zero_shot_llm": zs, "llm_lora": up}
+        m = s["methods"][name]
+        pm = s["methods"].get(f"proxy:{name}")
+        table.append({"variant": name, "what": r.get("what", ""), "proxy_bal": pm["headline"] if pm else None,
+                      "fused_bal": m["headline"], "fused_bal_ci": m.get("headline_ci"), "fused_acc": m["macro_accuracy"],
+                      "diff_to_zs": m.get("diff_to_reference"), "diff_ci": m.get("diff_ci"),
+                      "transfer": m.get("ratio") if name not in ("zs_llm", "llm_lora") else None,
+                      "transfer_ci": m.get("ratio_ci") if name not in ("zs_llm", "llm_lora") else None,
+                      "per_task": {t: v["balanced_accuracy"] for t, v in m["per_task"].items()},
+                      "seconds": r.get("seconds"),
+                      **{k: r[k] for k in ("agreement", "distill", "scales", "kl_at_one", "kl_best", "layer_map") if k in r}})
+    return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}, "rows": table,
+            "zero_shot_llm": s["methods"]["zs_llm"]["headline"],
+            "llm_lora": s["methods"]["llm_lora"]["headline"] if "llm_lora" in s["methods"] else None,
+            "n_per_task": s["n_per_task"], "fixed_label": s["fixed_label"], "metrics": s}
 
 
 def write_outputs(summary: dict, out: str | Path) -> None:
+    """results.json, results.md and fusion_study.png (fused headline with 95% CI, tuned proxy, transfer labels)."""
     out = Path(out)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
+    f = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    ci = lambda c, k=100, nd=1: "" if not c or any(v is None or v != v for v in c) else f" [{k * c[0]:.{nd}f}, {k * c[1]:.{nd}f}]"  # noqa: E731
+    ch = summary["metrics"]["methods"]
+    lines = ["# Fusion study", "", f"n test per task: {summary['n_per_task']}. Macro balanced accuracy (%) with paired "
+             "bootstrap 95% CIs; transfer = (fused − zero-shot) / (LLM LoRA − zero-shot).", "",
+             "| variant | tuned proxy | fused LLM [95% CI] | Δ zs [95% CI] | transfer [95% CI] | what |", "|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['variant']} | {f(r['proxy_bal'])} | {f(r['fused_bal'])}{ci(r['fused_bal_ci'])} | "
+                     + ("-" if r["variant"] == "zs_llm" or r["diff_to_zs"] is None else f"{100 * r['diff_to_zs']:+.1f}{ci(r['diff_ci'])}")
+                     + f" | {'-' if r['transfer'] is None else format(r['transfer'], '.2f') + ci(r['transfer_ci'], 1, 2)} | {r['what']} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    del ch
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    names = [r["variant"] for r in rows]
-    ax.bar(range(len(rows)), [100 * r["fused_acc"] for r in rows], color="tab:blue", label="LLM / fused LLM")
-    ax.scatter(range(len(rows)), [100 * r["proxy_acc"] if r["proxy_acc"] is not None else float("nan") for r in rows],
-               color="tab:orange", zorder=3, label="tuned proxy")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    y = np.array([100 * r["fused_bal"] for r in rows])
+    cis = [r["fused_bal_ci"] or [r["fused_bal"]] * 2 for r in rows]
+    lo = np.maximum(y - 100 * np.array([c[0] for c in cis]), 0)
+    hi = np.maximum(100 * np.array([c[1] for c in cis]) - y, 0)
+    ax.errorbar(range(len(rows)), y, yerr=[lo, hi], fmt="o", capsize=4, label="fused LLM (95% CI)")
+    ax.scatter(range(len(rows)), [100 * r["proxy_bal"] if r["proxy_bal"] is not None else np.nan for r in rows],
+               color="tab:orange", marker="x", zorder=3, label="tuned proxy")
     for i, r in enumerate(rows):
         if r["transfer"] is not None:
-            ax.text(i, 100 * r["fused_acc"] + 0.5, f"{r['transfer']:.2f}", ha="center", fontsize=8)
-    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
-    ax.set_ylabel("mean accuracy (%)  [label: transfer]")
-    lo = min(100 * r["fused_acc"] for r in rows)
-    ax.set_ylim(max(0, lo - 10), None)
+            ax.annotate(f"{r['transfer']:.2f}", (i, y[i] + hi[i]), textcoords="offset points", xytext=(0, 4),
+                        ha="center", fontsize=8)
+    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("macro balanced accuracy (%)  [label: transfer]")
+    vals = np.concatenate([y - lo, y + hi])
+    ax.set_ylim(np.nanmin(vals) - 3, np.nanmax(vals) + 4)
+    ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"Fusion study ({summary['config']['limit_train']} train / {summary['config']['limit_test']} test per task)")
     fig.tight_layout()
     fig.savefig(out / "fusion_study.png", dpi=120)
+    plt.close(fig)
 
 
 def print_table(summary: dict) -> None:
+    """The results table on the console."""
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="Fusion study (mean accuracy over tasks)")
-    for c in ("variant", "proxy acc", "fused acc", "transfer", "what"):
+    t = Table(title="Fusion study (macro balanced accuracy)")
+    for c in ("variant", "tuned proxy", "fused LLM", "transfer [95% CI]", "what"):
         t.add_column(c)
     for r in summary["rows"]:
-        t.add_row(r["variant"], "-" if r["proxy_acc"] is None else f"{100 * r['proxy_acc']:.1f}",
-                  f"{100 * r['fused_acc']:.1f}", "-" if r["transfer"] is None else f"{r['transfer']:.2f}", r["what"])
+        tr = "-" if r["transfer"] is None else f"{r['transfer']:.2f} [{r['transfer_ci'][0]:.2f}, {r['transfer_ci'][1]:.2f}]"
+        t.add_row(r["variant"], "-" if r["proxy_bal"] is None else f"{100 * r['proxy_bal']:.1f}",
+                  f"{100 * r['fused_bal']:.1f}", tr, r["what"])
     Console().print(t)
 
 
 def run_fusion_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) every variant in ``cfg.variants``; write results.json and the PNG; return the summary."""
+    """Run (or resume) every variant in ``cfg.variants``; write results.json, results.md, predictions.jsonl, PNG."""
     summary = Study(cfg, log).run()
     write_outputs(summary, cfg.out)
     return summary

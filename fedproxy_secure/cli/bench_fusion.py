@@ -17,7 +17,9 @@ def bench_fusion(
     out: Path = typer.Option(..., "--out", help="results folder (resumable: finished variants are reused)"),
     server_dir: Optional[Path] = typer.Option(None, "--server-dir", help="server-only BIG-bench tasks (calibration/distillation text; never client data); default: fetched from the bigbench sdist"),
     limit_train: int = typer.Option(200, "--limit-train", min=1),
-    limit_test: int = typer.Option(100, "--limit-test", min=1),
+    limit_test: int = typer.Option(200, "--limit-test", min=1, help="test examples per task (fixed split)"),
+    prompt_format: str = typer.Option("reference", "--prompt-format", help="reference (no choice: lines, answers with a leading space) or bigbench"),
+    seed: int = typer.Option(0, "--seed", help="training seed (LoRA init, batch order)"),
     lr: float = typer.Option(2e-4, "--lr"),
     epochs: int = typer.Option(1, "--epochs", min=1),
     distill_steps: int = typer.Option(120, "--distill-steps", min=0),
@@ -25,7 +27,7 @@ def bench_fusion(
     threads: int = typer.Option(2, "--threads", min=1),
     variant: Optional[List[str]] = typer.Option(None, "--variant", help="run only these variants (repeatable), in order"),
 ) -> None:
-    """Proxy accuracy, fused accuracy and transfer for each plug-in variant; results.json + PNG in --out."""
+    """Tuned-proxy and fused-LLM balanced accuracy and transfer (95% CI) per plug-in variant; results.json, results.md, predictions.jsonl, PNG."""
     mod = _load()
     if server_dir is None:
         from fedproxy_secure.data.fetch import fetch_bigbench
@@ -34,13 +36,14 @@ def bench_fusion(
     cfg = mod.StudyConfig(llm=str(llm), data_dir=str(data_dir), out=str(out), server_dir=str(server_dir),
                           limit_train=limit_train, limit_test=limit_test, lr=lr, epochs=epochs,
                           distill_steps=distill_steps, beta=beta, threads=threads,
+                          prompt_format=prompt_format, seed=seed,
                           variants=tuple(variant) if variant else mod.ALL_VARIANTS)
     summary = mod.run_fusion_study(cfg, log=lambda m: typer.echo(m, err=True))
     mod.print_table(summary)
 
 
 def _load():
-    """``benchmarks/fusion_study.py`` of this repository (loaded by path; see cli.common)."""
+    """The ``fedproxy_secure.bench.fusion_study`` module (see cli.common.load_benchmark)."""
     from fedproxy_secure.cli.common import load_benchmark
 
     return load_benchmark("fusion_study")
