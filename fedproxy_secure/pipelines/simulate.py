@@ -2,7 +2,9 @@
 
 Each stage is its own module; this file only wires them in protocol order so a reader sees a round
 top to bottom. The network deployment (``fedproxy_secure.server``) runs the same stages across
-processes; benchmarks reuse :func:`prepare` and :func:`federate`.
+processes; every secure sum here runs the network's own stage machines in memory
+(:class:`~fedproxy_secure.pipelines.stage_sum.StageMachineSummer`), and the aggregation step is the
+same ``aggregate/`` math the round engine's modes call. Benchmarks reuse :func:`prepare` and :func:`federate`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from fedproxy_secure.data import MCExample, list_tasks, load_task, partition_by_
 from fedproxy_secure.data.partition import partition_dirichlet
 from fedproxy_secure.errors import ConfigError, FedProxyError
 from fedproxy_secure.eval import evaluate_tasks, model_logits_fn
-from fedproxy_secure.secagg import DropoutPlan, make_summer
+from fedproxy_secure.pipelines.stage_sum import StageMachineSummer
+from fedproxy_secure.secagg import DropoutPlan
 
 Log = Callable[[str], None]
 
@@ -133,7 +136,8 @@ def _secure_sum_fn(cfg: RunConfig, cohort: list[int], dropped: set[int], round_i
     recover their pairwise masks. Records survivors and the error against the plaintext sum.
     """
     mode = cfg.secagg.mode
-    summer = make_summer("plain" if mode == "none" else mode)
+    # the network's own stage machines (protocol/modes), so simulate's sums are the network's by construction
+    summer = StageMachineSummer("plain" if mode == "none" else mode, clip_range=1.0)
     survivors = [c for c in cohort if c not in dropped]
     t = cfg.secagg.threshold_for(len(cohort)) if mode != "none" else 1
     phase = [0]
