@@ -41,28 +41,30 @@ class ScoreCache:
                     self._d[tuple(r["key"])] = r["scores"]
 
     def scores(self, fp: str, prompt_format: str, logits_fn: LogitsFn, tokenizer, examples: Sequence, *,
-               batch_size: int = 16, max_length: int = 512, device: str = "cpu", label: str = "") -> list[list[float]]:
+               batch_size: int = 16, max_length: int = 512, device: str = "cpu", label: str = "", chunk: int = 32) -> list[list[float]]:
         """Scores of ``examples`` (each with ``task``/``uid``/``choices``) in order, computing only the missing ones."""
         keys = [(fp, prompt_format, ex.task, int(ex.uid)) for ex in examples]
         missing = [i for i, (k, ex) in enumerate(zip(keys, examples))
                    if k not in self._d or len(self._d[k]) != len(ex.choices)]
         self.hits += len(examples) - len(missing)
         self.misses += len(missing)
-        if missing:
-            t0 = time.perf_counter()
-            new = score_choices(logits_fn, tokenizer, [examples[i] for i in missing], batch_size=batch_size,
+        t0, done = time.perf_counter(), 0
+        for start in range(0, len(missing), chunk):  # scored and appended chunk by chunk: a killed run keeps them
+            part = missing[start : start + chunk]
+            new = score_choices(logits_fn, tokenizer, [examples[i] for i in part], batch_size=batch_size,
                                 max_length=max_length, device=device)
-            dt = time.perf_counter() - t0
-            self.log(f"scored {len(missing)} examples{' (' + label + ')' if label else ''} in {dt:.1f} s: "
-                     f"{len(missing) / max(dt, 1e-9):.1f} examples/s")
             lines = []
-            for i, s in zip(missing, new):
+            for i, s in zip(part, new):
                 self._d[keys[i]] = s
                 lines.append(json.dumps({"key": list(keys[i]), "scores": s}))
             if self.path:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with self.path.open("a") as f:
                     f.write("\n".join(lines) + "\n")
+            done += len(part)
+            dt = time.perf_counter() - t0
+            self.log(f"scored {done}/{len(missing)} examples{' (' + label + ')' if label else ''} in {dt:.1f} s: "
+                     f"{done / max(dt, 1e-9):.2f} examples/s")
         return [list(self._d[k]) for k in keys]
 
 
