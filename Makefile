@@ -61,4 +61,5 @@ lock: $(STAMP)
 
 # A CycloneDX SBOM of the installed environment, with the lock's hashes
 sbom: $(STAMP)
+	rm -f sbom.json
 	$(BIN)/fedproxy-secure sbom --out sbom.json --lock $(LOCK)
