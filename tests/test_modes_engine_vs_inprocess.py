@@ -69,3 +69,31 @@ def test_sa_hties_engine_equals_inprocess_aggregator(tmp_path) -> None:
     np.testing.assert_allclose(out.theta, expect, atol=1e-5)
     assert out.conflict is not None and out.conflict.shape == (DIM,)
     assert np.linalg.norm(expect) > 0.01
+
+
+@pytest.mark.parametrize("mode,tol", [("plain", 1e-12), ("masking", 1e-6), ("he", 1e-3)])
+def test_example_weighted_fedavg_over_the_network_equals_inprocess_fedavg(tmp_path, mode: str, tol: float) -> None:
+    """``federation.weighting: examples``: clients pre-multiply by their (capped) example share and
+    also secure-sum it; the step equals in-process FedAvg weighted by examples."""
+    from fedproxy_secure.aggregate.fedavg import fedavg
+
+    s = FederationSettings.from_dict({"rounds": 1, "min_clients": 3, "threshold": 2, "mode": mode, "dim": DIM,
+                                      "clip_norm": CLIP, "weighting": "examples", "max_examples": 200})
+    fed = InMemoryFederation(tmp_path, s, n=3)
+    ups = _updates(fed.clients, seed=7)
+    counts = dict(zip(fed.clients, [5, 120, 40]))
+    out = fed.run_round(ups, num_examples=counts)
+    assert out.row.status == "done", out.row.reason
+    assert out.row.config["weighting"] == {"by": "examples", "max_examples": 200}
+    expect = fedavg([ups[c] for c in fed.clients], [counts[c] for c in fed.clients])
+    np.testing.assert_allclose(out.theta, expect, atol=tol)
+    assert np.max(np.abs(expect - np.mean([ups[c] for c in fed.clients], axis=0))) > 10 * tol  # weights matter
+    assert out.row.result["weight_sum"] == pytest.approx(165 / 200, abs=max(tol, 1e-9))
+
+
+def test_example_weighted_round_refuses_a_client_without_a_count(tmp_path) -> None:
+    s = FederationSettings.from_dict({"rounds": 1, "min_clients": 3, "threshold": 2, "mode": "masking", "dim": DIM,
+                                      "weighting": "examples"})
+    fed = InMemoryFederation(tmp_path, s, n=3)
+    with pytest.raises(Exception, match="num_examples"):
+        fed.run_round(_updates(fed.clients, seed=8))

@@ -26,6 +26,9 @@ from fedproxy_secure.protocol.threshold import effective_threshold
     ({"aggregator": "sa_hties", "mode": "he"}, "sa_hties with federation.mode='he'"),
     ({"a_seed": -1}, "federation.a_seed=-1"),
     ({"bogus": 1}, "unknown keys ['bogus']"),
+    ({"weighting": "by_size"}, "federation.weighting = 'by_size'"),
+    ({"weighting": "examples", "max_examples": 0}, "federation.max_examples=0"),
+    ({"aggregator": "sa_hties", "weighting": "examples"}, "federation.weighting='examples': SA-H-TIES"),
 ])
 def test_refusals_name_the_field(bad: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as exc:

@@ -4,8 +4,8 @@ simulate's aggregation path (``pipelines.simulate._secure_sum_fn`` + ``_make_agg
 sums run the network's stage machines through ``pipelines.stage_sum.StageMachineSummer``) against one
 round of the real :class:`RoundEngine` with the real client stage machines, signed round configs and
 the canonical-JSON wire form (``pipelines.inmemory``: everything of a network round but HTTP, which
-tests/test_net_*.py cover). Same seed, same updates, equal example counts: FedAvg over plain, masking
-and HE, and SA-H-TIES over masking.
+tests/test_net_*.py cover). Same seed, same updates: FedAvg over plain, masking and HE (equal counts,
+and unequal counts with ``federation.weighting: examples``), and SA-H-TIES over masking.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def _updates(seed: int) -> list[np.ndarray]:
     return out
 
 
-def _simulate_step(mode: str, aggregator: str, ups: list[np.ndarray], threshold: int) -> np.ndarray:
+def _simulate_step(mode: str, aggregator: str, ups: list[np.ndarray], threshold: int,
+                   counts: list[int] | None = None) -> np.ndarray:
     """One round of simulate's aggregation (the code in pipelines/simulate.federate), no training."""
     cfg = parse_run_config({"model": {"tiny": {"arch": "llama", "layers": 2, "hidden": 16, "heads": 2,
                                                "intermediate": 32, "vocab": 259, "max_positions": 64}},
@@ -41,16 +42,18 @@ def _simulate_step(mode: str, aggregator: str, ups: list[np.ndarray], threshold:
                             "secagg": {"mode": "none" if mode == "plain" else mode, "threshold": threshold}})
     record: dict = {}
     agg = _make_aggregator(cfg, _secure_sum_fn(cfg, list(range(N)), set(), 0, record))
-    res = agg.aggregate([u / CLIP for u in ups], [16] * N, AggState(round=0))
+    res = agg.aggregate([u / CLIP for u in ups], counts or [16] * N, AggState(round=0))
     assert all(s["mode"] == ("plain" if mode == "plain" else mode) for s in record["secure_sum"])
     return cfg.aggregator.server_lr * CLIP * res.delta
 
 
-def _network_step(tmp_path, mode: str, aggregator: str, ups: list[np.ndarray], threshold: int) -> np.ndarray:
+def _network_step(tmp_path, mode: str, aggregator: str, ups: list[np.ndarray], threshold: int,
+                  counts: list[int] | None = None) -> np.ndarray:
+    extra = {"weighting": "examples", "max_examples": 100} if counts else {}
     s = FederationSettings.from_dict({"rounds": 1, "min_clients": N, "threshold": threshold, "mode": mode,
-                                      "dim": DIM, "clip_norm": CLIP, "aggregator": aggregator})
+                                      "dim": DIM, "clip_norm": CLIP, "aggregator": aggregator, **extra})
     fed = InMemoryFederation(tmp_path, s, n=N)
-    out = fed.run_round(dict(zip(fed.clients, ups)))
+    out = fed.run_round(dict(zip(fed.clients, ups)), num_examples=dict(zip(fed.clients, counts)) if counts else None)
     assert out.row.status == "done", out.row.reason
     assert len(out.row.result["survivors"]) == N
     return out.theta
@@ -65,6 +68,17 @@ def test_simulate_equals_network_engine(tmp_path, mode: str, aggregator: str, to
     net = _network_step(tmp_path, mode, aggregator, ups, t)
     assert np.linalg.norm(sim) > 0.01
     np.testing.assert_allclose(net, sim, atol=tol)
+
+
+@pytest.mark.parametrize("mode,tol", [("plain", 1e-12), ("masking", 1e-7), ("he", 1e-3)])
+def test_simulate_equals_network_engine_weighted_by_examples(tmp_path, mode: str, tol: float) -> None:
+    """Unequal example counts: simulate's FedAvg weights by examples, and so does the network with
+    ``federation.weighting: examples``."""
+    ups, counts = _updates(seed=12), [16, 90, 7, 40]
+    sim = _simulate_step(mode, "fedavg", ups, 3, counts)
+    net = _network_step(tmp_path, mode, "fedavg", ups, 3, counts)
+    np.testing.assert_allclose(net, sim, atol=tol)
+    assert np.max(np.abs(sim - np.mean(ups, axis=0))) > 10 * tol  # the weights matter
 
 
 @pytest.mark.parametrize("mode,tol", [("plain", 0.0), ("masking", 0.0), ("he", 1e-3)])

@@ -87,7 +87,7 @@ class InMemoryFederation:
         return sorted(self.keys)
 
     def run_round(self, updates: dict[str, np.ndarray], silent_from: dict[str, str] | None = None,
-                  tamper=None) -> RoundOutcome:
+                  tamper=None, num_examples: dict[str, int] | None = None) -> RoundOutcome:
         """Run the open round: every client joins, then each stage; ``silent_from`` = {client: stage it
         stops answering at}. Returns the closed round and the new global state (None if aborted)."""
         silent_from = silent_from or {}
@@ -101,7 +101,8 @@ class InMemoryFederation:
         cohort = {c: i for c, i in cfg["cohort"]}
         stages = {c: make_client_stages(cfg, np.asarray(updates[c], dtype=np.float64), cohort[c],
                                         identity_key=self.keys[c], used_sessions=self.used[c],
-                                        operator=self.operator.public_key()) for c in cohort}
+                                        operator=self.operator.public_key(),
+                                        num_examples=(num_examples or {}).get(c)) for c in cohort}
         silent: set[str] = set()
         refused: dict[str, str] = {}
         for stage in self.engine.round_stages():

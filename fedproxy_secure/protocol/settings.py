@@ -42,6 +42,10 @@ class _Fields:
     a_seed: Optional[int] = None
     he: dict = field(default_factory=dict)
     sa_hties: dict = field(default_factory=dict)
+    #: FedAvg weights: uniform over survivors, or by each client's example count (capped at max_examples;
+    #: set it near the largest site's count: the sum's noise (HE flooding, fixed point) is divided by Σ w_i)
+    weighting: Literal["uniform", "examples"] = "uniform"
+    max_examples: int = 10_000
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
@@ -99,6 +103,8 @@ class FederationSettings:
             raise ConfigError("federation.dim and federation.clip_norm must be positive")
         if self.a_seed is not None and not (isinstance(self.a_seed, int) and 0 <= self.a_seed < 2**63):
             raise ConfigError(f"federation.a_seed={self.a_seed!r}: use an integer in [0, 2**63)")
+        if self.max_examples < 1:
+            raise ConfigError(f"federation.max_examples={self.max_examples}: must be >= 1")
         mode = resolve(self.mode, self.aggregator)
         owners = {m.settings_section: m.name for m in (mode, getattr(mode, "base", None)) if m is not None}
         for sec in _SECTIONS:
@@ -109,6 +115,10 @@ class FederationSettings:
                                   f"{what} {sec}")
         mode.validate_settings(self)
         return self
+
+    def wire_dim(self) -> int:
+        """Values each client secure-sums: ``dim``, plus its weight with ``weighting: examples``."""
+        return self.dim + (1 if self.weighting == "examples" else 0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FederationSettings":

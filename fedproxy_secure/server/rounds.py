@@ -121,8 +121,9 @@ class RoundEngine:
         return self.signer(body, domain) if self.signer is not None else body
 
     def _build_proto(self, row: RoundRow) -> ServerStages:
-        return self.mode.server_stages(RoundContext(config=row.config, dim=self.s.dim, clip_norm=self.s.clip_norm,
-                                                    he_key=self.he_key, phase_signer=self._phase_signer))
+        return self.mode.server_stages(RoundContext(config=row.config, dim=self.s.wire_dim(),
+                                                    clip_norm=self.s.clip_norm, he_key=self.he_key,
+                                                    phase_signer=self._phase_signer))
 
     # ---------------------------------------------------------------- client actions
     def submit(self, client_id: str, rid: int, stage: str, msg: dict, raw_sha256: str | None = None) -> dict:
@@ -253,6 +254,8 @@ class RoundEngine:
             "state_round": gs[0], "state_sha256": hashlib.sha256(gs[1]).hexdigest(),
             "aggregator": self.s.aggregator, "mode": self.s.mode, "threshold": t, "dim": self.s.dim,
             "clip_norm": self.s.clip_norm, "train": self.s.train, "deadlines": self.s.deadlines,
+            **({"weighting": {"by": "examples", "max_examples": self.s.max_examples}}
+               if self.s.weighting == "examples" else {}),
             "a_seed": self.a_seed(),
             "total_rounds": self.s.rounds, "issued_at": int(self.clock()),
             "secagg_options": {"identities": {str(i): b64e(self.store.client_key(c)) for c, i in cohort},

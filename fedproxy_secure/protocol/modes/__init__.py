@@ -68,13 +68,23 @@ def resolve(mode: str, aggregator: str = SUM_AGGREGATOR) -> Mode:
 
 
 def make_client_stages(cfg: dict, vector, sid: int, identity_key=None, used_sessions=None,
-                       operator=None) -> ClientStages:
+                       operator=None, num_examples: int | None = None) -> ClientStages:
     """Client stages for the mode (and aggregator) named in a *verified* round config.
 
     ``operator``: the pinned operator public key (composites verify signed phase messages with it).
-    Raises ``ProtocolAbort`` for a mode this client does not support.
+    ``num_examples``: this client's example count, required when the round config asks for
+    example-weighted FedAvg (the vector sent is then :func:`protocol.weighting.weighted_input`).
+    Raises ``ProtocolAbort`` for a mode this client does not support or a missing count.
     """
     from fedproxy_secure.errors import ProtocolAbort
+    from fedproxy_secure.protocol.weighting import round_weighting, weighted_input
+
+    cap = round_weighting(cfg)
+    if cap is not None:
+        if num_examples is None:
+            raise ProtocolAbort("the round asks for example-weighted FedAvg but this client passed no num_examples")
+        vector = weighted_input(vector, num_examples, cap, float(cfg["clip_norm"]))
+        cfg = {**cfg, "dim": int(cfg["dim"]) + 1}
 
     try:
         m = resolve(cfg["mode"], cfg.get("aggregator", SUM_AGGREGATOR))

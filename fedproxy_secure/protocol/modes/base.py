@@ -149,14 +149,21 @@ class Mode:
         from fedproxy_secure.aggregate.fedavg import fedavg_from_sum
         from fedproxy_secure.errors import ProtocolAbort
 
+        from fedproxy_secure.protocol.weighting import split_weighted_sum
+
         total, survivors = proto.result()
         k = len(survivors)
+        weight = float(k)  # uniform: FedAvg over the survivors
+        if s.weighting == "examples":  # Σ w_i Δ_i and Σ w_i (protocol/weighting.py)
+            total, weight = split_weighted_sum(total, s.clip_norm)
+            if not weight > 0 or weight > k * (1 + 1e-6):
+                raise ProtocolAbort(f"example weights sum to {weight:.6g}, outside (0, {k}]: refusing the update")
         norm = float(np.linalg.norm(total))
         if norm > k * s.clip_norm * (1 + 1e-3) + 1e-6:
             raise ProtocolAbort(f"aggregate norm {norm:.4g} exceeds {k} x clip norm: refusing the update")
-        delta = fedavg_from_sum(total, k)  # unit weights: FedAvg over the survivors
-        result = {"sum_sha256": vec_sha256(total),
-                  "sum_b64": _b64(total), "aggregate_norm": norm, "delta_norm": float(np.linalg.norm(delta))}
+        delta = fedavg_from_sum(total, weight)
+        result = {"sum_sha256": vec_sha256(total), "sum_b64": _b64(total), "aggregate_norm": norm,
+                  "weight_sum": weight, "delta_norm": float(np.linalg.norm(delta))}
         info = self.result_info(proto, names)
         if info:
             result[self.name] = info

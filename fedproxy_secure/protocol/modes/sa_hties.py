@@ -357,6 +357,8 @@ class SAHTiesMode(Mode):
         if s.min_clients < MIN_COHORT:
             raise ConfigError(f"federation.min_clients={s.min_clients}: SA-H-TIES needs >= {MIN_COHORT} (with 2 "
                               "clients the broadcast phase-A sum reveals the other client's update direction)")
+        if s.weighting != "uniform":
+            raise ConfigError(f"federation.weighting={s.weighting!r}: SA-H-TIES sets its own weights; use uniform")
         self.base.validate_settings(s)
         sa_options(s.sa_hties)
 
