@@ -52,3 +52,18 @@ def test_score_cache_scores_once_and_persists(tmp_path: Path) -> None:
     assert again == first and len(calls) == n_calls  # read back from the file, nothing recomputed
     other = cache.scores("fp2", "reference", fn, tok, exs[:1], max_length=64)  # another fingerprint is scored
     assert len(calls) > n_calls and other == first[:1]
+
+
+def test_shared_prefix_scoring_of_a_weighted_logit_sum() -> None:
+    from fedproxy_secure.fuse.logit import logit_plugin_fn
+
+    llm, tok = _model(), byte_tokenizer()
+    torch.manual_seed(1)
+    tuned = build_tiny_model(TinyModelSpec(layers=2, hidden=32, heads=2, intermediate=64, vocab=259)).eval()
+    base = build_tiny_model(TinyModelSpec(layers=2, hidden=32, heads=2, intermediate=64, vocab=259)).eval()
+    fn = logit_plugin_fn(llm, tuned, base, beta=0.7)
+    exs = list(load_task(DATA, "social_support", prompt_format="reference").examples[:3])
+    full = score_choices_full(fn, tok, exs, max_length=64)
+    fn.parts = [(llm, 1.0), (tuned, 0.7), (base, -0.7)]
+    shared = score_choices(fn, tok, exs, max_length=64)
+    assert all(abs(x - y) < 1e-3 for a, b in zip(full, shared) for x, y in zip(a, b)), (full, shared)

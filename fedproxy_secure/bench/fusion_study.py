@@ -270,6 +270,7 @@ class Study:
 
         p, meta, pm, pscores = self._proxy_tuned(kind)
         fn = logit_plugin_fn(self.llm, pm, p, beta=self.cfg.beta)
+        fn.parts = [(self.llm, 1.0), (pm, self.cfg.beta), (p, -self.cfg.beta)]  # prefix-shared scoring of the same sum
         return {"rows": self._rows(name, self._scores(fn, name)), "proxy_rows": self._rows(f"proxy:{name}", pscores),
                 "what": what, "beta": self.cfg.beta}
 

@@ -243,6 +243,9 @@ def _federated_cell(sh: _Shared, method: str, seed: int, out: Path) -> dict:
                                      "fusion": cfg.fusion.model_copy(update={"method": "weight"})})
     outcome = federate(cfg, prep, out / "work" / f"{sh.setting}__{method}__s{seed}", log=sh.a.log)
     fused = fuse_outcome(cfg, prep, outcome)
+    if cfg.fusion.method == "logit":  # same sum as the plug-in, scored with each prompt's KV cache shared by its options
+        b = cfg.fusion.logit_beta
+        fused.logits_fn.parts = [(prep.llm, 1.0), (outcome.peft_proxy.eval(), b), (prep.proxy.model, -b)]
     eps = [c.get("epsilon") for r in outcome.rounds for c in r["clients"] if c.get("epsilon") is not None]
     return {"scores": sh.scores(fused.logits_fn, f"{method} seed {seed}"), "fusion": cfg.fusion.method,
             "fusion_info": fused.info, "train_loss": [r["train_loss"] for r in outcome.rounds],

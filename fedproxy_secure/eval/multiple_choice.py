@@ -48,27 +48,46 @@ def score_choices(
 ) -> list[list[float]]:
     """Sum (or mean if ``normalize``) log-probability of each choice's tokens, per example.
 
-    When ``logits_fn`` wraps a plain HF model (:func:`model_logits_fn`), each example's prompt is run
-    once and its key/value cache shared by all choices (:func:`score_choices_shared`, same scores up
+    When ``logits_fn`` wraps a plain HF model (:func:`model_logits_fn`) or carries ``parts`` (a list
+    of ``(model, weight)`` whose weighted logits it sums), each example's prompt is run once per
+    model and its key/value cache shared by all choices (:func:`score_choices_shared`, same scores up
     to float rounding, several times fewer tokens); any other scorer gets one sequence per choice.
     """
-    model = getattr(logits_fn, "model", None)
-    if model is not None:
-        return score_choices_shared(model, tokenizer, examples, max_length=max_length, device=device,
+    parts = getattr(logits_fn, "parts", None) or (
+        [(logits_fn.model, 1.0)] if getattr(logits_fn, "model", None) is not None else None)
+    if parts is not None:
+        return score_choices_shared(parts, tokenizer, examples, max_length=max_length, device=device,
                                     normalize=normalize)
     return score_choices_full(logits_fn, tokenizer, examples, batch_size=batch_size, max_length=max_length,
                               device=device, normalize=normalize)
 
 
 @torch.no_grad()
-def score_choices_shared(model: torch.nn.Module, tokenizer, examples: Sequence[MCExample], *, max_length: int = 512,
+def score_choices_shared(model: torch.nn.Module | Sequence[tuple[torch.nn.Module, float]], tokenizer,
+                         examples: Sequence[MCExample], *, max_length: int = 512,
                          device: str | torch.device = "cpu", normalize: bool = False) -> list[list[float]]:
     """:func:`score_choices` for a HF causal LM, running each example's shared prefix once.
 
-    Guarantees: the tokens scored and the positions they are predicted from are those of
-    :func:`tokenize_pair` for every choice (the prefix is the longest run shared by all choices, up to
-    the first response token), so the result equals the one-sequence-per-choice scores.
+    ``model`` may also be a list of ``(model, weight)`` parts scored as ``sum(weight * logits)``
+    (the logit plug-in: ``[(llm, 1), (tuned, beta), (base, -beta)]``). Guarantees: the tokens scored
+    and the positions they are predicted from are those of :func:`tokenize_pair` for every choice
+    (the prefix is the longest run shared by all choices, up to the first response token), so the
+    result equals the one-sequence-per-choice scores.
     """
+    parts = [(model, 1.0)] if isinstance(model, torch.nn.Module) else list(model)
+
+    def combined(**kw) -> tuple[torch.Tensor, list]:
+        z, caches = None, []
+        for m, w in parts:
+            res = m(**kw) if not kw.get("past_key_values") else m(**{**kw, "past_key_values": kw["past_key_values"][len(caches)]})
+            zi = w * res.logits.float()
+            z = zi if z is None else z + zi
+            caches.append(res.past_key_values)
+        return z, caches
+
+    def full_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return combined(input_ids=ids, attention_mask=mask)[0]
+
     out: list[list[float]] = []
     for ex in examples:
         enc = [tokenize_pair(tokenizer, ex.prompt, c, max_length) for c in ex.choices]
@@ -77,12 +96,12 @@ def score_choices_shared(model: torch.nn.Module, tokenizer, examples: Sequence[M
         while q > 0 and any(s[:q] != seqs[0][:q] for s in seqs[1:]):
             q -= 1
         if q == 0:  # choices truncated the prompt differently: nothing to share, score one sequence each
-            out += score_choices_full(model_logits_fn(model), tokenizer, [ex], batch_size=len(ex.choices),
+            out += score_choices_full(full_fn, tokenizer, [ex], batch_size=len(ex.choices),
                                       max_length=max_length, device=device, normalize=normalize)
             continue
         pre = torch.tensor([seqs[0][:q]], dtype=torch.long, device=device)
-        res = model(input_ids=pre, attention_mask=torch.ones_like(pre), use_cache=True, logits_to_keep=1)
-        last = torch.log_softmax(res.logits[0, -1].float(), dim=-1).cpu()
+        z_pre, caches = combined(input_ids=pre, attention_mask=torch.ones_like(pre), use_cache=True, logits_to_keep=1)
+        last = torch.log_softmax(z_pre[0, -1], dim=-1).cpu()
         tails = [s[q:] for s in seqs]
         width = max(len(t) for t in tails)
         scores = []
@@ -94,11 +113,12 @@ def score_choices_shared(model: torch.nn.Module, tokenizer, examples: Sequence[M
             for r, t in enumerate(tails):
                 ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
                 mask[r, q : q + len(t)] = 1
-            cache = res.past_key_values
-            cache.batch_repeat_interleave(n)
+            for cache in caches:
+                cache.batch_repeat_interleave(n)
             pos_ids = torch.arange(q, q + width, dtype=torch.long).expand(n, width)
-            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
-                                           position_ids=pos_ids.to(device), use_cache=True).logits.float(), dim=-1).cpu()
+            z_tail, _ = combined(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=caches,
+                                 position_ids=pos_ids.to(device), use_cache=True)
+            logp = torch.log_softmax(z_tail, dim=-1).cpu()
         for r, (seq, rstart, _) in enumerate(enc):
             lps = []
             for pos in range(rstart, len(seq)):  # token seq[pos] is predicted at position pos - 1
