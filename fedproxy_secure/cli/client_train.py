@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from fedproxy_secure.cli.app import client_app
-from fedproxy_secure.cli.common import console, fail
+from fedproxy_secure.cli.common import console, exit_codes
 
 _DEFAULT_STATE = Path.home() / ".fedproxy-secure" / "state"
 
@@ -27,9 +27,9 @@ def client_train_cmd(
     import torch
 
     from fedproxy_secure.client.local import load_client_train_config, load_examples, run_local_round, write_update
-    from fedproxy_secure.errors import ConfigError, FedProxyError, SecurityError
+    from fedproxy_secure.errors import ConfigError
 
-    try:
+    with exit_codes():
         cfg = load_client_train_config(config)
         examples = load_examples(data, cfg.limit)
         if keyset is None and not unsigned_dev:
@@ -50,12 +50,6 @@ def client_train_cmd(
         torch.manual_seed(0)
         delta, report = run_local_round(model, tok, examples, cfg, state_dir=state_dir)
         upd, rep = write_update(out, delta, report)
-    except ConfigError as exc:
-        raise fail(f"usage: {exc}", code=2) from None
-    except SecurityError as exc:
-        raise fail(f"invalid: {exc}", code=1) from None
-    except FedProxyError as exc:
-        raise fail(str(exc), code=1) from None
     eps = f", epsilon={report['epsilon']:.3f} (delta={report['delta']}, {report['accountant']})" if "epsilon" in report else ""
     console.print(f"round {report['round_id']}: {report['steps']} steps, loss {report['train_loss']:.4f}, "
                   f"update norm {report['pre_clip_norm']:.4g} -> {report['post_clip_norm']:.4g}{eps}")

@@ -189,7 +189,8 @@ class ClientSession:
         update, report = train_fn(theta, cfg)
         update = clip_update(update, float(cfg["clip_norm"]))
         stages = make_client_stages(cfg, update, cohort[self.client_id], identity_key=self.key,
-                                    used_sessions=self.used, operator=self.operator)
+                                    used_sessions=self.used, operator=self.operator,
+                                    num_examples=report.get("num_examples"))  # only used by weighted rounds
         self._save_used()  # durable before any key of this session leaves the client
         sent = public_report(report, rid)  # round id, ε/δ/accountant, status: nothing about the data or update
         report = save_local_report(self.state, rid, report, sent)["report"]  # the full report stays on the site
