@@ -52,7 +52,7 @@ lock: $(STAMP)
 	$(BIN)/pip freeze --exclude-editable > constraints.txt
 	$(BIN)/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 		-c constraints.txt -o $(LOCK) pyproject.toml
-	printf 'pytest>=8\npytest-timeout>=2.2\nimport-linter>=2.0\njsonschema>=4.18\nwheel\n-c constraints.txt\n-c $(LOCK)\n' \
+	printf 'pytest>=8\npytest-timeout>=2.2\nimport-linter>=2.0\njsonschema>=4.18\nopenai>=3.0\nwheel\n-c constraints.txt\n-c $(LOCK)\n' \
 		> requirements-test.in
 	$(BIN)/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 		-o $(TEST_LOCK) requirements-test.in
