@@ -41,33 +41,10 @@ def distill(
     trainable = [p for p in proxy.parameters() if id(p) in block_ids and id(p) not in outside_ids]
     for p in proxy.parameters():
         p.requires_grad_(id(p) in block_ids and id(p) not in outside_ids)
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
     modes = (proxy.training, llm.training)
-    llm.eval()
-    proxy.train()
-    losses: list[float] = []
     try:
-        order: list[int] = []
-        for step in range(steps):
-            if len(order) < batch_size:
-                perm = list(range(len(texts)))
-                rng.shuffle(perm)
-                order += perm
-            batch, order = [texts[i] for i in order[:batch_size]], order[batch_size:]
-            ids, mask = encode_batch(tokenizer, batch, max_length, device)
-            with torch.no_grad():
-                zt = llm(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            zs = proxy(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            valid = mask.bool()
-            loss = token_kl(zt, zs)[valid].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(step, losses[-1])
+        losses = kl_match_steps(proxy, llm, tokenizer, texts, trainable, steps=steps, lr=lr, batch_size=batch_size,
+                                max_length=max_length, seed=seed, device=device, on_step=on_step)
     finally:
         for p in proxy.parameters():
             p.requires_grad_(flags[id(p)])
@@ -76,3 +53,39 @@ def distill(
         llm.train(modes[1])
     return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1],
             "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def kl_match_steps(
+    student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], trainable: list[nn.Parameter], *,
+    steps: int, lr: float, batch_size: int = 4, max_length: int = 256, seed: int = 0,
+    device: str | torch.device = "cpu", on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """``steps`` AdamW steps (grad-norm clip 1.0) of KL(teacher || student) over seeded batches of ``texts``.
+
+    The one distillation loop of the SDK (proxy distillation in stage i, distil-lora fusion in
+    stage iii). Guarantees: only ``trainable`` is updated; the teacher runs in eval mode without
+    gradients; every text is used once per pass in a seeded order. Returns the loss per step.
+    """
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    rng, order, losses = random.Random(seed), [], []
+    teacher.eval()
+    student.train()
+    for step in range(steps):
+        if len(order) < batch_size:
+            perm = list(range(len(texts)))
+            rng.shuffle(perm)
+            order += perm
+        batch, order = [texts[i] for i in order[:batch_size]], order[batch_size:]
+        ids, mask = encode_batch(tokenizer, batch, max_length, device)
+        with torch.no_grad():
+            zt = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        zs = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss = token_kl(zt, zs)[mask.bool()].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedproxy_secure.compress.agreement import token_kl
+from fedproxy_secure.compress.distill import kl_match_steps
 from fedproxy_secure.compress.influence import encode_batch
 from fedproxy_secure.errors import ConfigError, DataError
 from fedproxy_secure.models.blocks import decoder_blocks
@@ -71,27 +72,8 @@ def distil_into_lora(
     teacher.eval()
     kl_before = mean_token_kl(teacher, llm, tokenizer, heldout, max_length=max_length)
     trainable = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    rng, order, losses = random.Random(seed), [], []
-    student.train()
-    for step in range(steps):
-        if len(order) < batch_size:
-            perm = list(range(len(texts)))
-            rng.shuffle(perm)
-            order += perm
-        batch, order = [texts[i] for i in order[:batch_size]], order[batch_size:]
-        ids, mask = encode_batch(tokenizer, batch, max_length, "cpu")
-        with torch.no_grad():
-            zt = teacher(input_ids=ids, attention_mask=mask).logits
-        zs = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        loss = token_kl(zt, zs)[mask.bool()].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step, losses[-1])
+    losses = kl_match_steps(student, teacher, tokenizer, texts, trainable, steps=steps, lr=lr, batch_size=batch_size,
+                            max_length=max_length, seed=seed, on_step=on_step)
     merged = student.merge_and_unload().eval()
     for p in merged.parameters():
         p.requires_grad_(False)
