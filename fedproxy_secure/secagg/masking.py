@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
+from fedproxy_secure.protocol.threshold import neighbourhood_threshold, secagg_plus_degree
 from fedproxy_secure.secagg import messages as M
 from fedproxy_secure.secagg.base import STAGES, DropoutPlan, SecureSumResult
 from fedproxy_secure.secagg.encoding import FixedPointEncoder
@@ -70,9 +71,13 @@ class MaskingConfig:
     """Public parameters of one session, identical at the server and every client.
 
     ``threshold`` (t): minimum number of clients at every stage; also the Shamir threshold of each
-    client's secrets on the complete graph. ``neighbours``: SecAgg+ degree k (None = complete
-    graph; odd k is rounded up to even); with a graph, each client's secrets are shared among its
-    k neighbours plus itself with threshold ``neighbour_threshold`` (default: a strict majority).
+    client's secrets on the complete graph. ``neighbours``: SecAgg+ degree k (odd k is rounded up
+    to even); None = automatic: the complete graph for cohorts of at most ``SPARSE_CUTOFF``
+    clients, above it the degree of ``protocol.threshold.secagg_plus_degree`` (about 2*log2 n plus
+    a margin); ``complete_graph=True`` forces the complete graph at any size. With a sparse graph,
+    each client's secrets are shared among its k neighbours plus itself with threshold
+    ``neighbour_threshold`` (default ``protocol.threshold.neighbourhood_threshold``: a strict
+    majority of the k + 1 holders).
     """
 
     threshold: int
@@ -80,6 +85,7 @@ class MaskingConfig:
     encoder: FixedPointEncoder = field(default_factory=FixedPointEncoder)
     neighbours: int | None = None
     neighbour_threshold: int | None = None
+    complete_graph: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, int) or self.threshold < 2:
@@ -90,12 +96,23 @@ class MaskingConfig:
             raise ConfigError(f"secagg.neighbours: {self.neighbours!r} must be None or an int >= 2")
         if self.neighbour_threshold is not None and self.neighbours is None:
             raise ConfigError("secagg.neighbour_threshold: only meaningful with secagg.neighbours")
+        if self.complete_graph and self.neighbours is not None:
+            raise ConfigError("secagg.complete_graph: set either complete_graph or neighbours, not both")
+
+    def degree(self, n: int) -> int | None:
+        """SecAgg+ degree used for a cohort of ``n`` clients (None: complete graph)."""
+        if self.complete_graph:
+            return None
+        if self.neighbours is None:
+            return secagg_plus_degree(n)
+        return self.neighbours
 
     def graph(self, session_id: bytes, ids: Iterable[int]) -> dict[int, frozenset[int]]:
         """Neighbours of each id: complete graph, or a random Harary graph keyed by the session."""
         ids = sorted(ids)
         n = len(ids)
-        half = None if self.neighbours is None else (self.neighbours + 1) // 2
+        k = self.degree(n)
+        half = None if k is None else (k + 1) // 2
         if half is None or 2 * half >= n - 1:
             everyone = frozenset(ids)
             return {u: everyone - {u} for u in ids}
@@ -112,7 +129,28 @@ class MaskingConfig:
             return self.threshold
         if self.neighbour_threshold is not None:
             return self.neighbour_threshold
-        return n_holders // 2 + 1
+        return neighbourhood_threshold(n_holders - 1)
+
+
+def check_graph(graph: Mapping[int, frozenset[int]]) -> None:
+    """Refuse a neighbour graph that is not symmetric, has self loops, unknown ids or unequal degrees.
+
+    Raises ``ProtocolAbort`` naming the first offending client; returns None for a k-regular
+    undirected graph over exactly the mapping's keys (the only graphs :meth:`MaskingConfig.graph`
+    makes, so any other graph means tampering or a bug).
+    """
+    ids = set(graph)
+    degrees = {len(nb) for nb in graph.values()}
+    if len(degrees) > 1:
+        raise ProtocolAbort(f"secagg graph: degrees {sorted(degrees)} differ (must be k-regular)")
+    for u, nb in graph.items():
+        if u in nb:
+            raise ProtocolAbort(f"secagg graph: client {u} is its own neighbour")
+        if not nb <= ids:
+            raise ProtocolAbort(f"secagg graph: client {u} has unknown neighbours {sorted(nb - ids)}")
+        for v in nb:
+            if u not in graph[v]:
+                raise ProtocolAbort(f"secagg graph: edge {u}-{v} is not symmetric")
 
 
 def _mask_sign(me: int, peer: int) -> int:
@@ -593,6 +631,7 @@ class ServerProtocol:
             self.u1 = self._need(self._keys, "advertise keys")
             self.config.encoder.check_cohort(len(self.u1))
             self._graph = self.config.graph(sid, self.u1)
+            check_graph(self._graph)
             keys = tuple(self._keys[u] for u in self.u1)
             self.state = ServerState.COLLECT_SHARES
             return {u: M.KeyBroadcast(sid, u, keys) for u in self.u1}
@@ -652,6 +691,11 @@ class ServerProtocol:
             ) from exc
         self._result = total
 
+    @property
+    def degree(self) -> int:
+        """Number of neighbours of each client in this session's graph (0 before keys are collected)."""
+        return len(next(iter(self._graph.values()))) if self._graph else 0
+
     def result(self) -> np.ndarray:
         """The encoded (uint64) sum of the inputs of U3; only after a completed unmasking round."""
         if self.state is not ServerState.DONE or self._result is None:
@@ -676,7 +720,8 @@ class MaskingSummer:
     Inputs: float vectors with every element in ``[-clip_range, clip_range]`` (out-of-range input
     is refused with ``ConfigError``; weights are applied by the caller before). The result is exact
     up to the fixed-point step ``2^-frac_bits`` per element per client.
-    ``neighbours``: SecAgg+ degree (None = complete graph). ``wire_stats``: measure the JSON bytes
+    ``neighbours``: SecAgg+ degree (None = automatic, see :class:`MaskingConfig`;
+    ``complete_graph=True`` forces every pair). ``wire_stats``: measure the JSON bytes
     of every message (adds serialisation time outside the timers).
     """
 
@@ -690,11 +735,13 @@ class MaskingSummer:
         neighbours: int | None = None,
         neighbour_threshold: int | None = None,
         wire_stats: bool = True,
+        complete_graph: bool = False,
     ) -> None:
         self.encoder = FixedPointEncoder(clip_range=clip_range, frac_bits=frac_bits, max_clients=max_clients)
         self.neighbours = neighbours
         self.neighbour_threshold = neighbour_threshold
         self.wire_stats = wire_stats
+        self.complete_graph = complete_graph
 
     def secure_sum(
         self,
@@ -708,7 +755,8 @@ class MaskingSummer:
         if not vectors:
             raise ConfigError("secagg: no client vectors to sum")
         length = int(np.asarray(next(iter(vectors.values()))).shape[0])
-        config = MaskingConfig(threshold, length, self.encoder, self.neighbours, self.neighbour_threshold)
+        config = MaskingConfig(threshold, length, self.encoder, self.neighbours, self.neighbour_threshold,
+                               self.complete_graph)
         self.encoder.check_cohort(len(vectors))
         plan = dropouts or DropoutPlan()
         server = ServerProtocol(session_id, config)
@@ -763,6 +811,7 @@ class MaskingSummer:
             "dropped": sorted(set(server.u2) - set(server.u3)),
             "threshold": threshold,
             "neighbours": self.neighbours,
+            "degree": server.degree,
             "frac_bits": self.encoder.frac_bits,
             "clip_range": self.encoder.clip_range,
         }
