@@ -46,13 +46,17 @@ def test_kit_has_exactly_the_kit_files_and_the_server_keeps_no_secret(server, tm
         assert zf.read("keyset.json") == (server / "keys" / "keyset.json").read_bytes()
         assert zf.read("ca.pem") == (server / "pki" / "ca.pem").read_bytes()
         assert zf.read("operator.pub") == (server / "keys" / "operator.pub").read_bytes()
-        key_pem = zf.read("client.key")
+        bodies = [zf.read(n) for n in zf.namelist()]
+    assert not any(b"PRIVATE KEY" in b for b in bodies)  # no private key of anyone in the kit
     assert info["url"] == "https://127.0.0.1:9555" and info["name"] == "site-a"
+    assert info["enrol_url"] == "https://127.0.0.1:9556"  # the CSR enrolment listener: port + 1
     assert policy["dp_required"]["epsilon"] == 4.0 and policy["rounds"] == 2 and policy["lora_dim"] > 0
-    assert not (server / "enrol" / "site-a").exists()  # the server's copy of the TLS key and token is gone
-    assert all(key_pem not in p.read_bytes() for p in server.rglob("*") if p.is_file())
+    assert not (server / "enrol" / "site-a").exists()  # no handover folder: nothing of the site's is kept
+    with zipfile.ZipFile(kit) as zf:
+        token = zf.read("token").strip()
+    assert all(token.split(b".")[1] not in p.read_bytes() for p in server.rglob("*") if p.is_file())  # hash only
     rec = json.loads((server / "kits" / "site-a.json").read_text())
-    assert rec["site"] == "site-a" and len(rec["sha256"]) == 64
+    assert rec["site"] == "site-a" and len(rec["sha256"]) == 64 and rec["enrol"] == "csr" and rec["cert_days"] == 30
 
 
 def test_a_site_gets_one_kit_and_bad_names_are_refused(server, tmp_path):
@@ -76,8 +80,8 @@ def test_unpack_writes_a_valid_client_yaml_with_dp_from_the_policy_and_secrets_0
     assert cfg.dp.delta == 1e-6
     assert "#" in cfg_path.read_text()  # commented for the site's operator
     assert stat.S_IMODE(site.stat().st_mode) == 0o700
-    for secret in ("client.key", "token"):
-        assert stat.S_IMODE((site / secret).stat().st_mode) == 0o600
+    assert stat.S_IMODE((site / "token").stat().st_mode) == 0o600
+    assert not (site / "client.key").exists()  # made at first join, not shipped
     # rerun with the same kit (resume): kept; another kit into the same folder: refused
     (site / "state").mkdir()
     (site / "state" / "enrolment.json").write_text("{}")

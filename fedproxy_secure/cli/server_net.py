@@ -117,13 +117,18 @@ def enroll_cmd(
     site: Optional[str] = typer.Argument(None, help="site name (letters, digits, - _ .)"),
     name: Optional[str] = typer.Option(None, "--name", help="site name (same as the SITE argument)"),
     dir: Path = typer.Option(Path("fedserver"), "--dir"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write the site kit zip here (CA cert, TLS key, one-time "
-                                       "token, pinned keyset, URL, policy, client.yaml); the server keeps no copy"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the site kit zip here (CA cert, one-time token, "
+                                       "pinned keyset, URL, policy, client.yaml; no private key: the site makes its "
+                                       "own keys at first join and enrols with a CSR)"),
     url: Optional[str] = typer.Option(None, "--url", help="server URL the site will use (default: federation.yaml's "
                                       "url; https://127.0.0.1:8443 for a folder made without --config)"),
     ttl_hours: float = typer.Option(168.0, help="token validity"),
+    enrol_url: Optional[str] = typer.Option(None, "--enrol-url", help="[--out] CSR enrolment URL (default: the "
+                                            "server URL with port + 1, what 'server start' opens)"),
+    cert_days: int = typer.Option(30, "--cert-days", help="[--out] validity of the client certificate signed at "
+                                  "enrolment (1..825)"),
 ) -> None:
-    """Enrol a site: a one-time token and a TLS client certificate, as a kit zip (--out) or a folder."""
+    """Enrol a site: a site kit zip (--out; the site enrols with a CSR) or a legacy handover folder."""
     from fedproxy_secure.server.setup import enroll_site
 
     if (site is None) == (name is None):
@@ -132,9 +137,10 @@ def enroll_cmd(
     if out is not None:
         from fedproxy_secure.server.kit import write_site_kit
 
-        k = write_site_kit(dir, site, out, url, ttl_hours * 3600)
-        console.print(f"[green]site kit[/] {k['path']} for {site!r} (sha256 {k['sha256']}, server {k['url']}): "
-                      "hand it to the site over a trusted channel; it holds the site's TLS key and a one-time token",
+        k = write_site_kit(dir, site, out, url, ttl_hours * 3600, enrol_url=enrol_url, cert_days=cert_days)
+        console.print(f"[green]site kit[/] {k['path']} for {site!r} (sha256 {k['sha256']}, server {k['url']}, "
+                      f"enrolment {k['enrol_url']}): hand it to the site over a trusted channel; it holds a one-time "
+                      "token and no private key. Keep the CA key until the site has enrolled",
                       highlight=False, soft_wrap=True)
         return
     from fedproxy_secure.server.setup import deployment
@@ -188,9 +194,37 @@ def start_cmd(
         console.print(f"{time.strftime('%H:%M:%S')} {msg}", highlight=False, soft_wrap=True)
 
     log(f"serving {dir} on https://{host}:{port}" + (f", publishing bundle {bundle}" if bundle else ""))
+    from fedproxy_secure.server.enrol_csr import pending_kits
+
+    if pending := pending_kits(dir):
+        log(f"CSR enrolment listener on https://{host}:{port + 1} for {len(pending)} unspent kit(s): "
+            f"{', '.join(pending)} (signing needs {server_paths(dir)['ca_key']})")
     code = run_server(dir, host, port, bundle, max_body, UploadLimits(chunk_bytes=chunk_bytes, max_bytes=max_upload),
                       linger_s=linger, log=log)
     raise typer.Exit(code)
+
+
+@server_app.command("revoke-site")
+def revoke_site_cmd(
+    name: str = typer.Argument(..., help="site name to revoke"),
+    dir: Path = typer.Option(Path("fedserver"), "--dir"),
+    reason: str = typer.Option("revoked by the operator", "--reason", help="recorded in the audit log"),
+    ca_key: Optional[Path] = typer.Option(None, "--ca-key", help="CA key to sign the CRL (default: DIR/pki/ca.key; "
+                                          "bring it back if it is kept offline)"),
+) -> None:
+    """Revoke a site: its identity key is refused at once, its certificate at the handshake (CRL); audited."""
+    from fedproxy_secure.server.revocation import revoke_site
+
+    r = revoke_site(dir, name, reason, ca_key)
+    console.print(f"[green]revoked[/] site {name!r} (client {r['client_id']}, certificate serials "
+                  f"{', '.join(r['serials']) or 'none issued by CSR'}): signed requests by its identity key are "
+                  "refused now", highlight=False, soft_wrap=True)
+    if r["crl"] is not None:
+        console.print(f"CRL {r['crl']} updated: restart 'server start' to refuse the certificate at the handshake",
+                      highlight=False, soft_wrap=True)
+    else:
+        console.print("[yellow]warning:[/] no CA key here, so the CRL was not updated; run again with --ca-key to "
+                      "refuse the certificate at the handshake too", highlight=False, soft_wrap=True)
 
 
 @server_app.command("status")

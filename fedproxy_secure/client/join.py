@@ -76,6 +76,10 @@ class ClientSession:
             save_private_key(generate_key(), key_path)
         self.key = load_private_key(key_path)
         self.operator = load_public_key(self.enrol / "operator.pub")
+        from fedproxy_secure.client.csr_enrol import csr_enrol, needs_csr_enrolment
+
+        if needs_csr_enrolment(self.enrol):  # a site from a kit: its own TLS key and a CSR, at first join
+            csr_enrol(self.enrol, self.state, self.key, retry_s=retry_s, log=self.log)
         rec = self.state / "enrolment.json"
         self.client_id = json.loads(rec.read_text())["client_id"] if rec.exists() else None
         self.http = SignedClient(self.url, self.enrol / "ca.pem", self.enrol / "client.pem", self.enrol / "client.key",

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["KIT_FILES", "SECRET_FILES", "MAX_KIT_FILE", "DATA_PLACEHOLDER", "render_client_yaml"]
+__all__ = ["KIT_FILES", "SECRET_FILES", "MAX_KIT_FILE", "DATA_PLACEHOLDER", "render_client_yaml", "enrol_url_for"]
 
-#: every file a kit may hold, and which of them are secrets (written 0600)
-KIT_FILES = ("ca.pem", "client.pem", "client.key", "token", "operator.pub", "keyset.json", "server.json",
-             "policy.json", "client.yaml")
-SECRET_FILES = ("client.key", "token")
+#: every file a kit may hold, and which of them are secrets (written 0600). No private key: the site makes
+#: its TLS key and identity key at first join and enrols with a CSR (``server/enrol_csr.py``).
+KIT_FILES = ("ca.pem", "token", "operator.pub", "keyset.json", "server.json", "policy.json", "client.yaml")
+SECRET_FILES = ("token",)
+
+
+def enrol_url_for(url: str, enrol_port: int | None = None) -> str:
+    """The CSR enrolment listener's URL for federation ``url``: same scheme and host, port ``enrol_port``
+    (default: the federation port + 1, what ``server start`` opens)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    port = enrol_port if enrol_port is not None else (u.port or 443) + 1
+    host = f"[{u.hostname}]" if u.hostname and ":" in u.hostname else u.hostname
+    return f"{u.scheme}://{host}:{port}"
 MAX_KIT_FILE = 1 << 20
 DATA_PLACEHOLDER = "REPLACE-WITH-YOUR-DATA.jsonl"
 
@@ -40,7 +51,7 @@ def render_client_yaml(*, data: str, dp: dict, threads: int = 1, seed: int = 0) 
     return (
         "# client.yaml of this site (fedproxy-secure client join --config client.yaml); paths are relative to\n"
         "# this folder. Made from the site kit; edit dp and threads to your own policy.\n"
-        "enrolment: .              # this folder: ca.pem, client.pem/.key, token, operator.pub, server.json\n"
+        "enrolment: .              # this folder: ca.pem, token, operator.pub, server.json; client.key/.pem made at first join\n"
         "state_dir: state          # made at first join: the site's own identity key, privacy budget, anti-rollback\n"
         "trainer: lora             # LoRA training on the verified proxy\n"
         f"data: {json.dumps(data)}   # your training file: JSONL lines {{\"prompt\": ..., \"response\": ...}}\n"

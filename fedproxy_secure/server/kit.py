@@ -1,11 +1,12 @@
 """``server enroll SITE --out kit.zip``: the site kit, one file the operator hands to a site.
 
-The kit is the enrolment folder of :func:`~fedproxy_secure.server.setup.enroll_site` (CA certificate,
-the site's TLS client certificate and key, the one-time token, the operator's public key, the server
-URL) plus the pinned keyset, the federation's policy for the site and a commented ``client.yaml``
-(file set: :data:`fedproxy_secure.client.kit.KIT_FILES`). After the zip is written (0600) the server's
-copy of the enrolment folder, with the site's TLS key and the token, is deleted: only the kit holds
-them. A site name gets one kit; ``DIR/kits/SITE.json`` records its SHA-256 (no secrets).
+The kit holds the CA certificate, a one-time token bound to the site name, the operator's public key,
+``server.json`` (federation URL, enrolment URL, site name), the pinned keyset, the federation's policy
+for the site and a commented ``client.yaml`` (file set: :data:`fedproxy_secure.protocol.kit.KIT_FILES`),
+and no private key: at first join the site makes its own TLS key and Ed25519 identity key and enrols with
+a CSR (``server/enrol_csr.py``), so the server never holds a site's private key. Only the token's hash is
+kept by the server. A site name gets one kit; ``DIR/kits/SITE.json`` records its SHA-256 and the client
+certificate lifetime (no secrets).
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 import zipfile
 from pathlib import Path
 
 from fedproxy_secure.audit.log import AuditLog
-from fedproxy_secure.protocol.kit import DATA_PLACEHOLDER, KIT_FILES, SECRET_FILES, render_client_yaml
+from fedproxy_secure.protocol.kit import DATA_PLACEHOLDER, KIT_FILES, SECRET_FILES, enrol_url_for, render_client_yaml
 from fedproxy_secure.errors import ConfigError
-from fedproxy_secure.server.setup import check_site_name, deployment, enroll_site, load_settings, server_paths
+from fedproxy_secure.server.setup import check_site_name, deployment, load_settings, server_paths
+from fedproxy_secure.server.store import SQLiteStore
+from fedproxy_secure.transport.pki import CLIENT_CERT_DAYS
 
 
 def site_policy(d: str | os.PathLike, name: str) -> dict:
@@ -40,13 +42,15 @@ def site_policy(d: str | os.PathLike, name: str) -> dict:
 
 
 def write_site_kit(d: str | os.PathLike, name: str, out: str | os.PathLike, url: str | None = None,
-                   ttl_s: float = 7 * 86400) -> dict:
-    """Enrol site ``name`` and write its kit zip to ``out``; returns ``{"path", "sha256", "url"}``.
+                   ttl_s: float = 7 * 86400, enrol_url: str | None = None, cert_days: int = CLIENT_CERT_DAYS) -> dict:
+    """Issue site ``name`` a one-time CSR token and write its kit zip to ``out``; returns ``{"path", "sha256", "url"}``.
 
-    Guarantees: the zip holds exactly the kit file set, is written with mode 0600 and replaces
-    nothing (``out`` must not exist); the server keeps no copy of the site's TLS key or token
-    afterwards. ``url`` defaults to the one in ``deployment.json`` (``server init --config``).
-    Raises ConfigError naming the option when the site already has a kit or no URL is known.
+    Guarantees: the zip holds exactly the kit file set and no private key, is written with mode 0600 and
+    replaces nothing (``out`` must not exist); the server keeps only the token's hash. ``url`` defaults to
+    the one in ``deployment.json`` (``server init --config``), ``enrol_url`` to :func:`enrol_url_for` of it;
+    the certificate the server signs at enrolment is valid ``cert_days`` days. Raises ConfigError naming
+    the option when the site already has a kit, no URL is known or the CA key is absent (enrolment
+    signs with it).
     """
     check_site_name(name)
     p = server_paths(d)
@@ -62,16 +66,28 @@ def write_site_kit(d: str | os.PathLike, name: str, out: str | os.PathLike, url:
     if not p["keyset"].is_file():
         raise ConfigError(f"{p['keyset']} is missing: the site kit pins the operator's keyset; make the server folder "
                           "with 'server init --bundle B --keyset K --config F'")
+    if not p["ca_key"].is_file():
+        raise ConfigError(f"{p['ca_key']} is not here: 'server enroll' needs the CA key (it signs the site's CSR at "
+                          "first join); bring it back from offline storage")
+    if not 1 <= int(cert_days) <= 825:
+        raise ConfigError(f"--cert-days {cert_days}: use 1..825 days")
+    enrol_url = enrol_url or enrol_url_for(url)
     policy = site_policy(d, name)
     tmp = out.with_name(f".{out.name}.tmp")
-    folder = enroll_site(d, name, url, ttl_s)
+    store = SQLiteStore(p["db"])
     try:
-        files = {f: (folder / f).read_bytes() for f in ("ca.pem", "client.pem", "client.key", "token",
-                                                        "operator.pub", "server.json")}
+        token = store.add_token(name, ttl_s)
+    finally:
+        store.close()
+    try:
+        files = {"ca.pem": p["ca"].read_bytes(), "token": token.encode(), "operator.pub": p["op_pub"].read_bytes(),
+                 "server.json": json.dumps({"url": url, "enrol_url": enrol_url, "name": name,
+                                            "issued_at": int(time.time())}).encode()}
         files["keyset.json"] = p["keyset"].read_bytes()
         files["policy.json"] = json.dumps(policy, indent=2).encode()
         files["client.yaml"] = render_client_yaml(data=DATA_PLACEHOLDER, dp=policy["dp_required"]).encode()
-        assert set(files) == set(KIT_FILES)
+        if set(files) != set(KIT_FILES):
+            raise AssertionError(f"kit file set drifted: {sorted(files)} != {sorted(KIT_FILES)}")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)  # left by an interrupted earlier run
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -82,10 +98,11 @@ def write_site_kit(d: str | os.PathLike, name: str, out: str | os.PathLike, url:
                 zf.writestr(info, files[fname], zipfile.ZIP_DEFLATED)
         os.replace(tmp, out)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)  # the server never keeps the site's TLS key or token
         tmp.unlink(missing_ok=True)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     p["kits"].mkdir(exist_ok=True)
-    record.write_text(json.dumps({"site": name, "sha256": digest, "url": url, "issued_at": int(time.time())}))
-    AuditLog(p["audit"]).append("kit_issue", {"name": name, "kit_sha256": digest})
-    return {"path": out, "sha256": digest, "url": url}
+    record.write_text(json.dumps({"site": name, "sha256": digest, "url": url, "enrol_url": enrol_url,
+                                  "enrol": "csr", "cert_days": int(cert_days), "issued_at": int(time.time())}))
+    AuditLog(p["audit"]).append("kit_issue", {"name": name, "kit_sha256": digest, "token_id": token.split(".")[0],
+                                              "enrol": "csr", "cert_days": int(cert_days)})
+    return {"path": out, "sha256": digest, "url": url, "enrol_url": enrol_url}

@@ -23,6 +23,39 @@ from typing import Any, Protocol
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
 from fedproxy_secure.server.uploads import UploadLimits, UploadRow, chunk_length
 
+#: the only keys a client report may hold (issue 20: the minimal report; the client sends exactly these,
+#: see ``client/report.py``): no training loss, norm, example count, sample rate or timing is accepted
+CLIENT_REPORT_KEYS = ("round_id", "epsilon", "delta", "accountant", "status")
+
+
+def check_client_report(report: object, round_id: int | None = None) -> dict:
+    """``report`` if it is a minimal client report, else ProtocolAbort naming the offending field.
+
+    Guarantees on return: a dict whose keys are all in :data:`CLIENT_REPORT_KEYS`; ``round_id`` (if
+    present) an int equal to ``round_id`` when given; ``epsilon`` / ``delta`` finite numbers >= 0;
+    ``accountant`` / ``status`` strings of at most 32 characters. Pure.
+    """
+    import math
+
+    if not isinstance(report, dict):
+        raise ProtocolAbort("report must be a JSON object")
+    extra = sorted(set(report) - set(CLIENT_REPORT_KEYS))
+    if extra:
+        raise ProtocolAbort(f"report field {extra[0]!r} is not accepted: a client report holds only "
+                            f"{list(CLIENT_REPORT_KEYS)} (keep training statistics on the site)")
+    rid = report.get("round_id")
+    if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool) or (round_id is not None and rid != round_id)):
+        raise ProtocolAbort(f"report field 'round_id' = {rid!r}: must be the round id of the path ({round_id})")
+    for k in ("epsilon", "delta"):
+        v = report.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0):
+            raise ProtocolAbort(f"report field {k!r} = {v!r}: must be a finite number >= 0")
+    for k in ("accountant", "status"):
+        v = report.get(k)
+        if v is not None and (not isinstance(v, str) or len(v) > 32):
+            raise ProtocolAbort(f"report field {k!r}: must be a string of at most 32 characters")
+    return report
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (token_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL,
@@ -205,6 +238,28 @@ class SQLiteStore:
             c.execute("INSERT INTO enrolments VALUES(?,?,?,?, 'active')", (client_id, row[1], pubkey, now))
         return client_id, row[1]
 
+    def token_site(self, token: str) -> str:
+        """The site name ``token`` is bound to, without spending it; SecurityError if it is unknown, used or
+        expired (same checks and constant-time compare as :meth:`enroll`, which still decides atomically)."""
+        token_id, _, secret = token.partition(".")
+        rows = self._q("SELECT secret_hash,name,expires,used_at FROM tokens WHERE token_id=?", (token_id,))
+        if not rows or not hmac.compare_digest(rows[0][0], _sha(secret.encode())):
+            raise SecurityError("enrolment token is not valid")
+        if rows[0][3] is not None:
+            raise SecurityError("enrolment token was already used")
+        if self._clock() > rows[0][2]:
+            raise SecurityError("enrolment token has expired; ask the operator for a new one")
+        return rows[0][1]
+
+    def revoke_client(self, name: str) -> str | None:
+        """Mark site ``name``'s enrolment revoked (its key is no longer returned by :meth:`client_key`) and
+        spend its unused tokens; returns its client id, or None if it never enrolled."""
+        with self._tx() as c:
+            row = c.execute("SELECT client_id FROM enrolments WHERE name=?", (name,)).fetchone()
+            c.execute("UPDATE enrolments SET status='revoked' WHERE name=?", (name,))
+            c.execute("UPDATE tokens SET used_at=? WHERE name=? AND used_at IS NULL", (self._clock(), name))
+        return row[0] if row else None
+
     def client_key(self, client_id: str) -> bytes | None:
         """Raw Ed25519 public key of an active enrolled client, else None."""
         rows = self._q("SELECT pubkey FROM enrolments WHERE client_id=? AND status='active'", (client_id,))
@@ -351,7 +406,9 @@ class SQLiteStore:
         return (rows[0][0], bytes(rows[0][1])) if rows else None
 
     def put_client_report(self, round_id: int, client_id: str, report: dict) -> None:
-        """Store what a client reported for a round (ε spent, examples, loss)."""
+        """Store what a client reported for a round: only a minimal report (:func:`check_client_report`;
+        ProtocolAbort naming the field otherwise), so no training statistic is ever written."""
+        check_client_report(report, round_id)
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO client_reports VALUES(?,?,?)", (round_id, client_id, json.dumps(report)))
 
