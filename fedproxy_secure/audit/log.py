@@ -277,6 +277,25 @@ class AuditLog:
                                     f"{secret_path_for(self.path)} with the log (or move the log aside)")
             self._seq = res.lines
             self._head = res.last_hash
+        self._size = self.path.stat().st_size if self.path.exists() else 0
+
+    def _catch_up(self, fd: int) -> None:
+        """Under the file lock: adopt (after checking chain, hash and MAC) lines another process appended
+        since our last write (e.g. ``server revoke-site`` beside a running server)."""
+        size = os.fstat(fd).st_size
+        if size == self._size:
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(self._size)
+            new = fh.read(size - self._size)
+        for raw in new.splitlines():
+            e = json.loads(raw)
+            if (e.get("seq") != self._seq or e.get("prev_hash") != self._head or e.get("hash") != entry_hash(e)
+                    or (self._key is not None and not hmac.compare_digest(str(e.get("mac")), entry_mac(self._key, e)))):
+                raise SecurityError(f"audit log {self.path}: a line appended by another process does not extend the "
+                                    "chain; move it aside and investigate")
+            self._seq, self._head = self._seq + 1, e["hash"]
+        self._size = size
 
     def _repair_torn_tail(self) -> None:
         data = self.path.read_bytes()
@@ -300,17 +319,22 @@ class AuditLog:
 
     def append(self, event: str, data: dict | None = None) -> dict:
         """Append one entry (with its MAC in a keyed log) and fsync it; returns the entry written."""
+        import fcntl
+
         with self._lock:
-            entry = {"seq": self._seq, "ts": round(float(self._clock()), 6), "event": str(event),
-                     "data": data or {}, "prev_hash": self._head}
-            entry["hash"] = entry_hash(entry)
-            if self._key is not None:
-                entry["mac"] = entry_mac(self._key, entry)
-            line = canonical_json(entry) + b"\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # other processes append to the same log (released by close)
+                self._catch_up(fd)
+                entry = {"seq": self._seq, "ts": round(float(self._clock()), 6), "event": str(event),
+                         "data": data or {}, "prev_hash": self._head}
+                entry["hash"] = entry_hash(entry)
+                if self._key is not None:
+                    entry["mac"] = entry_mac(self._key, entry)
+                line = canonical_json(entry) + b"\n"
                 os.write(fd, line)
                 os.fsync(fd)
+                self._size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
             self._seq += 1
