@@ -15,6 +15,12 @@ Two config formats are accepted, told apart by their keys:
 
 ``--server-state DIR`` adds the certificates (``*.pem``), keysets (``keyset.json``) and the audit
 log (``audit.jsonl``) found in DIR.
+
+``--server-dir DIR`` audits the deployment a server folder (``server init``) actually runs instead
+of a YAML: ``federation.json`` (through ``FederationSettings``), the TLS context the server builds
+from ``pki/``, every private key's permissions, the operator key's encryption, site secrets left
+under ``enrol/``, keyset and enrolment revocations, stored client reports and the audit log.
+``--client-config client.yaml`` adds a site's pinned policy (``client/policy.py``).
 """
 
 from __future__ import annotations
@@ -97,7 +103,6 @@ def _dp(section: dict, where: str) -> tuple[Optional[bool], Optional[float], Opt
 def deployment_from_network(data: dict, source: str) -> tuple[Deployment, tuple[str, ...]]:
     """The deployment view of a networked config (``clients`` + ``federation``)."""
     from fedproxy_secure.protocol.settings import FederationSettings
-    from fedproxy_secure.protocol.threshold import effective_threshold
 
     fed_raw = dict(_mapping(data.get("federation") or data.get("network"), "federation"))
     settings = FederationSettings.from_dict(fed_raw)  # refuses unknown keys, validates values
@@ -110,18 +115,37 @@ def deployment_from_network(data: dict, source: str) -> tuple[Deployment, tuple[
     if dp_top and dp_train and dp_top != dp_train:
         raise ConfigError("dp and federation.train.dp disagree; state DP once")
     enabled, eps, delta = _dp(dp_top or dp_train, "dp" if dp_top else "federation.train.dp")
-    mtls, tls_min = _transport(data, default_mtls=True)
-    mode = "none" if settings.mode == "plain" else settings.mode
-    # the same rule the round engine applies (one function, protocol.threshold)
-    eff = effective_threshold(settings.mode, n, settings.threshold, settings.aggregator)
+    mtls, tls_min = _transport(data, default_mtls=None)
     keep = _mapping(data.get("compress"), "compress").get("keep_ratio")
-    d = Deployment(kind="network", source=source, n_clients=n, mode=mode, threshold=settings.threshold,
-                   effective_threshold=eff, aggregator=settings.aggregator, dp_enabled=enabled, epsilon=eps,
-                   delta=delta, clip_norm=float(settings.clip_norm), mtls=mtls, tls_min_version=tls_min,
-                   identity_keys=True, keep_ratio=None if keep is None else float(keep),
-                   # network HE: flooding is forced on and there is one key holder per round (he_settings)
-                   he_flood=True if mode == "he" else None, he_key_holders=1 if mode == "he" else None)
+    d = replace(_settings_view(settings, n, source), dp_enabled=enabled, epsilon=eps, delta=delta,
+                mtls=mtls, tls_min_version=tls_min, keep_ratio=None if keep is None else float(keep),
+                transport_note=None if mtls is None else "as stated in the config's transport section")
     return d, tuple(sorted(set(data) - _NETWORK_SECTIONS))
+
+
+def _settings_view(settings, n: int, source: str) -> Deployment:
+    """The deployment fields that follow from validated ``FederationSettings`` for a cohort of ``n``:
+    mode, the threshold the round engine enforces (the one rule in ``protocol.threshold``), HE
+    flooding / ``verify_aggregate`` as ``he_settings`` normalises them, SA-H-TIES ``h_norm``, and the
+    client-report keys the server code accepts."""
+    from fedproxy_secure.client.report import SENT_REPORT_KEYS
+    from fedproxy_secure.protocol.threshold import effective_threshold
+    from fedproxy_secure.server.store import CLIENT_REPORT_KEYS
+
+    mode = "none" if settings.mode == "plain" else settings.mode
+    eff = effective_threshold(settings.mode, n, settings.threshold, settings.aggregator)
+    he = dict(settings.he or {}) if mode == "he" else {}
+    h_norm = None
+    if settings.aggregator == "sa_hties":
+        h_norm = str((settings.sa_hties or {}).get("h_norm", "reveal"))
+    return Deployment(kind="network", source=source, n_clients=n, mode=mode, threshold=settings.threshold,
+                      effective_threshold=eff, aggregator=settings.aggregator, clip_norm=float(settings.clip_norm),
+                      # he_settings refuses flood != true over the network; read what the settings say
+                      he_flood=bool(he.get("flood", True)) if mode == "he" else None,
+                      he_key_holders=1 if mode == "he" else None,
+                      verify_aggregate=bool(he.get("verify_aggregate", True)) if mode == "he" else None,
+                      h_norm=h_norm, report_keys_accepted=tuple(CLIENT_REPORT_KEYS),
+                      report_keys_minimal=tuple(SENT_REPORT_KEYS))
 
 
 def deployment_from_run_config(data: dict, source: str, base_dir: Path | None) -> Deployment:
@@ -203,21 +227,202 @@ def scan_server_state(directory: str | Path) -> tuple[tuple[KeyValidity, ...], O
 
 
 def audit_log_status(path: str | Path) -> dict:
-    """``verify_log`` of ``path`` as a dict for the ``audit.chain`` control."""
-    res = verify_log(path)
-    return {"path": str(path), "ok": res.ok, "lines": res.lines, "bad_line": res.bad_line, "reason": res.reason}
+    """``verify_log`` of ``path`` as a dict for the ``audit.chain`` control (``keyed``: MACs checked)."""
+    from fedproxy_secure.errors import SecurityError
+
+    try:
+        res = verify_log(path)
+    except (SecurityError, ConfigError) as exc:  # e.g. keys/audit.secret readable by others, or altered
+        return {"path": str(path), "ok": False, "lines": 0, "bad_line": 0, "reason": f"MAC key unusable: {exc}",
+                "keyed": False}
+    return {"path": str(path), "ok": res.ok, "lines": res.lines, "bad_line": res.bad_line, "reason": res.reason,
+            "keyed": res.keyed}
 
 
-def run_check(config: str | Path, server_state: str | Path | None = None, audit_log: str | Path | None = None,
-              policy: Policy | None = None) -> CheckReport:
-    """Evaluate every control for ``config`` (plus server state / audit log when given)."""
-    dep, ignored = load_deployment(config)
-    if server_state is not None:
-        keys, audit = scan_server_state(server_state)
-        dep = replace(dep, keys=keys, audit_log=audit, server_state=str(server_state))
+#: files under a server folder that hold a private key or a secret (checked for 0600)
+_SECRET_NAMES = ("*.key", "*.secret", "token")
+#: what ``enrol/<site>/`` must not hold once the folder was handed to the site
+_SITE_SECRETS = ("client.key", "identity.key", "token")
+
+
+def _secret_files(root: Path) -> list[Path]:
+    out: set[Path] = set()
+    for pat in _SECRET_NAMES:
+        out.update(p for p in root.rglob(pat) if p.is_file() and not p.is_symlink())
+    return sorted(out)
+
+
+def _read_store(db: Path) -> tuple[list[tuple[str, str]], list[dict]]:
+    """(name, status) of every enrolment and every stored client report, read-only; empty when absent."""
+    import sqlite3
+
+    if not db.is_file():
+        return [], []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        def rows(sql: str) -> list:
+            try:
+                return con.execute(sql).fetchall()
+            except sqlite3.OperationalError:  # table not there (an older or empty store)
+                return []
+        enrol = [(str(r[0]), str(r[1])) for r in rows("SELECT name, status FROM enrolments")]
+        reps = []
+        for (txt,) in rows("SELECT report FROM client_reports"):
+            try:
+                obj = json.loads(txt)
+            except ValueError:
+                obj = {"<unparsable report>": None}
+            reps.append(obj if isinstance(obj, dict) else {"<not an object>": None})
+        return enrol, reps
+    finally:
+        con.close()
+
+
+def _logged_report_keys(log: Path) -> set[str]:
+    """Keys of every ``client_report`` entry's report in the audit log (what was copied there)."""
+    keys: set[str] = set()
+    if not log.is_file():
+        return keys
+    with open(log, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue  # audit.chain reports the broken line
+            rep = (e.get("data") or {}).get("report") if isinstance(e, dict) and e.get("event") == "client_report" else None
+            if isinstance(rep, dict):
+                keys.update(str(k) for k in rep)
+    return keys
+
+
+def _tls_view(root: Path) -> tuple[bool, Optional[str], str]:
+    """(mtls, minimum TLS version, how it was established) from the server's own TLS context and files."""
+    import ssl
+
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    from fedproxy_secure.errors import SecurityError
+    from fedproxy_secure.transport.tls import server_ssl_context
+
+    ca, cert, key = root / "pki" / "ca.pem", root / "pki" / "server.pem", root / "pki" / "server.key"
+    missing = [p.relative_to(root).as_posix() for p in (ca, cert, key) if not p.is_file()]
+    if missing:
+        return False, None, f"missing {', '.join(missing)}"
+    try:
+        ctx = server_ssl_context(cert, key, ca)  # the context 'server start' serves with
+        ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
+        x509.load_pem_x509_certificate(cert.read_bytes()).verify_directly_issued_by(ca_cert)
+    except InvalidSignature:
+        return False, None, "pki/server.pem was not issued by pki/ca.pem: sites would refuse the server"
+    except (OSError, ssl.SSLError, ValueError, TypeError, SecurityError, ConfigError) as exc:
+        return False, None, f"the server cannot serve mTLS from pki/: {exc}"
+    ver = {ssl.TLSVersion.TLSv1_3: "1.3", ssl.TLSVersion.TLSv1_2: "1.2"}.get(ctx.minimum_version, str(ctx.minimum_version))
+    if ctx.verify_mode != ssl.CERT_REQUIRED:
+        return False, ver, "the server's TLS context does not require client certificates"
+    return True, ver, "read from the server's TLS context: pki/server.pem issued by pki/ca.pem, CERT_REQUIRED"
+
+
+def _revocations(root: Path) -> tuple[Optional[tuple[str, ...]], Optional[bool]]:
+    """Revoked keyset key ids (None without keys/keyset.json) and whether keys/operator.pub is one of them."""
+    from fedproxy_secure.artifacts.keys import key_id, load_public_key
+    from fedproxy_secure.artifacts.keyset import load_keyset
+
+    ks_path, pub = root / "keys" / "keyset.json", root / "keys" / "operator.pub"
+    if not ks_path.is_file():
+        return None, None
+    ks = load_keyset(ks_path)  # verifies the keyset's own signature (SecurityError otherwise)
+    revoked = tuple(k.key_id[:16] for k in ks.keys if k.status == "revoked")
+    op_revoked = None
+    if pub.is_file():
+        entry = ks.get(key_id(load_public_key(pub)))
+        op_revoked = entry is not None and entry.status == "revoked"
+    return revoked, op_revoked
+
+
+def deployment_from_server_dir(directory: str | Path) -> Deployment:
+    """The deployment a server folder (``server init``) runs: ``federation.json`` through
+    ``FederationSettings``, the TLS context built from ``pki/``, key files (operator key encrypted?
+    every private key 0600?), leftover site secrets under ``enrol/``, keyset and enrolment revocations,
+    the stored client reports and the audit log. Reads only; ConfigError naming the file if the folder
+    is not a server folder."""
+    from fedproxy_secure.artifacts.keyfiles import is_encrypted_pem
+    from fedproxy_secure.protocol.settings import FederationSettings
+
+    root = Path(directory)
+    fed = root / "federation.json"
+    if not fed.is_file():
+        raise ConfigError(f"--server-dir: no federation.json in {root}; give the folder made by 'server init'")
+    try:
+        raw = json.loads(fed.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{fed}: unreadable ({exc}); restore it from a backup") from None
+    settings = FederationSettings.from_dict(raw)
+    enrolments, reports = _read_store(root / "state.db")
+    active = [n for n, st in enrolments if st == "active"]
+    n = max(int(settings.min_clients), len(active))
+    enabled, eps, delta = _dp(_mapping((settings.train or {}).get("dp"), "federation.train.dp"), "federation.train.dp")
+    mtls, tls_min, note = _tls_view(root)
+    secrets_ = _secret_files(root)
+    loose = tuple(p.relative_to(root).as_posix() for p in secrets_ if p.stat().st_mode & 0o077)
+    op = root / "keys" / "operator.key"
+    op_state = ("encrypted" if is_encrypted_pem(op.read_bytes()) else "unencrypted") if op.is_file() else "missing"
+    leftovers = tuple(sorted(p.relative_to(root).as_posix() for name in _SITE_SECRETS
+                             for p in (root / "enrol").glob(f"*/{name}") if p.exists()))
+    revoked, op_revoked = _revocations(root)
+    stored = {str(k) for r in reports for k in r} | _logged_report_keys(root / "audit.jsonl")
+    keys, audit = scan_server_state(root)
+    return replace(_settings_view(settings, n, str(fed)), dp_enabled=enabled, epsilon=eps, delta=delta,
+                   mtls=mtls, tls_min_version=tls_min, transport_note=note, report_keys_stored=tuple(sorted(stored)),
+                   keys=keys, audit_log=audit, server_state=str(root), operator_key=op_state,
+                   loose_private_keys=loose, private_keys_checked=len(secrets_), enrol_leftovers=leftovers,
+                   revoked_keys=revoked, operator_key_revoked=op_revoked,
+                   revoked_sites=tuple(sorted(nm for nm, st in enrolments if st != "active")))
+
+
+def client_policy_view(path: str | Path) -> dict:
+    """The ``policy`` section of a site's ``client.yaml``, validated as ``ClientPolicy`` (defaults filled
+    in). Only the policy is read, so the auditor needs none of the site's data or keys."""
+    from pydantic import ValidationError
+
+    from fedproxy_secure.client.policy import ClientPolicy
+    from fedproxy_secure.config import read_yaml_mapping
+
+    data = read_yaml_mapping(Path(path))
+    try:
+        pol = ClientPolicy.model_validate(_mapping(data.get("policy"), "policy"))
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(x) for x in e["loc"])
+        raise ConfigError(f"{path}: policy.{where}: {e['msg']}") from None
+    d = pol.model_dump()
+    d["modes"] = sorted(d["modes"])
+    return d
+
+
+def run_check(config: str | Path | None = None, server_state: str | Path | None = None,
+              audit_log: str | Path | None = None, policy: Policy | None = None, *,
+              server_dir: str | Path | None = None, client_config: str | Path | None = None) -> CheckReport:
+    """Evaluate every control for a deployment: the one a server folder runs (``server_dir``), else
+    the YAML ``config`` (plus ``server_state`` / ``audit_log`` when given); ``client_config`` adds a
+    site's pinned policy. ConfigError when neither ``server_dir`` nor ``config`` is given."""
+    ignored: tuple[str, ...] = ()
+    if server_dir is not None:
+        dep = deployment_from_server_dir(server_dir)
+        source = str(server_dir)
+    elif config is not None:
+        dep, ignored = load_deployment(config)
+        source = str(config)
+        if server_state is not None:
+            keys, audit = scan_server_state(server_state)
+            dep = replace(dep, keys=keys, audit_log=audit, server_state=str(server_state))
+    else:
+        raise ConfigError("audit check: pass --server-dir DIR (the deployment the server runs) or --config FILE")
     if audit_log is not None:
         dep = replace(dep, audit_log=audit_log_status(audit_log))
-    return CheckReport(str(config), dep.kind, tuple(evaluate(dep, policy)), ignored)
+    if client_config is not None:
+        dep = replace(dep, client_policy=client_policy_view(client_config))
+    return CheckReport(source, dep.kind, tuple(evaluate(dep, policy)), ignored)
 
 
 def report_json(rep: CheckReport) -> str:
@@ -225,4 +430,5 @@ def report_json(rep: CheckReport) -> str:
     return json.dumps(rep.to_json(), indent=2, default=str)
 
 
-__all__ = ["CheckReport", "load_deployment", "run_check", "scan_server_state", "report_json"]
+__all__ = ["CheckReport", "load_deployment", "run_check", "scan_server_state", "report_json",
+           "deployment_from_server_dir", "client_policy_view"]
