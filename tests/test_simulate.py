@@ -33,6 +33,75 @@ def test_tiny_cli_writes_results(tmp_path: Path) -> None:
     assert res["compression"]["n_layers_proxy"] == 4 and len(res["compression"]["layer_map"]) == 4
     assert (out / "global_adapter" / "adapter_model.safetensors").is_file()
     assert "LLM after" in proc.stdout  # the table was printed
+    assert [r["round"] for r in res["rounds"]] == [1, 2]  # numbered from 1, as over the network
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "rounds.png").stat().st_size > 0
+    assert (out / "run.log").is_file()
+    _check_evaluation(res, out)
+    _check_adapter_loads_with_peft(out)
+    _check_fused_folder_is_what_was_scored(out)
+
+
+def _check_evaluation(res: dict, out: Path) -> None:
+    """results.json carries the shipped evaluator's summary, recomputable from predictions.jsonl."""
+    from fedproxy_secure.eval import summaries_from_jsonl
+
+    ev = res["evaluation"]
+    assert set(ev["methods"]) == {"zs_llm", "zs_proxy", "proxy_tuned", "fused", "prior_only", "chance"}
+    assert all(n == 20 for n in ev["n_per_task"].values())
+    for m, row in ev["methods"].items():
+        lo, hi = row["diff_ci"]
+        assert lo <= row["diff_to_reference"] + 1e-9 and row["diff_to_reference"] - 1e-9 <= hi, m
+        assert 0.0 <= row["headline"] <= 1.0
+    assert ev["methods"]["chance"]["headline"] == pytest.approx(0.5)  # every tiny task here is binary
+    again = summaries_from_jsonl(out / "predictions.jsonl", reference="zs_llm", upper=None)[""]
+    for m in ev["methods"]:
+        assert again["methods"][m]["headline"] == pytest.approx(ev["methods"][m]["headline"])
+    assert res["llm_after"]["balanced_accuracy"] == pytest.approx(ev["methods"]["fused"]["headline"])
+
+
+def _check_adapter_loads_with_peft(out: Path) -> None:
+    """AutoPeftModelForCausalLM loads out/global_adapter onto out/proxy (the adapter's base path)."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    cfg = json.loads((out / "global_adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((out / "proxy").resolve())
+    assert (out / "proxy" / "fedproxy.json").is_file()
+    torch.set_num_threads(1)
+    m = AutoPeftModelForCausalLM.from_pretrained(str(out / "global_adapter")).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        tuned = m(input_ids=ids).logits
+        with m.disable_adapter():
+            base = m(input_ids=ids).logits
+    assert tuned.shape == base.shape and not torch.allclose(tuned, base)  # the global LoRA is in the adapter
+
+
+def _check_fused_folder_is_what_was_scored(out: Path) -> None:
+    """The signed fused folder loads through load_fused_model and reproduces the 'fused' prediction rows,
+    and its logits differ from the untouched LLM's (the global LoRA was fused in)."""
+    import torch
+
+    from fedproxy_secure.eval import model_logits_fn, read_jsonl, score_choices
+    from fedproxy_secure.fuse import load_fused_model
+    from fedproxy_secure.models import build_tiny_model
+    from fedproxy_secure.pipelines.simulate import split_data
+
+    torch.set_num_threads(1)
+    cfg = load_run_config(ROOT / "examples" / "tiny.yaml")
+    _, _, test_sets, _ = split_data(cfg)
+    model = load_fused_model(out / "fused", out / "fused.keyset.json")
+    task = next(iter(test_sets))
+    exs = test_sets[task][:4]
+    rows = {r["example_id"]: r for r in read_jsonl(out / "predictions.jsonl") if r["method"] == "fused" and r["task"] == task}
+    scores = score_choices(model_logits_fn(model), model.tokenizer, exs, max_length=cfg.data.max_length)
+    for ex, s in zip(exs, scores):
+        assert s == pytest.approx(rows[ex.uid]["scores"], abs=1e-3)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        llm = build_tiny_model(cfg.model.tiny).eval()(input_ids=ids).logits
+    assert not torch.allclose(fused, llm)
 
 
 def test_fused_llm_differs_from_input_after_training(tmp_path: Path) -> None:

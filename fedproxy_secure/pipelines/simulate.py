@@ -109,9 +109,13 @@ def split_data(cfg: RunConfig) -> tuple[list[list[MCExample]], list[list[str]], 
     return client_data, client_tasks, test, calib
 
 
-def prepare(cfg: RunConfig, log: Log = print) -> Prepared:
-    """Load the LLM, split the data and compress the LLM into the proxy (stage i)."""
+def prepare(cfg: RunConfig, log: Log = print, *, bars: bool | None = None) -> Prepared:
+    """Load the LLM, split the data and compress the LLM into the proxy (stage i).
+
+    ``bars``: draw the compression progress bar (default: only when stderr is a terminal).
+    """
     from fedproxy_secure.compress import compress
+    from fedproxy_secure.progress import bars_enabled
 
     _seed_all(cfg.seed)
     llm, tok, llm_hash = load_llm(cfg)
@@ -123,7 +127,8 @@ def prepare(cfg: RunConfig, log: Log = print) -> Prepared:
                 "text (fix: name tasks no client holds in data.calib_tasks, or use compress.strategy: uniform)"
             )
     log(f"stage i: compressing ({cfg.compress.strategy}, keep {cfg.compress.keep_ratio:.2f}) on {len(calib)} server texts")
-    proxy = compress(llm, tok, calib, cfg.compress, progress=True, device=cfg.train.device)
+    proxy = compress(llm, tok, calib, cfg.compress, progress=bars_enabled() if bars is None else bars,
+                     device=cfg.train.device)
     proxy.meta["base_model_hash"] = llm_hash
     return Prepared(llm, tok, proxy, client_data, client_tasks, test_sets, calib, llm_hash)
 
@@ -185,11 +190,14 @@ def _make_aggregator(cfg: RunConfig, secure_sum):
 
 
 def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progress=None,
-             on_round: Callable[[int, object], dict] | None = None) -> FederationOutcome:
+             on_round: Callable[[int, object], dict] | None = None,
+             round_done: Callable[[], None] | None = None) -> FederationOutcome:
     """Stage ii: ``cfg.rounds`` rounds of local LoRA training on the proxy + (secure) aggregation.
 
     ``on_round(r, peft_proxy)`` (optional) runs after round ``r`` with the proxy holding the new
     global LoRA; whatever dict it returns is stored in that round's record under ``"eval"``.
+    ``progress()`` runs after each client's local training, ``round_done()`` after each round.
+    Round records are numbered from 1 (``record["round"]``), as on the network.
     """
     from fedproxy_secure.client.trainer import ClientRoundSpec, TrainingAborted, train_round
     from fedproxy_secure.lora import attach_lora, get_lora_vector
@@ -211,7 +219,7 @@ def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progre
     clip = cfg.train.update_clip_norm
     for r in range(cfg.rounds):
         t0 = time.time()
-        record: dict = {"round": r, "clients": []}
+        record: dict = {"round": r + 1, "clients": []}  # numbered from 1, as over the network
         updates, counts, ids = [], [], []
         for k in range(n):
             spec = ClientRoundSpec(
@@ -226,7 +234,7 @@ def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progre
                 upd = train_round(model, prep.tokenizer, prep.client_data[k], spec, budget=budgets[k],
                                   device=cfg.train.device)
             except TrainingAborted as exc:
-                log(f"round {r}: client {k} aborted its round ({exc}); nothing sent")
+                log(f"round {r + 1}: client {k} aborted its round ({exc}); nothing sent")
                 record["clients"].append({"client": k, "aborted": str(exc)})
                 continue
             record["clients"].append({"client": k, "tasks": prep.client_tasks[k], **upd.metrics})
@@ -257,7 +265,10 @@ def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progre
             set_lora_vector(model, theta)
             record["eval"] = on_round(r, model)
         outcome.rounds.append(record)
-        log(f"round {r}: loss {record['train_loss']}, survivors {len(keep)}/{len(ids)}, |theta| {record['global_norm']:.4f}")
+        loss = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+        log(f"round {r + 1}/{cfg.rounds}: loss {loss}, survivors {len(keep)}/{len(ids)}, |theta| {record['global_norm']:.4f}")
+        if round_done is not None:
+            round_done()
     from fedproxy_secure.lora import set_lora_vector
 
     set_lora_vector(model, theta)
@@ -291,34 +302,88 @@ def fuse_outcome(cfg: RunConfig, prep: Prepared, outcome: FederationOutcome) -> 
                                                  "modules_fused": len(deltas)})
 
 
-def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print) -> dict:
-    """Run every stage and write ``out/results.json``; return the results dict."""
+def _llm_folder(cfg: RunConfig, prep: Prepared, work: Path) -> Path:
+    """The LLM as a HF folder: ``model.llm`` itself, or the tiny model written under ``work``."""
+    if cfg.model.llm is not None:
+        return Path(cfg.model.llm)
+    d = work / "llm"
+    prep.llm.save_pretrained(d, safe_serialization=True)
+    prep.tokenizer.save_pretrained(d)
+    return d
+
+
+def _legacy(summary: dict, method: str) -> dict:
+    """``{"mean_accuracy", "per_task", "n_per_task", "balanced_accuracy"}`` of one method (older readers)."""
+    m = summary["methods"][method]
+    return {"mean_accuracy": m["macro_accuracy"], "per_task": {t: v["accuracy"] for t, v in m["per_task"].items()},
+            "n_per_task": dict(summary["n_per_task"]), "balanced_accuracy": m["headline"]}
+
+
+def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print, *, quiet: bool = False) -> dict:
+    """Run every stage and write ``out/results.json``; return the results dict.
+
+    Also writes ``out/proxy`` (the proxy, HF folder + ``fedproxy.json``), ``out/global_adapter``
+    (PEFT adapter whose ``base_model_name_or_path`` is ``out/proxy``, so
+    ``AutoPeftModelForCausalLM.from_pretrained(out/global_adapter)`` loads both), ``out/fused`` (the
+    signed fused folder, loaded back through ``fuse.load_fused_model`` for evaluation) with its
+    keyset ``out/fused.keyset.json``, ``out/predictions.jsonl``, ``out/accuracy.png`` and
+    ``out/rounds.png``. ``results["evaluation"]`` is the shipped evaluator's summary (balanced
+    accuracy, prior-only and chance rows, paired bootstrap CI of each method minus the zero-shot LLM).
+    """
+    import tempfile
+
+    from fedproxy_secure.compress.proxy_io import save_proxy
+    from fedproxy_secure.pipelines.demo_eval import Evaluation, fused_logits_fn, train_by_task, write_and_load_fused
+    from fedproxy_secure.progress import RunProgress, bars_enabled
+    from fedproxy_secure.report import plot_accuracy, plot_rounds
+    from fedproxy_secure.server.export import save_adapter_on_proxy
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    prep = prepare(cfg, log)
-    ev = dict(batch_size=16, max_length=cfg.data.max_length, device=cfg.train.device)
-    log("evaluating the LLM and the proxy before federation")
-    llm_before = evaluate_tasks(model_logits_fn(prep.llm), prep.tokenizer, prep.test_sets, **ev)
-    proxy_before = evaluate_tasks(model_logits_fn(prep.proxy.model), prep.tokenizer, prep.test_sets, **ev)
-    outcome = federate(cfg, prep, out, log)
-    proxy_after = evaluate_tasks(model_logits_fn(outcome.peft_proxy), prep.tokenizer, prep.test_sets, **ev)
-    fused = fuse_outcome(cfg, prep, outcome)
-    llm_after = evaluate_tasks(fused.logits_fn, prep.tokenizer, prep.test_sets, **ev)
-    from fedproxy_secure.lora import save_adapter
-
-    save_adapter(outcome.peft_proxy, out / "global_adapter")
+    prep = prepare(cfg, log, bars=bars_enabled(quiet))
+    ev = Evaluation(prep.tokenizer, prep.test_sets, train_by_task(prep.client_data), batch_size=16,
+                    max_length=cfg.data.max_length, device=cfg.train.device, seed=cfg.seed)
+    n_tasks = len(prep.test_sets)
+    with RunProgress(quiet=quiet) as bars:
+        log("evaluating the LLM and the proxy before federation")
+        with bars.task("evaluate LLM + proxy (before)", 2 * n_tasks) as adv:
+            ev.score("zs_llm", model_logits_fn(prep.llm), adv)
+            ev.score("zs_proxy", model_logits_fn(prep.proxy.model), adv)
+        with bars.task("federation: local training", cfg.rounds * cfg.clients.count) as adv_c, \
+                bars.task("federation: rounds", cfg.rounds) as adv_r:
+            outcome = federate(cfg, prep, out, log, progress=adv_c, round_done=adv_r)
+        proxy_dir, adapter_dir = out / "proxy", out / "global_adapter"
+        save_proxy(prep.proxy, prep.tokenizer, proxy_dir, base_model_hash=prep.llm_hash)
+        save_adapter_on_proxy(outcome.peft_proxy, adapter_dir, proxy_dir)
+        with tempfile.TemporaryDirectory(prefix="fedproxy-sim-") as work, bars.task("fusion", 1) as adv:
+            llm_dir = _llm_folder(cfg, prep, Path(work))
+            fused, fused_meta, ks_path = write_and_load_fused(
+                llm_dir, proxy_dir, adapter_dir, out / "fused", method=cfg.fusion.method, beta=cfg.fusion.logit_beta,
+                scale=cfg.fusion.scale, source_round=cfg.rounds, aggregator=cfg.aggregator.name)
+            adv(1)
+        with bars.task("evaluate proxy + fused LLM (after)", 2 * n_tasks) as adv:
+            ev.score("proxy_tuned", model_logits_fn(outcome.peft_proxy), adv)
+            ev.score("fused", fused_logits_fn(fused), adv)
+        ev.add_baselines()
+    ev.write_predictions(out / "predictions.jsonl")
+    summary = ev.summary()
     results = {
         "name": cfg.name,
         "config": dump_config(cfg),
         "compression": {k: v for k, v in prep.proxy.meta.items() if k != "bi_scores"} | {"bi_scores": prep.proxy.meta.get("bi_scores")},
         "client_tasks": prep.client_tasks,
         "client_examples": [len(d) for d in prep.client_data],
-        "llm_before": llm_before.to_dict(),
-        "proxy_before": proxy_before.to_dict(),
-        "proxy_after": proxy_after.to_dict(),
-        "llm_after": llm_after.to_dict(),
-        "fusion": {"method": cfg.fusion.method, "scale": cfg.fusion.scale, **fused.info},
+        "evaluation": summary,
+        "llm_before": _legacy(summary, "zs_llm"),
+        "proxy_before": _legacy(summary, "zs_proxy"),
+        "proxy_after": _legacy(summary, "proxy_tuned"),
+        "llm_after": _legacy(summary, "fused"),
+        "fusion": {"method": cfg.fusion.method, "scale": cfg.fusion.scale, "beta": cfg.fusion.logit_beta,
+                   "folder": "fused", "keyset": ks_path.name, "loaded_with": "fedproxy_secure.fuse.load_fused_model",
+                   "modules_fused": fused_meta.get("modules_fused"), "layer_map": fused_meta.get("layer_map"),
+                   "fusion_mode": fused_meta.get("fusion_mode")},
+        "artifacts": {"proxy": "proxy", "adapter": "global_adapter", "fused": "fused", "predictions": "predictions.jsonl"},
         "secagg_mode": cfg.secagg.mode,
         "aggregator": cfg.aggregator.name,
         "dp": {"enabled": cfg.dp.enabled, "epsilon_budget": cfg.dp.epsilon, "delta": cfg.dp.delta},
@@ -327,7 +392,21 @@ def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print) -> dict:
         "seconds": round(time.time() - t_start, 2),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
+    plot_accuracy(out / "accuracy.png", summary, title=f"{cfg.name}: macro balanced accuracy")
+    plot_rounds(out / "rounds.png", rounds_series(results))
     return results
+
+
+def rounds_series(results: dict) -> dict:
+    """Per-round series for :func:`fedproxy_secure.report.plot_rounds` from a simulate results dict."""
+    eps: dict[str, list] = {}
+    for rec in results["rounds"]:
+        for c in rec["clients"]:
+            if c.get("epsilon") is not None:
+                eps.setdefault(f"site{c['client']}", []).append((rec["round"], c["epsilon"]))
+    return {"loss": {"mean over sites": [(r["round"], r["train_loss"]) for r in results["rounds"]
+                                         if r["train_loss"] is not None]},
+            "epsilon": eps, "epsilon_budget": results["dp"]["epsilon_budget"] if results["dp"]["enabled"] else None}
 
 
 def json_default(o):

@@ -33,6 +33,23 @@ def pick_round(rounds: list, wanted: int | None) -> int:
     return wanted
 
 
+def save_adapter_on_proxy(peft_model, adapter_dir: str | os.PathLike, proxy_dir: str | os.PathLike) -> Path:
+    """Save ``peft_model``'s adapter to ``adapter_dir`` with ``base_model_name_or_path`` = absolute ``proxy_dir``.
+
+    Guarantees: ``peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` loads the proxy folder
+    ``proxy_dir`` (which the caller writes) with this adapter; returns ``adapter_dir``.
+    """
+    from fedproxy_secure.lora import save_adapter
+
+    adapter_dir = Path(adapter_dir)
+    save_adapter(peft_model, adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    acfg = json.loads(cfg_path.read_text())
+    acfg["base_model_name_or_path"] = str(Path(proxy_dir).resolve())
+    cfg_path.write_text(json.dumps(acfg, indent=2))
+    return adapter_dir
+
+
 def export_round(d: str | os.PathLike, out: str | os.PathLike, round_id: int | None = None) -> dict:
     """Write proxy + PEFT adapter of the global state after ``round_id`` (default: the last finished round).
 
@@ -43,7 +60,7 @@ def export_round(d: str | os.PathLike, out: str | os.PathLike, round_id: int | N
     """
     from fedproxy_secure.artifacts import load_keyset, verify_bundle
     from fedproxy_secure.config import LoraConfig
-    from fedproxy_secure.lora import attach_lora, save_adapter, set_lora_vector
+    from fedproxy_secure.lora import attach_lora, set_lora_vector
     from fedproxy_secure.models.loading import load_causal_lm
     from fedproxy_secure.server.rounds import state_from_bytes
     from fedproxy_secure.server.store import SQLiteStore
@@ -74,11 +91,7 @@ def export_round(d: str | os.PathLike, out: str | os.PathLike, round_id: int | N
     lora = LoraConfig.model_validate((settings.train or {}).get("lora") or dep.get("lora") or {})
     pm = attach_lora(model, lora, int(settings.a_seed))
     set_lora_vector(pm, theta)
-    save_adapter(pm, adapter_dir)
-    cfg_path = adapter_dir / "adapter_config.json"
-    acfg = json.loads(cfg_path.read_text())
-    acfg["base_model_name_or_path"] = str(proxy_dir.resolve())
-    cfg_path.write_text(json.dumps(acfg, indent=2))
+    save_adapter_on_proxy(pm, adapter_dir, proxy_dir)
     rec = {"round": rid, "state_sha256": hashlib.sha256(blob).hexdigest(), "lora_dim": int(theta.size),
            "a_seed": int(settings.a_seed), "lora": lora.model_dump(mode="json"), "aggregator": settings.aggregator,
            "bundle_id": vb.bundle_id, "bundle_version": vb.version, "proxy": str(proxy_dir.resolve()),
