@@ -1,0 +1,65 @@
+"""``server serve-model``: serve a signed fused folder to the federation's sites (OpenAI-compatible, mTLS)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fedproxy_secure.cli.app import server_app
+from fedproxy_secure.cli.common import console, exit_codes
+
+
+@server_app.command("serve-model")
+def serve_model_cmd(
+    fused: Path = typer.Option(..., "--fused", help="signed fused folder ('server fuse'); verified before loading"),
+    dir: Path = typer.Option(Path("fedserver"), "--dir", help="the federation's server folder (CA, server TLS "
+                             "certificate, enrolled sites, audit log, pinned keyset)"),
+    keyset: Optional[Path] = typer.Option(None, "--keyset", help="keyset the fused folder verifies against "
+                                          "[default: DIR/keys/keyset.json]"),
+    config: Optional[Path] = typer.Option(None, "--config", help="serve.yaml: rate_per_minute, burst, sites "
+                                          "(per-site overrides), max_tokens_cap, default_max_tokens, max_body, "
+                                          "model_id (see docs/serving.md); options below override it"),
+    host: str = typer.Option("127.0.0.1", help="listen address (must be a name in the server certificate)"),
+    port: int = typer.Option(8445, help="listen port (8443 is 'server start', 8444 its enrolment listener)"),
+    rate_per_minute: Optional[float] = typer.Option(None, "--rate-per-minute", help="requests per minute per site "
+                                                    "[default 60]"),
+    burst: Optional[int] = typer.Option(None, "--burst", help="requests a site may make at once [default 10]"),
+    max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", help="most new tokens per request "
+                                                 "[default 256]"),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="model name the API reports [default "
+                                           "fedproxy-fused-<method>[-r<round>]]"),
+) -> None:
+    """Serve the fused LLM at /v1/models, /v1/completions and /v1/chat/completions (streaming too).
+
+    TLS 1.3 with a client certificate required at the handshake; each request must come from an
+    active enrolled site, spends one token of that site's bucket (429 + Retry-After when empty) and
+    adds one audit entry (site, endpoint, status, token counts, latency; never the text).
+    """
+    from fedproxy_secure.server.serve import load_serve_context, uvicorn_serve_server
+    from fedproxy_secure.server.serve_policy import parse_serve_settings
+
+    with exit_codes():
+        data: dict = {}
+        if config is not None:
+            import yaml
+
+            try:
+                data = yaml.safe_load(config.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                from fedproxy_secure.errors import ConfigError
+
+                raise ConfigError(f"--config {config}: cannot read it ({exc})") from None
+        given = {"rate_per_minute": rate_per_minute, "burst": burst, "max_tokens_cap": max_tokens_cap,
+                 "model_id": model_id}
+        if isinstance(data, dict):
+            data = {**data, **{k: v for k, v in given.items() if v is not None}}
+        settings = parse_serve_settings(data, source=f"--config {config}" if config else "serve-model options")
+        console.print(f"verifying and loading {fused} ...", highlight=False)
+        ctx = load_serve_context(fused, dir, settings, keyset)
+        server = uvicorn_serve_server(ctx, dir, host, port)
+        console.print(f"serving model {ctx.model_id!r} on https://{host}:{port}/v1 (mTLS; {settings.rate_per_minute:g} "
+                      f"req/min, burst {settings.burst} per site; max_tokens <= {settings.max_tokens_cap})",
+                      highlight=False, soft_wrap=True)
+        server.run()
