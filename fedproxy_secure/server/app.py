@@ -13,9 +13,9 @@ Routes (all JSON, all but ``/v1/enroll`` signed by an enrolled client, see ``tra
 - ``PUT  /v1/round/{rid}/{stage}/upload/{i}``      chunk ``i`` (raw bytes, stored durably before the reply)
 - ``POST /v1/round/{rid}/{stage}/upload/commit``   join, check SHA-256, accept like a single body
 - ``GET  /v1/round/{rid}/{stage}``      the server's message to this client for a stage (long poll)
-- ``POST /v1/round/{rid}/report``       what the client spent (ε) and trained on
+- ``POST /v1/round/{rid}/report``       the minimal report: round_id, ε, δ, accountant, status (422 else)
 - ``GET  /v1/bundle/{name}``            a file of the signed proxy bundle (manifest-listed only)
-- ``GET  /v1/status``                   rounds and clients summary
+- ``GET  /v1/status``                   rounds as this site saw them: its own dropouts and ε only
 
 Bodies larger than the limit are refused from ``Content-Length`` before any byte is read, and a
 streamed body is cut off as soon as it passes the limit (an upload chunk's limit is the chunk
@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
 from fedproxy_secure.server.rounds import RoundEngine
-from fedproxy_secure.server.store import Storage
+from fedproxy_secure.server.store import Storage, check_client_report
 from fedproxy_secure.server.uploads import UploadLimits, parse_declaration
 from fedproxy_secure.transport.signing import RequestVerifier, VerifiedRequest, b64u_decode
 
@@ -262,7 +262,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         v, _, bad = await authed(request)
         if bad:
             return bad
-        return status_summary(ctx.store)
+        return site_status(ctx.store, v.client_id)  # a site sees only its own rows, never other sites
 
     @app.get("/v1/bundle/{name:path}")
     async def bundle(name: str, request: Request):
@@ -311,12 +311,15 @@ def create_app(ctx: ServerContext) -> FastAPI:
             return bad
         if v.round_id != str(rid):
             return reject(409, "wrong round id", request, v.client_id)
+        msg = None
         try:
             msg = parse_json(body)
             if not isinstance(msg, dict) or len(body) > 4096:
                 raise ProtocolAbort("report must be a small JSON object")
+            check_client_report(msg, rid)  # only the minimal report keys; 422 names the refused field
         except ProtocolAbort as exc:
-            return reject(400, str(exc), request, v.client_id)
+            return reject(422 if isinstance(msg, dict) and len(body) <= 4096 else 400, str(exc), request,
+                          v.client_id)
         await run_in_threadpool(ctx.store.put_client_report, rid, v.client_id, msg)
         ctx.audit.append("client_report", {"round": rid, "client": v.client_id, "report": msg})
         return {"ok": True}
@@ -441,6 +444,26 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return res
 
     return app
+
+
+def site_status(store: Storage, client_id: str) -> dict:
+    """What ``GET /v1/status`` shows site ``client_id``: per round id, status, stage, cohort and survivor
+    counts, whether *this* site dropped, and *its own* ε/δ; its own enrolment row. Guarantees: no other
+    site's name, client id, dropout or ε appears (the operator's full view is :func:`status_summary`)."""
+    rounds = []
+    for r in store.rounds():
+        dropped = {c for t in store.transitions(r.round_id) for c in t["data"].get("dropped", [])}
+        own = store.client_reports(r.round_id).get(client_id) or {}
+        rounds.append({"round": r.round_id, "status": r.status, "stage": r.stage,
+                       "cohort": len(r.config.get("cohort", []) or []),
+                       "survivors": len((r.result or {}).get("survivors", [])),
+                       "dropped": client_id in dropped, "epsilon": own.get("epsilon"), "delta": own.get("delta"),
+                       "reason": r.reason, "seconds": round((r.closed_at or time.time()) - r.opened_at, 3)})
+    me = [c for c in store.clients() if c["client_id"] == client_id]
+    for c in me:
+        last = [x["epsilon"] for x in rounds if isinstance(x["epsilon"], (int, float))]
+        c["epsilon"] = last[-1] if last else None
+    return {"rounds": rounds, "client": me[0] if me else None}
 
 
 def status_summary(store: Storage) -> dict:
