@@ -156,3 +156,17 @@ def test_kit_sites_enrol_over_the_listener_and_complete_a_round(tmp_path):
         assert cert.public_key().public_numbers() == key.public_key().public_numbers()
     assert json.loads((tmp_path / "client0.json").read_text())["rounds_done"] == [1]
     assert verify_log(d / "audit.jsonl").ok
+
+
+def test_a_lost_reply_can_be_fetched_again_only_by_the_same_site(fed):
+    """The token is spent when the server signs; if the reply is lost the same identity key and TLS key get the
+    same certificate again, while anyone else holding the token is refused."""
+    d, _port, sites, store, audit = fed
+    key, ident = new_tls_key(), os.urandom(32)
+    first = enrol_csr(d, store, audit, _token(sites[0]), ident, make_csr(key, "site0"))
+    again = enrol_csr(d, store, audit, _token(sites[0]), ident, make_csr(key, "site0"))
+    assert again == first
+    with pytest.raises(SecurityError, match="already used"):  # same identity, another TLS key
+        enrol_csr(d, store, audit, _token(sites[0]), ident, make_csr(new_tls_key(), "site0"))
+    with pytest.raises(SecurityError, match="already used"):  # another identity, same TLS key
+        enrol_csr(d, store, audit, _token(sites[0]), os.urandom(32), make_csr(key, "site0"))

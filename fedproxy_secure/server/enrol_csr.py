@@ -19,6 +19,7 @@ now), spends the token atomically and records the serial. The site's private key
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from pathlib import Path
@@ -72,10 +73,14 @@ def enrol_csr(d: str | os.PathLike, store: Storage, audit: AuditLog, token: str,
     issued with a CSR kit, or a CSR that fails :func:`check_csr`; ConfigError when the CA key is offline.
     The token is spent only when everything checked out and the certificate is signed.
     """
-    from cryptography import x509  # noqa: F401
     from cryptography.hazmat.primitives import serialization
 
-    name = store.token_site(token)
+    try:
+        name = store.token_site(token)
+    except SecurityError as exc:
+        if "already used" not in str(exc):
+            raise
+        return _repeat(d, store, token, pubkey, csr_pem, exc)
     if name in load_revoked(d):
         raise SecurityError(f"site {name!r} is revoked; refused")
     rec = kit_record(d, name)
@@ -87,10 +92,34 @@ def enrol_csr(d: str | os.PathLike, store: Storage, audit: AuditLog, token: str,
     cid, got = store.enroll(token, pubkey)  # atomic: a concurrent second use of the token fails here
     pem = cert.public_bytes(serialization.Encoding.PEM)
     record_issued(d, got, cid, cert.serial_number, cert.not_valid_after_utc.timestamp(), hashlib.sha256(pem).hexdigest())
+    (Path(d) / "pki" / "issued" / f"{got}.pem").write_bytes(pem)  # public: the same site may fetch it again
     audit.append("enrol_csr", {"client": cid, "name": got, "serial": str(cert.serial_number),
                                "not_after": int(cert.not_valid_after_utc.timestamp()),
                                "pubkey_sha256": hashlib.sha256(pubkey).hexdigest()})
     return {"client_id": cid, "name": got, "cert": pem.decode()}
+
+
+def _repeat(d, store: Storage, token: str, pubkey: bytes, csr_pem: bytes, refusal: SecurityError) -> dict:
+    """A repeated enrolment whose reply was lost: the same site (same identity key, proven by the request
+    signature, and same TLS key, proven by the CSR) gets its certificate again; anyone else gets ``refusal``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    name = store.token_site(token, allow_used=True)
+    issued = Path(d) / "pki" / "issued"
+    rec_p, pem_p = issued / f"{name}.json", issued / f"{name}.pem"
+    if name in load_revoked(d) or not rec_p.is_file() or not pem_p.is_file():
+        raise refusal
+    rec = json.loads(rec_p.read_text())
+    key = store.client_key(rec["client_id"])
+    if key is None or not hmac.compare_digest(key, pubkey):
+        raise refusal
+    csr = check_csr(csr_pem, name)
+    pem = pem_p.read_bytes()
+    der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if x509.load_pem_x509_certificate(pem).public_key().public_bytes(*der) != csr.public_key().public_bytes(*der):
+        raise refusal
+    return {"client_id": rec["client_id"], "name": name, "cert": pem.decode()}
 
 
 def create_enrol_app(d: str | os.PathLike, store: Storage, audit: AuditLog, skew_s: int = 120) -> BodyLimit:

@@ -238,14 +238,17 @@ class SQLiteStore:
             c.execute("INSERT INTO enrolments VALUES(?,?,?,?, 'active')", (client_id, row[1], pubkey, now))
         return client_id, row[1]
 
-    def token_site(self, token: str) -> str:
-        """The site name ``token`` is bound to, without spending it; SecurityError if it is unknown, used or
-        expired (same checks and constant-time compare as :meth:`enroll`, which still decides atomically)."""
+    def token_site(self, token: str, allow_used: bool = False) -> str:
+        """The site name ``token`` is bound to, without spending it; SecurityError if it is unknown, used (unless
+        ``allow_used``) or expired (same checks and constant-time compare as :meth:`enroll`, which still decides
+        atomically)."""
         token_id, _, secret = token.partition(".")
         rows = self._q("SELECT secret_hash,name,expires,used_at FROM tokens WHERE token_id=?", (token_id,))
         if not rows or not hmac.compare_digest(rows[0][0], _sha(secret.encode())):
             raise SecurityError("enrolment token is not valid")
         if rows[0][3] is not None:
+            if allow_used:
+                return rows[0][1]
             raise SecurityError("enrolment token was already used")
         if self._clock() > rows[0][2]:
             raise SecurityError("enrolment token has expired; ask the operator for a new one")
