@@ -92,16 +92,7 @@ def svc(tmp_path_factory):
     settings = parse_serve_settings({"rate_per_minute": 600, "burst": 50, "max_tokens_cap": 24,
                                      "sites": {"site-c": {"rate_per_minute": 1, "burst": 2}}})
     ctx = load_serve_context(fused, d, settings)
-    from tests.net_helpers import free_port
-
-    port = free_port()
-    server = uvicorn_serve_server(ctx, d, port=port)
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not server.started:
-        assert th.is_alive() and time.time() - t0 < 30, "serve-model did not start"
-        time.sleep(0.05)
+    server, th, port = _start(ctx, d)
     yield {"d": d, "tmp": tmp, "sites": sites, "ctx": ctx, "port": port, "fused": fused, "ks": ks}
     server.should_exit = True
     th.join(10)
@@ -219,20 +210,59 @@ def test_a_certificate_of_another_ca_is_refused_at_the_handshake(svc, tmp_path):
         _client(svc, str(tmp_path / "mallory")).models.list()
 
 
+def _start(ctx, d: Path):
+    from tests.net_helpers import free_port
+
+    port = free_port()
+    server = uvicorn_serve_server(ctx, d, port=port)
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    t0 = time.time()
+    while not server.started:
+        assert th.is_alive() and time.time() - t0 < 30, "serve-model did not start"
+        time.sleep(0.05)
+    return server, th, port
+
+
 def test_unenrolled_and_revoked_sites_are_refused(svc):
+    from fedproxy_secure.server.revocation import record_issued, revoke_site
+    from fedproxy_secure.transport.pki import load_cert
+
     with pytest.raises(openai.PermissionDeniedError, match="not enrolled"):
         _client(svc, "ghost").models.list()
+    # site-b's certificate recorded as CSR enrolment records it (so revoke-site puts its serial in the CRL)
+    cert = load_cert(svc["sites"]["site-b"] / "client.pem")
+    record_issued(svc["d"], "site-b", "c-b", cert.serial_number, time.time() + 3600, "0" * 64)
     cl = _client(svc, "site-b")
-    assert cl.models.list().data  # enrolled and active: served
-    store = SQLiteStore(server_paths(svc["d"])["db"])
-    try:
-        store.revoke_client("site-b")
-    finally:
-        store.close()
+    assert cl.models.list().data  # enrolled, active, the issued certificate: served
+    assert revoke_site(svc["d"], "site-b")["crl"] is not None
+    # the running server refuses it at once (per request), on the connection it already holds
     with pytest.raises(openai.PermissionDeniedError, match="revoked"):
         cl.completions.create(model=svc["ctx"].model_id, prompt=PROMPT, max_tokens=2)
     last = _serve_entries(svc)[-1]
     assert last["site"] == "site-b" and last["status"] == 403 and last["completion_tokens"] == 0
+    # a server started after the revocation loads the CA-signed CRL: refused at the handshake
+    server, th, port = _start(svc["ctx"], svc["d"])
+    try:
+        url = f"https://127.0.0.1:{port}/v1/models"
+        with pytest.raises(httpx.TransportError):
+            _http(svc, "site-b").get(url)
+        assert _http(svc, "site-a").get(url).status_code == 200
+    finally:
+        server.should_exit = True
+        th.join(10)
+
+
+def test_only_the_certificate_issued_at_enrolment_is_accepted_for_a_site(svc, tmp_path):
+    from fedproxy_secure.server.revocation import record_issued
+
+    d = svc["d"]
+    svc["sites"]["site-d"] = _site(d, svc["tmp"], "site-d", enrol=True)
+    assert _client(svc, "site-d").models.list().data
+    # the site's CSR enrolment recorded another serial: this certificate (a second one for the name) is refused
+    record_issued(d, "site-d", "c-x", 12345, time.time() + 3600, "0" * 64)
+    with pytest.raises(openai.PermissionDeniedError, match="not the one issued"):
+        _client(svc, "site-d").models.list()
 
 
 # --------------------------------------------------------------------------- audit

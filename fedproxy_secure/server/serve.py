@@ -232,6 +232,29 @@ def peer_site(scope: dict) -> tuple[str, int]:
         raise HTTPError(403, f"client certificate refused: {exc}", kind="permission_error") from None
 
 
+def revocation_check(server_dir: str | os.PathLike) -> Callable[[str, int], Optional[str]]:
+    """``check(site, serial) -> reason | None`` over the server folder's revocation records (re-read each call).
+
+    Refuses a certificate whose serial ``server revoke-site`` listed in ``pki/revoked.json``, any
+    certificate of a revoked site, and, when ``pki/issued/SITE.json`` records the certificate
+    signed at the site's CSR enrolment, any other certificate carrying that site's name.
+    """
+    from fedproxy_secure.server.revocation import load_revoked, revocation_paths
+
+    issued_dir = revocation_paths(server_dir)["issued"]
+
+    def check(site: str, serial: int) -> Optional[str]:
+        revoked = load_revoked(server_dir)
+        if site in revoked or any(str(serial) in v.get("serials", []) for v in revoked.values()):
+            return f"site {site!r} (certificate serial {serial}) was revoked by the operator"
+        rec = issued_dir / f"{site}.json"
+        if rec.is_file() and str(json.loads(rec.read_text()).get("serial")) != str(serial):
+            return f"certificate serial {serial} is not the one issued to site {site!r} at enrolment"
+        return None
+
+    return check
+
+
 # --------------------------------------------------------------------------- the service
 @dataclass
 class ServeContext:
@@ -483,21 +506,29 @@ def load_serve_context(fused: str | os.PathLike, server_dir: str | os.PathLike, 
     if meta.get("source_round") is not None:
         model_id = settings.model_id or f"{model_id}-r{meta['source_round']}"
     return ServeContext(model=model, tokenizer=model.tokenizer, model_id=model_id, settings=settings,
-                        db=p["db"], audit=AuditSink(p["audit"]))
+                        db=p["db"], audit=AuditSink(p["audit"]), access=revocation_check(server_dir))
 
 
 def uvicorn_serve_server(ctx: ServeContext, server_dir: str | os.PathLike, host: str = "127.0.0.1",
                          port: int = 8444, log_level: str = "warning"):
-    """A ``uvicorn.Server`` (not yet running) serving ``ctx`` with the federation's mTLS context."""
+    """A ``uvicorn.Server`` (not yet running) serving ``ctx`` with the federation's mTLS context.
+
+    The handshake demands a client certificate of the federation CA and, when ``pki/crl.pem`` exists
+    (``server revoke-site``), refuses the certificates it lists; revocations made after start are
+    refused per request (:func:`revocation_check` and the store's enrolment status).
+    """
     import uvicorn
 
     from fedproxy_secure.server.app import BodyLimit
+    from fedproxy_secure.server.revocation import revocation_paths
     from fedproxy_secure.transport.tls import uvicorn_ssl_kwargs
 
     p = server_paths(server_dir)
+    crl = revocation_paths(server_dir)["crl"]
     app = BodyLimit(create_serve_app(ctx), ctx.settings.max_body)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, http=_peer_protocol(),
-                            timeout_keep_alive=30, **uvicorn_ssl_kwargs(p["cert"], p["key"], p["ca"]))
+                            timeout_keep_alive=30,
+                            **uvicorn_ssl_kwargs(p["cert"], p["key"], p["ca"], crl if crl.is_file() else None))
     ctx.audit.append("serve_start", {"model": ctx.model_id, "host": host, "port": port,
                                      "method": (getattr(ctx.model, "fused_meta", {}) or {}).get("method"),
                                      "limits": ctx.settings.model_dump(mode="json", exclude={"model_id"})})
