@@ -170,3 +170,20 @@ def test_a_lost_reply_can_be_fetched_again_only_by_the_same_site(fed):
         enrol_csr(d, store, audit, _token(sites[0]), ident, make_csr(new_tls_key(), "site0"))
     with pytest.raises(SecurityError, match="already used"):  # another identity, same TLS key
         enrol_csr(d, store, audit, _token(sites[0]), os.urandom(32), make_csr(key, "site0"))
+
+
+def test_the_site_installs_only_a_certificate_from_its_ca_for_its_key_and_name(fed):
+    from fedproxy_secure.transport.pki import check_issued, create_ca
+
+    d, _port, sites, store, audit = fed
+    key = new_tls_key()
+    pem = enrol_csr(d, store, audit, _token(sites[0]), os.urandom(32), make_csr(key, "site0"))["cert"].encode()
+    ca_pem = server_paths(d)["ca"].read_bytes()
+    assert check_issued(pem, ca_pem, key, "site0").subject.rfc4514_string() == "CN=site0"
+    with pytest.raises(SecurityError, match="not for this site's key"):
+        check_issued(pem, ca_pem, new_tls_key(), "site0")
+    with pytest.raises(SecurityError, match="names"):
+        check_issued(pem, ca_pem, key, "site1")
+    other = create_ca(d.parent / "other-ca")
+    with pytest.raises(SecurityError, match="does not verify against the kit's CA"):
+        check_issued(pem, other.cert.read_bytes(), key, "site0")

@@ -222,14 +222,11 @@ def sign_csr(ca: CertPair, csr: x509.CertificateSigningRequest, name: str,
 def check_issued(cert_pem: bytes, ca_pem: bytes, key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
     """The certificate the server returned, if it is ours: signed by the kit's CA, over our key, for ``name``,
     client-auth, currently valid. SecurityError otherwise (a site never installs anything else)."""
-    from cryptography.hazmat.primitives.asymmetric import ec as _ec
-
     from fedproxy_secure.errors import SecurityError
 
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-        ca = x509.load_pem_x509_certificate(ca_pem)
-        ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, _ec.ECDSA(cert.signature_hash_algorithm))
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))  # issuer name and signature
     except Exception as exc:  # noqa: BLE001 (any parse or signature failure is a refusal)
         raise SecurityError(f"the server's certificate does not verify against the kit's CA ({exc!r})") from None
     if cert.public_key().public_numbers() != key.public_key().public_numbers():
