@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from fedproxy_secure.cli.app import audit_app
 from fedproxy_secure.cli.common import console
+
+if TYPE_CHECKING:
+    from fedproxy_secure.audit.controls import Finding
 
 _COLOURS = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "N/A": "dim"}
 
@@ -90,7 +94,7 @@ def check_cmd(
     raise typer.Exit(rep.exit_code)
 
 
-def head_finding(head: Path, server_state: Path | None, audit_log: Path | None) -> "Finding":
+def head_finding(head: Path, server_state: Path | None, audit_log: Path | None) -> Finding:
     """Control ``audit.head``: PASS iff the head's operator signature verifies and the audit log
     (``audit_log``, else ``server_state/audit.jsonl``) matches it (MACs checked when the secret is
     beside the log); FAIL naming the reason otherwise. ConfigError when there is no log to check."""
