@@ -222,3 +222,33 @@ def test_check_graph_refuses_malformed_graphs(bad, why):
 def test_conflicting_graph_options_are_refused():
     with pytest.raises(ConfigError, match="complete_graph"):
         MaskingConfig(3, P, neighbours=6, complete_graph=True)
+
+
+# ----------------------------------------------------------------------------- fast paths agree
+def test_neighbours_of_matches_the_whole_graph():
+    for n in (5, SPARSE_CUTOFF + 1, 150):
+        cfg = MaskingConfig(_t(n), P)
+        g = cfg.graph(b"z" * 32, range(1, n + 1))
+        assert all(cfg.neighbours_of(b"z" * 32, range(1, n + 1), u) == g[u] for u in g)
+
+
+@pytest.mark.parametrize("length, block", [(1, 4), (1000, 64), (1003, 64), (5000, 1 << 15)])
+def test_streamed_masks_equal_the_reference_expander(length, block):
+    from fedproxy_secure.secagg.masking import add_masks_streamed
+    from fedproxy_secure.secagg.prg import MaskExpander
+
+    rng = np.random.default_rng(length)
+    start = rng.integers(0, 2**63, length, dtype=np.uint64)
+    keys = [(os.urandom(32), +1), (os.urandom(32), -1), (os.urandom(32), +1)]
+    ref = start.copy()
+    prg = MaskExpander(length)
+    for k, sign in keys:
+        prg.add_into(ref, k, sign)
+    got = np.zeros(length, dtype=np.uint64)
+
+    def fill(sl: slice) -> None:
+        got[sl] = start[sl]
+
+    add_masks_streamed(got, keys, fill, block=block)
+    np.testing.assert_array_equal(got, ref)
+    assert not np.array_equal(got, start)

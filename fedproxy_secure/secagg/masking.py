@@ -32,6 +32,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
@@ -116,12 +117,26 @@ class MaskingConfig:
         if half is None or 2 * half >= n - 1:
             everyone = frozenset(ids)
             return {u: everyone - {u} for u in ids}
-        key = hkdf(b"graph", session_id, INFO_GRAPH)
-        order = sorted(ids, key=lambda i: hmac.new(key, i.to_bytes(8, "big"), hashlib.sha256).digest())
+        order = _graph_order(session_id, ids)
         pos = {u: p for p, u in enumerate(order)}
         return {
             u: frozenset(order[(pos[u] + d) % n] for d in range(-half, half + 1) if d != 0) for u in ids
         }
+
+    def neighbours_of(self, session_id: bytes, ids: Iterable[int], u: int) -> frozenset[int]:
+        """``graph(session_id, ids)[u]`` without building the other clients' neighbourhoods.
+
+        O(n log n) for the keyed order and O(k) for the slice, instead of O(n k) for the whole graph.
+        """
+        ids = sorted(ids)
+        n = len(ids)
+        k = self.degree(n)
+        half = None if k is None else (k + 1) // 2
+        if half is None or 2 * half >= n - 1:
+            return frozenset(ids) - {u}
+        order = _graph_order(session_id, ids)
+        p = order.index(u)
+        return frozenset(order[(p + d) % n] for d in range(-half, half + 1) if d != 0)
 
     def share_threshold(self, n_holders: int, complete: bool) -> int:
         """Shamir threshold of one client's secrets given its number of holders (itself included)."""
@@ -151,6 +166,56 @@ def check_graph(graph: Mapping[int, frozenset[int]]) -> None:
         for v in nb:
             if u not in graph[v]:
                 raise ProtocolAbort(f"secagg graph: edge {u}-{v} is not symmetric")
+
+
+def _graph_order(session_id: bytes, ids: list[int]) -> list[int]:
+    """The ids sorted by keyed BLAKE2b (a PRF) under a session-derived key: the SecAgg+ ring order.
+
+    Every party derives the same order from the session id and U1; without the session id the
+    order is unpredictable. Keyed BLAKE2b rather than HMAC: one C call per id (n per client).
+    """
+    key = hkdf(b"graph", session_id, INFO_GRAPH)
+    return sorted(ids, key=lambda i: hashlib.blake2b(i.to_bytes(8, "big"), key=key, digest_size=16).digest())
+
+
+#: values per block when masks are streamed (256 KiB of uint64: keystream and sum stay in cache)
+MASK_BLOCK = 1 << 15
+_ZERO_NONCE = bytes(16)  # the nonce of prg.MaskExpander: each key makes exactly one stream
+
+
+def add_masks_streamed(
+    acc: np.ndarray,
+    keys: list[tuple[bytes, int]],
+    fill: Callable[[slice], None] | None = None,
+    block: int = MASK_BLOCK,
+) -> float:
+    """``acc += sum(sign * PRG(key))`` modulo 2^64, block by block; returns the seconds ``fill`` took.
+
+    Guarantees: the result equals calling ``prg.MaskExpander.add_into(acc, key, sign)`` for every
+    ``(key, sign)`` (same ChaCha20 keystream, zero nonce), but each keystream block is added while it
+    is still in cache. ``fill(slice)``, if given, writes ``acc[slice]`` first (e.g. the encoded
+    input), so encoding and masking also run in one pass.
+    """
+    n = acc.shape[0]
+    encs = [(Cipher(algorithms.ChaCha20(k, _ZERO_NONCE), mode=None).encryptor(), sign) for k, sign in keys]
+    zeros = memoryview(bytes(8 * block))
+    buf = bytearray(8 * block + 64)
+    fill_s = 0.0
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        seg = acc[start:start + m]
+        if fill is not None:
+            t0 = time.perf_counter()
+            fill(slice(start, start + m))
+            fill_s += time.perf_counter() - t0
+        for enc, sign in encs:
+            enc.update_into(zeros[:8 * m], buf)
+            v = np.frombuffer(buf, dtype=np.uint64, count=m)
+            if sign > 0:
+                np.add(seg, v, out=seg)
+            else:
+                np.subtract(seg, v, out=seg)
+    return fill_s
 
 
 def _mask_sign(me: int, peer: int) -> int:
@@ -241,6 +306,7 @@ class ClientProtocol:
         self._neighbours: frozenset[int] = frozenset()
         self._holders_t = 0
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (b-share, sk-share) I hold
+        self._aead_keys: dict[int, bytes] = {}  # neighbour -> share-transport key of the pair
         self._u2: frozenset[int] = frozenset()
         self._u3: tuple[int, ...] = ()
 
@@ -250,6 +316,7 @@ class ClientProtocol:
         self._enc_sk = self._mask_sk = None  # type: ignore[assignment]
         self._seed = b""
         self._held.clear()
+        self._aead_keys.clear()
         return ProtocolAbort(f"client {self.id}: {why}")
 
     def _expect(self, state: ClientState, msg: object, cls: type) -> None:
@@ -267,13 +334,14 @@ class ClientProtocol:
 
     def _check_ids(self, ids: Iterable[int], what: str, universe: Iterable[int] | None = None) -> tuple[int, ...]:
         ids = tuple(ids)
-        for i in ids:
-            if not isinstance(i, int) or isinstance(i, bool) or not 0 < i <= M.MAX_ID:
-                raise self._abort(f"{what}: invalid client id {i!r}")
-        if len(set(ids)) != len(ids):
+        bad = [i for i in ids if type(i) is not int or not 0 < i <= M.MAX_ID]  # bool is not int here
+        if bad:
+            raise self._abort(f"{what}: invalid client id {bad[0]!r}")
+        as_set = set(ids)
+        if len(as_set) != len(ids):
             raise self._abort(f"{what}: duplicated client id")
         if universe is not None:
-            unknown = set(ids) - set(universe)
+            unknown = as_set.difference(universe)
             if unknown:
                 raise self._abort(f"{what}: unknown client ids {sorted(unknown)}")
         return ids
@@ -315,21 +383,24 @@ class ClientProtocol:
         peers = {k.client_id: k for k in msg.keys}
         if peers.get(self.id) != self._own_keys:
             raise self._abort("key broadcast omits or alters this client's own keys")
-        seen_keys: set[bytes] = set()
-        for k in msg.keys:
-            if len(k.enc_pk) != KEY_BYTES or len(k.mask_pk) != KEY_BYTES:
-                raise self._abort(f"client {k.client_id}: public keys must be {KEY_BYTES} bytes")
-            if k.enc_pk in seen_keys or k.mask_pk in seen_keys or k.enc_pk == k.mask_pk:
-                raise self._abort(f"client {k.client_id}: public key reused")
-            seen_keys |= {k.enc_pk, k.mask_pk}
-            if self._peer_ids is not None:
+        wrong = [k.client_id for k in msg.keys if len(k.enc_pk) != KEY_BYTES or len(k.mask_pk) != KEY_BYTES]
+        if wrong:
+            raise self._abort(f"client {wrong[0]}: public keys must be {KEY_BYTES} bytes")
+        all_keys = [pk for k in msg.keys for pk in (k.enc_pk, k.mask_pk)]
+        if len(set(all_keys)) != len(all_keys):
+            seen_keys: set[bytes] = set()
+            for k in msg.keys:
+                if k.enc_pk in seen_keys or k.mask_pk in seen_keys or k.enc_pk == k.mask_pk:
+                    raise self._abort(f"client {k.client_id}: public key reused")
+                seen_keys |= {k.enc_pk, k.mask_pk}
+        if self._peer_ids is not None:
+            for k in msg.keys:
                 self._verify_advertise(k)
         if len(ids) < self.config.threshold:
             raise self._abort(f"only {len(ids)} clients in U1, threshold is {self.config.threshold}")
         self.config.encoder.check_cohort(len(ids))
-        graph = self.config.graph(self.session_id, ids)
         self._peers = peers
-        self._neighbours = graph[self.id]
+        self._neighbours = self.config.neighbours_of(self.session_id, ids, self.id)
         complete = len(self._neighbours) == len(ids) - 1
         holders = sorted(self._neighbours | {self.id})
         self._holders_t = self.config.share_threshold(len(holders), complete)
@@ -340,7 +411,7 @@ class ClientProtocol:
         self._held[self.id] = (b_shares[self.id], sk_shares[self.id])
         cts = []
         for v in sorted(self._neighbours):
-            key = _aead_key(self._enc_sk, peers[v].enc_pk, self.session_id, self.id, v)
+            key = self._aead_keys[v] = _aead_key(self._enc_sk, peers[v].enc_pk, self.session_id, self.id, v)
             nonce = os.urandom(12)
             head = self.id.to_bytes(8, "big") + v.to_bytes(8, "big")
             ct = ChaCha20Poly1305(key).encrypt(nonce, head + b_shares[v] + sk_shares[v], self.session_id + head)
@@ -369,7 +440,7 @@ class ClientProtocol:
             raise self._abort(f"only {len(senders)} peers sent shares, too few for the threshold")
         for c in msg.ciphertexts:
             u = c.peer_id
-            key = _aead_key(self._enc_sk, self._peers[u].enc_pk, self.session_id, u, self.id)
+            key = self._aead_keys[u]  # the pair's key, derived when this client encrypted to u
             head = u.to_bytes(8, "big") + self.id.to_bytes(8, "big")
             if len(c.data) < 12 + 16:
                 raise self._abort(f"ciphertext from {u} is truncated")
@@ -381,16 +452,21 @@ class ClientProtocol:
                 raise self._abort(f"ciphertext from {u} has the wrong layout")
             self._held[u] = (pt[16:16 + SHARE_BYTES], pt[16 + SHARE_BYTES:])
         self._u2 = frozenset(senders) | {self.id}
+        self._aead_keys.clear()
         t1 = time.perf_counter()
-        y = self.config.encoder.encode(self._x)
-        t2 = time.perf_counter()
-        prg = MaskExpander(self.config.vector_length)
-        prg.add_into(y, self_mask_key(self._seed, self.session_id, self.id), +1)
+        keys = [(self_mask_key(self._seed, self.session_id, self.id), +1)]
         for v in sorted(senders):
             shared = self._mask_sk.exchange(X25519PublicKey.from_public_bytes(self._peers[v].mask_pk))
-            prg.add_into(y, pairwise_key(shared, self.session_id, self.id, v), _mask_sign(self.id, v))
+            keys.append((pairwise_key(shared, self.session_id, self.id, v), _mask_sign(self.id, v)))
+        y = np.empty(self.config.vector_length, dtype=np.uint64)
+        x, encode = self._x, self.config.encoder.encode
+
+        def fill(sl: slice) -> None:
+            y[sl] = encode(x[sl])
+
+        encode_s = add_masks_streamed(y, keys, fill)
         t3 = time.perf_counter()
-        self.timings.update(decrypt=t1 - t0, encode=t2 - t1, mask=t3 - t2)
+        self.timings.update(decrypt=t1 - t0, encode=encode_s, mask=t3 - t1 - encode_s)
         self.state = ClientState.CONSISTENCY
         return M.MaskedInput(self.session_id, self.id, y)
 
