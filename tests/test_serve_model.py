@@ -367,3 +367,24 @@ def test_chat_prompt_uses_the_template_when_the_tokenizer_has_one():
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}" \
                         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     assert chat_prompt(tok, msgs) == "<|user|>hi<|assistant|>"
+
+
+def test_verify_fused_command_checks_and_copies_the_verified_bytes(svc, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedproxy_secure.cli.app import app
+    from fedproxy_secure.cli.main import _load_commands
+
+    _load_commands()
+    ks = server_paths(svc["d"])["keyset"]
+    r = CliRunner().invoke(app, ["server", "verify-fused", "--fused", str(svc["fused"]), "--keyset", str(ks),
+                                 "--copy-to", str(tmp_path / "copy")])
+    assert r.exit_code == 0, r.output
+    assert "method logit" in r.output
+    assert (tmp_path / "copy" / "llm" / "model.safetensors").read_bytes() == \
+        (svc["fused"] / "llm" / "model.safetensors").read_bytes()
+    bad = tmp_path / "bad"
+    shutil.copytree(svc["fused"], bad)
+    (bad / "fused.json").write_text((bad / "fused.json").read_text().replace("0.8", "5.0"))
+    r = CliRunner().invoke(app, ["server", "verify-fused", "--fused", str(bad), "--keyset", str(ks)])
+    assert r.exit_code == 1 and "invalid" in r.output

@@ -63,3 +63,31 @@ def serve_model_cmd(
                       f"req/min, burst {settings.burst} per site; max_tokens <= {settings.max_tokens_cap})",
                       highlight=False, soft_wrap=True)
         server.run()
+
+
+@server_app.command("verify-fused")
+def verify_fused_cmd(
+    fused: Path = typer.Option(..., "--fused", help="signed fused folder ('server fuse')"),
+    keyset: Path = typer.Option(..., "--keyset", help="the keyset it must verify against (e.g. DIR/keys/keyset.json)"),
+    copy_to: Optional[Path] = typer.Option(None, "--copy-to", help="new empty folder: write the verified bytes there "
+                                           "(serve THIS copy with any stack, so nothing changes between check and load)"),
+) -> None:
+    """Verify a fused folder's signature and every file hash without loading it; exit 1 if invalid, 2 on usage.
+
+    For a dense folder (--method weight|delta|distil-lora) the --copy-to folder is a plain Hugging Face
+    model folder that vLLM, TGI or transformers can serve.
+    """
+    from fedproxy_secure.artifacts import load_keyset
+    from fedproxy_secure.errors import ConfigError
+    from fedproxy_secure.fuse.signed import verify_fused_folder
+
+    with exit_codes():
+        if copy_to is not None:
+            if copy_to.exists() and any(copy_to.iterdir()):
+                raise ConfigError(f"--copy-to {copy_to}: not empty; give a new folder")
+            copy_to.mkdir(parents=True, exist_ok=True)
+        vf = verify_fused_folder(fused, load_keyset(keyset), copy_to=copy_to)
+    where = f"; verified copy in {copy_to}" if copy_to is not None else ""
+    console.print(f"[green]ok[/] fused folder {fused}: method {vf.manifest.method}, {len(vf.manifest.files)} files, "
+                  f"signed by {vf.signer.key_id[:16]}... at {vf.manifest.issued_at:%Y-%m-%d %H:%M} UTC{where}",
+                  highlight=False, soft_wrap=True)
