@@ -111,9 +111,10 @@ def stop(p: subprocess.Popen) -> None:
             p.wait()
 
 
-def run_short_demo(example: str, tmp_path: Path, timeout: float) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run ``demo --config examples/<example>`` shortened for the suite (2 rounds, 10 test examples per
-    task, the offline bigbench-mini data, no proxy evaluation); returns the process and the output folder."""
+def short_demo_config(example: str, tmp_path: Path, **eval_overrides) -> Path:
+    """Write ``examples/<example>`` shortened for the suite (2 rounds, 10 test examples per task, the
+    offline bigbench-mini data, no proxy evaluation, no non-DP baseline unless ``eval_overrides`` say
+    so) to ``tmp_path/demo.yaml``; return its path."""
     import yaml
 
     cfg = yaml.safe_load((ROOT / "examples" / example).read_text())
@@ -121,8 +122,21 @@ def run_short_demo(example: str, tmp_path: Path, timeout: float) -> tuple[subpro
     cfg["data"]["limit_test"] = 10
     cfg["data"]["dir"] = str(ROOT / "examples" / "data" / "bigbench-mini")
     cfg["eval"]["proxy"] = False
+    cfg["eval"]["no_dp_baseline"] = False
+    cfg["eval"].update(eval_overrides)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "demo.yaml"
+
+
+def demo_cmd(config: Path, out: Path) -> list[str]:
+    """The ``demo --config F --out DIR`` command line."""
+    return [sys.executable, "-m", "fedproxy_secure.cli.main", "demo", "--config", str(config), "--out", str(out)]
+
+
+def run_short_demo(example: str, tmp_path: Path, timeout: float, **eval_overrides) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run ``demo --config examples/<example>`` shortened by :func:`short_demo_config`; returns the
+    process and the output folder."""
+    cfg = short_demo_config(example, tmp_path, **eval_overrides)
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "fedproxy_secure.cli.main", "demo", "--config", str(tmp_path / "demo.yaml"),
-                        "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(demo_cmd(cfg, out), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     return r, out

