@@ -108,6 +108,7 @@ def test_signing_needs_the_ca_key_and_says_so(fed):
     assert store.clients() == []  # the token is not spent
 
 
+@pytest.mark.slow  # ~25 s: a server and three client processes run a round
 def test_kit_sites_enrol_over_the_listener_and_complete_a_round(tmp_path):
     import subprocess
 
