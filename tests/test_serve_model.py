@@ -93,9 +93,13 @@ def svc(tmp_path_factory):
                                      "sites": {"site-c": {"rate_per_minute": 1, "burst": 2}}})
     ctx = load_serve_context(fused, d, settings)
     server, th, port = _start(ctx, d)
-    yield {"d": d, "tmp": tmp, "sites": sites, "ctx": ctx, "port": port, "fused": fused, "ks": ks}
+    yield {"d": d, "tmp": tmp, "sites": sites, "ctx": ctx, "port": port, "fused": fused, "ks": ks, "key": key}
     server.should_exit = True
     th.join(10)
+
+
+def _key(svc):
+    return svc["key"]
 
 
 def _http(svc, site: str | None = None, ca: Path | None = None) -> httpx.Client:
@@ -388,3 +392,14 @@ def test_verify_fused_command_checks_and_copies_the_verified_bytes(svc, tmp_path
     (bad / "fused.json").write_text((bad / "fused.json").read_text().replace("0.8", "5.0"))
     r = CliRunner().invoke(app, ["server", "verify-fused", "--fused", str(bad), "--keyset", str(ks)])
     assert r.exit_code == 1 and "invalid" in r.output
+
+
+def test_a_dense_fused_folder_decodes_like_the_reference_greedy(svc):
+    from fedproxy_secure.fuse import load_fused_model, write_dense_folder
+
+    tmp = svc["tmp"]
+    out = tmp / "dense"
+    write_dense_folder(tmp / "llm", tmp / "proxy", tmp / "adapter", out, _key(svc), method="weight")
+    model = load_fused_model(out, svc["ks"])
+    for prompt in (PROMPT, "Hello"):
+        assert generate(model, model.tokenizer, prompt, 9, []).text == generate_text(model, prompt, max_new_tokens=9)
