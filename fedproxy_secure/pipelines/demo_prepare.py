@@ -85,7 +85,9 @@ def compress_llm(spec: DemoSpec, llm_dir: Path, calib: list[str], proxy_dir: Pat
     h = weights_hash(llm_dir)
     log(f"compressing ({spec.compress.strategy}, keep {spec.compress.keep_ratio}) on {len(calib)} server texts "
         f"from {', '.join(spec.data.calib_tasks)}")
-    proxy = compress(llm, tok, calib, spec.compress, progress=False, max_length=spec.eval.max_length)
+    from fedproxy_secure.progress import bars_enabled
+
+    proxy = compress(llm, tok, calib, spec.compress, progress=bars_enabled(), max_length=spec.eval.max_length)
     save_proxy(proxy, tok, proxy_dir, base_model_hash=h)
     return llm, tok, proxy, h
 
