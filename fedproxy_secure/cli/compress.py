@@ -39,6 +39,9 @@ def compress_cmd(
     ot_adapter_blocks: int = typer.Option(2, "--ot-adapter-blocks", help="uniform: first/last n blocks form the adapter"),
     max_length: int = typer.Option(256, "--max-length", help="tokens per calibration text"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    device: str = typer.Option("cpu", "--device", help="where the LLM's weights go: cpu, cuda or auto (accelerate spreads them over GPU, CPU and disk)"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="with --device auto: memory per device, e.g. cpu=8GiB,0=20GiB (the rest goes to --offload-dir)"),
+    offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="with --device auto: folder for weights that fit in no device's --max-memory"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Compress the LLM into a proxy: keep K = L - floor(L*p) blocks, write a HF folder + fedproxy.json."""
@@ -70,7 +73,10 @@ def compress_cmd(
 
         texts = calib_texts_from(calib, limit=calib_limit)  # DataError if empty: before loading the model
         tok = load_llm_tokenizer(llm)  # ModelError naming --llm: before the (large) model is loaded
-        model = load_causal_lm(llm)  # ModelError if not a causal LM folder
+        from fedproxy_secure.models.loading import Placement, parse_max_memory
+
+        place = Placement(device, parse_max_memory(max_memory), offload_dir)  # ConfigError names the option
+        model = load_causal_lm(llm, place=place)  # ModelError if not a causal LM folder
         n_held = min(heldout, len(texts) // 2)
         calib_set, held = texts[: len(texts) - n_held], texts[len(texts) - n_held :]
         t0 = time.perf_counter()

@@ -39,6 +39,9 @@ def server_fuse(
     distil_lr: float = typer.Option(1e-4, "--distil-lr", help="distil-lora: learning rate"),
     distil_rank: int = typer.Option(8, "--distil-rank", min=1, help="distil-lora: LoRA rank on the LLM (alpha = 2*rank)"),
     max_length: int = typer.Option(256, "--max-length", min=8, help="distil-lora: tokens per server text"),
+    device: str = typer.Option("cpu", "--device", help="where the LLM's weights go: cpu, cuda or auto (accelerate spreads them over GPU, CPU and disk)"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="with --device auto: memory per device, e.g. cpu=8GiB,0=20GiB (the rest goes to --offload-dir)"),
+    offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="with --device auto: folder for weights that fit in no device's --max-memory"),
     threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads"),
 ) -> None:
     """Fuse the global LoRA into the LLM and write a folder signed with the operator's key (MANIFEST.json/.sig).
@@ -50,7 +53,6 @@ def server_fuse(
 
     from fedproxy_secure.artifacts import load_private_key, read_passphrase
     from fedproxy_secure.errors import ConfigError
-    from fedproxy_secure.fuse.package import write_dense_folder, write_logit_folder
 
     if method not in _METHODS:
         raise ConfigError(f"--method: {method!r} is not one of {', '.join(_METHODS)}")
@@ -60,8 +62,20 @@ def server_fuse(
     if method == "distil-lora" and server_text is None:
         raise ConfigError("--server-text: --method distil-lora distils on the server's own text; pass e.g. the "
                           "calibration corpus given to `server compress --calib`")
+    from fedproxy_secure.models.loading import Placement, parse_max_memory, placement
+
+    place = Placement(device, parse_max_memory(max_memory), offload_dir)  # ConfigError names the option
     sk = load_private_key(key, read_passphrase(passphrase_file))
     torch.set_num_threads(threads)
+    with placement(place):
+        _fuse_with(method, llm, proxy, lora, out, sk, server_text, server_text_limit, beta, distil_steps, distil_lr,
+                   distil_rank, max_length, scale, source_round, aggregator)
+
+
+def _fuse_with(method, llm, proxy, lora, out, sk, server_text, server_text_limit, beta, distil_steps, distil_lr,
+               distil_rank, max_length, scale, source_round, aggregator) -> None:
+    from fedproxy_secure.fuse.package import write_dense_folder, write_logit_folder
+
     if method == "distil-lora":
         from fedproxy_secure.compress.calib import calib_texts_from
         from fedproxy_secure.fuse.package import write_distil_lora_folder
