@@ -181,6 +181,13 @@ def test_max_tokens_over_the_cap_and_unknown_model_are_refused(svc):
         cl.completions.create(model=svc["ctx"].model_id, prompt=PROMPT, max_tokens=25)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         cl.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        cl.completions.create(model=svc["ctx"].model_id, prompt=PROMPT, max_tokens=2, stop=list("abcde"))
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        cl.chat.completions.create(model=svc["ctx"].model_id, messages=[], max_tokens=2)
+    raw = _http(svc, "site-a").post(f"https://127.0.0.1:{svc['port']}/v1/completions", content=b'{"model": 1,,}',
+                                    headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_rate_limit_per_site_gives_429_with_retry_after_and_spares_other_sites(svc):
