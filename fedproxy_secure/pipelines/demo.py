@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -149,10 +149,25 @@ class ServerSupervisor:
             self.proc.wait()
 
 
+def _done_rounds(server_dir: Path) -> int:
+    """How many rounds the server's store marks done (read-only; 0 when unreadable)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{server_dir / 'state.db'}?mode=ro", uri=True, timeout=2)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM rounds WHERE status = 'done'").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
 def _federate(server_dir: Path, bundle: Path, client_yamls: list[Path], logs: Path, port: int, timeout_s: float,
-              log, *, tag: str = "", max_restarts: int = 1) -> tuple[list[dict], list[dict]]:
+              log, *, tag: str = "", max_restarts: int = 1, rounds: int = 0, bars=None) -> tuple[list[dict], list[dict]]:
     """Run the supervised server process and one process per client until every client exits (or
-    timeout). Returns ``(client summaries, server crashes)``."""
+    timeout), logging each finished round (and advancing a rounds bar when ``bars`` is a RunProgress).
+    Returns ``(client summaries, server crashes)``."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -171,12 +186,20 @@ def _federate(server_dir: Path, bundle: Path, client_yamls: list[Path], logs: Pa
                  "--out", str(logs / f"client{i}{tag}.json"), "--max-wait", str(timeout_s)],
                 env=env, stdout=open(logs / f"client{i}{tag}.log", "wb"), stderr=subprocess.STDOUT))
         deadline = time.time() + timeout_s
-        while any(c.poll() is None for c in clients):
-            if time.time() > deadline:
-                log(f"client processes still running at the {timeout_s:.0f} s limit; stopping them")
-                break
-            sup.check()
-            time.sleep(0.5)
+        seen, t_round = 0, time.time()
+        with (bars.task(f"federation{tag}: rounds", rounds or None) if bars is not None else nullcontext(None)) as adv:
+            while any(c.poll() is None for c in clients):
+                if time.time() > deadline:
+                    log(f"client processes still running at the {timeout_s:.0f} s limit; stopping them")
+                    break
+                sup.check()
+                done = _done_rounds(server_dir)
+                if done > seen:
+                    log(f"federation{tag}: round {done}/{rounds} done ({time.time() - t_round:.1f} s)")
+                    if adv is not None:
+                        adv(done - seen)
+                    seen, t_round = done, time.time()
+                time.sleep(0.5)
     finally:
         for c in clients:
             if c.poll() is None:
@@ -227,7 +250,8 @@ class _Fed:
         return sum(r.status == "done" for r in self.rounds)
 
 
-def _run_federation(spec: DemoSpec, tag: str, out: Path, logs: Path, proxy_model, proxy_dir: Path, data, log) -> _Fed:
+def _run_federation(spec: DemoSpec, tag: str, out: Path, logs: Path, proxy_model, proxy_dir: Path, data, log,
+                    bars=None) -> _Fed:
     """Init a server (``server{tag}``), its keyset, signed bundle and site kits (``clients{tag}``), run the
     supervised federation and read its store back."""
     from fedproxy_secure.lora import set_lora_vector
@@ -251,7 +275,7 @@ def _run_federation(spec: DemoSpec, tag: str, out: Path, logs: Path, proxy_model
     log(f"federation{tag}: {spec.clients.count} sites, {settings.rounds} rounds, LoRA vector of {dim} values, "
         f"mode {settings.mode}, clip {settings.clip_norm}, {dp}")
     client_summaries, crashes = _federate(server_dir, bundle, yamls, logs, port, spec.timeout_s, log, tag=tag,
-                                          max_restarts=spec.eval.server_restarts)
+                                          max_restarts=spec.eval.server_restarts, rounds=settings.rounds, bars=bars)
     store = SQLiteStore(server_dir / "state.db")
     try:
         summary = status_summary(store)
@@ -345,12 +369,12 @@ def run_demo(out: str | os.PathLike, spec: DemoSpec, log=print, config_path: Pat
             if spec.eval.proxy:
                 ev.score("zs_proxy", model_logits_fn(proxy.model), adv)
         with st("keys + signed bundle + enrolment + federation (server + client processes)"):
-            fed = _run_federation(spec, "", out, logs, proxy.model, work / "proxy", data, log)
+            fed = _run_federation(spec, "", out, logs, proxy.model, work / "proxy", data, log, bars)
         fed_nodp = None
         if spec.eval.no_dp_baseline:
             nodp = spec.model_copy(update={"dp": DPConfig(enabled=False)})
             with st("federation without DP (baseline)"):
-                fed_nodp = _run_federation(nodp, "_nodp", out, logs, proxy.model, work / "proxy", data, log)
+                fed_nodp = _run_federation(nodp, "_nodp", out, logs, proxy.model, work / "proxy", data, log, bars)
         shutil.copytree(work / "proxy", out / "proxy")  # the adapters' base model (AutoPeftModelForCausalLM)
         fused_meta = {}
         with st("fuse global LoRA into the LLM (server; signed fused folder)"), bars.task("fusion", 2) as adv:
