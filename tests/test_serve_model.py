@@ -222,10 +222,14 @@ def test_a_certificate_of_another_ca_is_refused_at_the_handshake(svc, tmp_path):
 
 
 def _start(ctx, d: Path):
+    return _start_with(ctx, d)
+
+
+def _start_with(ctx, d: Path, **kw):
     from tests.net_helpers import free_port
 
     port = free_port()
-    server = uvicorn_serve_server(ctx, d, port=port)
+    server = uvicorn_serve_server(ctx, d, port=port, **kw)
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     t0 = time.time()
@@ -410,3 +414,31 @@ def test_a_dense_fused_folder_decodes_like_the_reference_greedy(svc):
     model = load_fused_model(out, svc["ks"])
     for prompt in (PROMPT, "Hello"):
         assert generate(model, model.tokenizer, prompt, 9, []).text == generate_text(model, prompt, max_new_tokens=9)
+
+
+def test_client_ask_gets_the_answer_and_exit_after_stops_the_server(svc):
+    from typer.testing import CliRunner
+
+    from fedproxy_secure.cli.app import app
+    from fedproxy_secure.cli.main import _load_commands
+
+    _load_commands()
+    ctx = svc["ctx"]
+    site = svc["sites"]["site-a"]
+    shutil.copy(server_paths(svc["d"])["ca"], site / "ca.pem")  # the kit's CA certificate
+    want = _client(svc).chat.completions.create(model=ctx.model_id, messages=[{"role": "user", "content": "Hello?"}],
+                                                max_tokens=6).choices[0].message.content
+    server, th, port = _start_with(ctx, svc["d"], exit_after=1)
+    try:
+        r = CliRunner().invoke(app, ["client", "ask", "Hello?", "--dir", str(site), "--url",
+                                     f"https://127.0.0.1:{port}", "--max-tokens", "6"])
+        assert r.exit_code == 0, r.output
+        assert want.strip() and want.strip() in r.output and "completion tokens" in r.output
+        th.join(15)
+        assert not th.is_alive()  # --exit-after 1: stopped after the one completion
+    finally:
+        server.should_exit = True
+        ctx.on_completions, ctx.completions_done = None, 0
+    r = CliRunner().invoke(app, ["client", "ask", "Hello?", "--dir", str(svc["sites"]["ghost"]), "--url",
+                                 f"https://127.0.0.1:{svc['port']}"])
+    assert r.exit_code == 2 and "ca.pem" in r.output

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from fedproxy_secure.cli.app import server_app
+from fedproxy_secure.cli.app import client_app, server_app
 from fedproxy_secure.cli.common import console, exit_codes
 
 
@@ -30,6 +31,8 @@ def serve_model_cmd(
                                                  "[default 256]"),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="model name the API reports [default "
                                            "fedproxy-fused-<method>[-r<round>]]"),
+    exit_after: Optional[int] = typer.Option(None, "--exit-after", min=1, help="stop after this many completions "
+                                             "(scripted runs); default: serve until interrupted"),
 ) -> None:
     """Serve the fused LLM at /v1/models, /v1/completions and /v1/chat/completions (streaming too).
 
@@ -58,7 +61,7 @@ def serve_model_cmd(
         settings = parse_serve_settings(data, source=f"--config {config}" if config else "serve-model options")
         console.print(f"verifying and loading {fused} ...", highlight=False)
         ctx = load_serve_context(fused, dir, settings, keyset)
-        server = uvicorn_serve_server(ctx, dir, host, port)
+        server = uvicorn_serve_server(ctx, dir, host, port, exit_after=exit_after)
         console.print(f"serving model {ctx.model_id!r} on https://{host}:{port}/v1 (mTLS; {settings.rate_per_minute:g} "
                       f"req/min, burst {settings.burst} per site; max_tokens <= {settings.max_tokens_cap})",
                       highlight=False, soft_wrap=True)
@@ -91,3 +94,57 @@ def verify_fused_cmd(
     console.print(f"[green]ok[/] fused folder {fused}: method {vf.manifest.method}, {len(vf.manifest.files)} files, "
                   f"signed by {vf.signer.key_id[:16]}... at {vf.manifest.issued_at:%Y-%m-%d %H:%M} UTC{where}",
                   highlight=False, soft_wrap=True)
+
+
+@client_app.command("ask")
+def ask_cmd(
+    prompt: str = typer.Argument(..., help="the question (sent as one user message)"),
+    dir: Path = typer.Option(..., "--dir", help="the site folder: ca.pem from the kit, client.pem/client.key from "
+                             "the first 'client join'"),
+    url: str = typer.Option(..., "--url", help="the operator's serve-model address, e.g. https://fed.example.org:8445"),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    wait: float = typer.Option(0.0, "--wait", min=0.0, help="seconds to keep retrying while the server is not up yet"),
+) -> None:
+    """Ask the federation's served model one question over mTLS; print the answer (exit 1 if refused)."""
+    import httpx
+
+    from fedproxy_secure.errors import ConfigError, FedProxyError
+    from fedproxy_secure.transport.tls import client_ssl_context
+
+    with exit_codes():
+        for f in ("ca.pem", "client.pem", "client.key"):
+            if not (dir / f).is_file():
+                raise ConfigError(f"--dir {dir}: {f} is missing; run 'client join' once (it writes the site's "
+                                  "certificate) or point --dir at the site folder")
+        tls = client_ssl_context(dir / "ca.pem", dir / "client.pem", dir / "client.key")
+        base = url.rstrip("/") + "/v1"
+        deadline = time.monotonic() + wait
+        with httpx.Client(verify=tls, timeout=300) as http:
+            while True:
+                try:
+                    models = http.get(f"{base}/models")
+                    break
+                except httpx.ConnectError:
+                    if time.monotonic() > deadline:
+                        raise FedProxyError(f"--url {url}: no server answers (is 'server serve-model' running?)") \
+                            from None
+                    time.sleep(1.0)
+            if models.status_code != 200:
+                raise FedProxyError(f"refused ({models.status_code}): {_message(models)}")
+            model = models.json()["data"][0]["id"]
+            r = http.post(f"{base}/chat/completions", json={"model": model, "max_tokens": max_tokens,
+                                                             "messages": [{"role": "user", "content": prompt}]})
+            if r.status_code != 200:
+                raise FedProxyError(f"refused ({r.status_code}): {_message(r)}")
+    out = r.json()
+    console.print(out["choices"][0]["message"]["content"], highlight=False, soft_wrap=True, markup=False)
+    u = out["usage"]
+    console.print(f"[dim]{model}: {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
+                  f"finish {out['choices'][0]['finish_reason']}[/]", highlight=False)
+
+
+def _message(r) -> str:
+    try:
+        return str(r.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return r.text[:200]

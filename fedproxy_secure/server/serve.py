@@ -270,6 +270,9 @@ class ServeContext:
     created: int = field(default_factory=lambda: int(time.time()))
     gen_lock: threading.Lock = field(default_factory=threading.Lock)
     access: Callable[[str, int], Optional[str]] | None = None
+    #: ``--exit-after N``: called once N completions (status 200) have been served and audited
+    on_completions: tuple[int, Callable[[], None]] | None = None
+    completions_done: int = 0
 
     def __post_init__(self) -> None:
         if self.limiter is None:
@@ -305,6 +308,10 @@ def create_serve_app(ctx: ServeContext) -> FastAPI:
             "site": site, "endpoint": endpoint, "status": status, "model": ctx.model_id,
             "prompt_tokens": gen.prompt_tokens if gen else 0, "completion_tokens": gen.completion_tokens if gen else 0,
             "latency_ms": round((time.monotonic() - t0) * 1000.0, 1)})
+        if status == 200 and endpoint != "/v1/models" and ctx.on_completions is not None:
+            ctx.completions_done += 1
+            if ctx.completions_done == ctx.on_completions[0]:
+                ctx.on_completions[1]()
 
     async def admit(request: Request) -> str:
         site, serial = peer_site(request.scope)
@@ -510,12 +517,13 @@ def load_serve_context(fused: str | os.PathLike, server_dir: str | os.PathLike, 
 
 
 def uvicorn_serve_server(ctx: ServeContext, server_dir: str | os.PathLike, host: str = "127.0.0.1",
-                         port: int = 8444, log_level: str = "warning"):
+                         port: int = 8445, log_level: str = "warning", exit_after: int | None = None):
     """A ``uvicorn.Server`` (not yet running) serving ``ctx`` with the federation's mTLS context.
 
     The handshake demands a client certificate of the federation CA and, when ``pki/crl.pem`` exists
     (``server revoke-site``), refuses the certificates it lists; revocations made after start are
-    refused per request (:func:`revocation_check` and the store's enrolment status).
+    refused per request (:func:`revocation_check` and the store's enrolment status). With
+    ``exit_after`` the server stops after that many completions were served (scripts, tests).
     """
     import uvicorn
 
@@ -532,4 +540,7 @@ def uvicorn_serve_server(ctx: ServeContext, server_dir: str | os.PathLike, host:
     ctx.audit.append("serve_start", {"model": ctx.model_id, "host": host, "port": port,
                                      "method": (getattr(ctx.model, "fused_meta", {}) or {}).get("method"),
                                      "limits": ctx.settings.model_dump(mode="json", exclude={"model_id"})})
-    return uvicorn.Server(config)
+    server = uvicorn.Server(config)
+    if exit_after is not None:
+        ctx.on_completions = (int(exit_after), lambda: setattr(server, "should_exit", True))
+    return server
