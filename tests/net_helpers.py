@@ -111,7 +111,7 @@ def stop(p: subprocess.Popen) -> None:
             p.wait()
 
 
-def short_demo_config(example: str, tmp_path: Path, **eval_overrides) -> Path:
+def short_demo_config(example: str, tmp_path: Path, timeout_s: float | None = None, **eval_overrides) -> Path:
     """Write ``examples/<example>`` shortened for the suite (2 rounds, 10 test examples per task, the
     offline bigbench-mini data, no proxy evaluation, no non-DP baseline unless ``eval_overrides`` say
     so) to ``tmp_path/demo.yaml``; return its path."""
@@ -124,6 +124,8 @@ def short_demo_config(example: str, tmp_path: Path, **eval_overrides) -> Path:
     cfg["eval"]["proxy"] = False
     cfg["eval"]["no_dp_baseline"] = False
     cfg["eval"].update(eval_overrides)
+    if timeout_s is not None:
+        cfg["timeout_s"] = timeout_s
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
     return tmp_path / "demo.yaml"
 

@@ -110,12 +110,12 @@ def _done_rounds(db: Path) -> int:
 def test_demo_reports_a_killed_server_and_still_finishes(tmp_path: Path) -> None:
     """SIGKILL the tiny demo's server after round 1; the demo restarts it, finishes both rounds, runs the
     non-DP baseline beside it, and names the crash in results.json and report.md."""
-    cfg = short_demo_config("demo-tiny.yaml", tmp_path, no_dp_baseline=True)
+    cfg = short_demo_config("demo-tiny.yaml", tmp_path, timeout_s=600, no_dp_baseline=True)
     out = tmp_path / "demo"
     proc = subprocess.Popen(demo_cmd(cfg, out), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     killed = None
-    t_end = time.time() + 900
+    t_end = time.time() + 1500
     while time.time() < t_end and proc.poll() is None:
         pid_file = out / "logs" / "server.pid"
         if pid_file.is_file() and _done_rounds(out / "server" / "state.db") >= 1:

@@ -35,6 +35,15 @@ def test_demo_tiny_real_training_and_audit(tmp_path):
     assert logs.count("verified (key") == 3  # each client verified the bundle against its pinned keyset
     report = (out / "report.md").read_text()
     assert "| **mean** |" in report and "operator's evaluation data" in report
+    # evaluated through the shipped evaluator; the fused LLM was scored from its signed folder
+    ev = res["evaluation"]
+    assert {"zs_llm", "fused", "prior_only", "chance"} <= set(ev["methods"]) and ev["reference"] == "zs_llm"
+    assert all(len(ev["methods"][m]["diff_ci"]) == 2 for m in ev["methods"])
+    assert res["fusion"]["loaded_with"] == "fedproxy_secure.fuse.load_fused_model"
+    assert (out / "fused" / "MANIFEST.sig").is_file() and (out / "predictions.jsonl").is_file()
+    assert "95% CI of Δ" in report and "## Server supervision" in report and res["server_crashes"] == []
+    acfg = json.loads((out / "server" / "global_adapter" / "adapter_config.json").read_text())
+    assert acfg["base_model_name_or_path"] == str((out / "proxy").resolve()) and (out / "proxy" / "fedproxy.json").is_file()
     # no private key or token left in the output
     leftovers = [p for p in out.rglob("*") if p.name in ("ca.key", "server.key", "operator.key", "client.key",
                                                           "identity.key", "token")]
