@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedproxy_secure.errors import ConfigError
 
