@@ -70,7 +70,7 @@ def test_readme_real_federation_runs_as_written(tmp_path):
     from fedproxy_secure.models.tiny import save_tiny_llm
 
     fed_yaml, lines = readme_blocks()
-    port = free_port()
+    port, serve_port = free_port(), free_port()
     (tmp_path / "federation.yaml").write_text(fed_yaml.replace("https://127.0.0.1:8443", f"https://127.0.0.1:{port}"))
     llm = save_tiny_llm(TinyModelSpec(arch="llama", layers=4, hidden=32, heads=2, intermediate=64, vocab=259,
                                       max_positions=256), tmp_path / "llm")
@@ -94,7 +94,7 @@ def test_readme_real_federation_runs_as_written(tmp_path):
             background.clear()
             continue
         bg = line.endswith("&")
-        argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], tok)
+        argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], tok).replace("8445", str(serve_port))
                 for tok in shlex.split(line.rstrip("&").strip())]
         assert argv[0] == "fedproxy-secure"
         argv[0] = str(CLI)
@@ -130,4 +130,9 @@ def test_readme_real_federation_runs_as_written(tmp_path):
 
     model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "fed" / "export" / "adapter"))
     assert model is not None and (tmp_path / "fed" / "fused").is_dir()
+    served = next(v for k, v in outputs.items() if " server serve-model " in f" {k} ")
+    answer = next(v for k, v in outputs.items() if " client ask " in f" {k} ")
+    assert answer.strip(), f"the site got no answer from the served model\n{served[-2000:]}"
+    audit = (tmp_path / "fed" / "server" / "audit.jsonl").read_text()
+    assert '"serve_request"' in audit and "Is the sky blue?" not in audit  # one entry, no prompt text
     print(f"README federation: {time.time() - t0:.0f} s")

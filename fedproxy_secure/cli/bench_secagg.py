@@ -22,7 +22,7 @@ def bench_secagg(
     dropout: float = typer.Option(0.3, "--dropout", min=0.0, max=1.0,
                                   help="Fraction of clients dropping before masked input, in [0, 1)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per setting; timings are medians."),
-    neighbours: Optional[int] = typer.Option(None, "--neighbours", help="SecAgg+ degree (default: complete graph)."),
+    neighbours: Optional[int] = typer.Option(None, "--neighbours", help="SecAgg+ degree (default: complete graph up to 64 clients, then k = 2*ceil(log2 n) + 12)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
 ) -> None:
     """Time plaintext vs masked sums (client, server), bytes per stage, error, and with dropouts."""
