@@ -115,7 +115,11 @@ def write_report(path: Path, res: dict) -> None:
                           f"{_f(r['sa_hties'].get('mean_conflict'))}" for r in res["rounds"] if r.get("sa_hties")) + "."]
     L += ["", "![macro balanced accuracy with 95% CIs](accuracy.png)", "", "![loss and ε per round](rounds.png)", "",
           "Output: `server/` (state.db, federation.json, keyset, signed bundle, global_adapter/; private keys "
-          "removed), `clients/siteN/` (client.yaml, train.jsonl, privacy budget), `logs/`, `audit.jsonl`.", ""]
+          "removed), `clients/siteN/` (client.yaml, train.jsonl, privacy budget), `proxy/` (the adapters' base "
+          "model: `AutoPeftModelForCausalLM.from_pretrained('server/global_adapter')` loads both), `fused/` + "
+          "`fused.keyset.json` (the signed fused LLM that was scored), `predictions.jsonl` (every score behind "
+          "the tables), `server_nodp/` + `clients_nodp/` (the non-DP baseline, when run), `logs/` (run.log holds "
+          "library warnings), `audit.jsonl`.", ""]
     path.write_text("\n".join(L))
 
 
