@@ -10,7 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import fedproxy_secure.cli.server_net  # noqa: F401  (registers the commands)
+import fedproxy_secure.cli.fuse  # noqa: F401  (registers the commands)
+import fedproxy_secure.cli.server_net  # noqa: F401
+import fedproxy_secure.cli.signing  # noqa: F401
 from fedproxy_secure.cli.app import app
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.server.fed_config import FederationFile
@@ -78,3 +80,29 @@ def test_export_refuses_an_unfinished_round_and_a_used_folder(finished, tmp_path
     (used / "f").write_text("x")
     r = CliRunner().invoke(app, ["server", "export", "--dir", str(d), "--out", str(used)])
     assert isinstance(r.exception, ConfigError) and "--out" in str(r.exception)
+
+
+def test_fuse_takes_the_federation_directory_and_equals_export_then_fuse(finished, tmp_path):
+    """`server fuse --federation DIR --round N` writes the same dense model as `server export` + `server fuse --proxy --lora`."""
+    from safetensors.torch import load_file
+
+    d, _ = finished
+    llm = d.parent / "proxy"  # the tiny bundle's proxy keeps every block (layer map [0, 1]): it stands in for the LLM
+    run = CliRunner().invoke
+    assert run(app, ["server", "keygen", "--out", str(tmp_path / "keys")]).exit_code == 0
+    key = str(tmp_path / "keys" / "server.key")
+    direct = run(app, ["server", "fuse", "--llm", str(llm), "--federation", str(d), "--round", "1", "--method", "weight",
+                       "--key", key, "--out", str(tmp_path / "direct")])
+    assert direct.exit_code == 0, direct.output
+    assert "round 1" in direct.output
+    assert run(app, ["server", "export", "--dir", str(d), "--round", "1", "--out", str(tmp_path / "exp")]).exit_code == 0
+    via = run(app, ["server", "fuse", "--llm", str(llm), "--proxy", str(tmp_path / "exp" / "proxy"), "--lora",
+                    str(tmp_path / "exp" / "adapter"), "--method", "weight", "--round", "1", "--key", key,
+                    "--out", str(tmp_path / "via")])
+    assert via.exit_code == 0, via.output
+    a, b = load_file(tmp_path / "direct" / "model.safetensors"), load_file(tmp_path / "via" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], load_file(llm / "model.safetensors")[k]) for k in a)  # the LoRA was fused in
+    both = run(app, ["server", "fuse", "--llm", str(llm), "--federation", str(d), "--proxy", str(llm), "--key", key,
+                     "--out", str(tmp_path / "x")])
+    assert isinstance(both.exception, ConfigError) and "--federation" in str(both.exception)  # the CLI maps it to exit 2

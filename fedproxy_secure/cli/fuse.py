@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -16,8 +18,9 @@ _PP_HELP = "file whose first line is the key passphrase (else env FEDPROXY_KEY_P
 @server_app.command("fuse")
 def server_fuse(
     llm: Path = typer.Option(..., "--llm", help="the server's LLM folder (server-side only; never sent to clients)"),
-    proxy: Path = typer.Option(..., "--proxy", help="proxy folder with fedproxy.json (its layer map)"),
-    lora: Path = typer.Option(..., "--lora", help="PEFT adapter folder of the global LoRA (adapter_config.json + adapter_model.safetensors)"),
+    proxy: Optional[Path] = typer.Option(None, "--proxy", help="proxy folder with fedproxy.json (its layer map); or use --federation"),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="PEFT adapter folder of the global LoRA (adapter_config.json + adapter_model.safetensors); or use --federation"),
+    federation: Optional[Path] = typer.Option(None, "--federation", help="the federation's server folder: fuse the global LoRA of --round (default: the last finished round) directly, as `server export` would write it"),
     out: Path = typer.Option(..., "--out", help="new folder for the signed fused model"),
     key: Optional[Path] = typer.Option(None, "--key", help="operator's KEYDIR/server.key (Ed25519; `server keygen` makes one): signs the folder"),
     method: str = typer.Option(
@@ -62,14 +65,26 @@ def server_fuse(
     if method == "distil-lora" and server_text is None:
         raise ConfigError("--server-text: --method distil-lora distils on the server's own text; pass e.g. the "
                           "calibration corpus given to `server compress --calib`")
+    if federation is not None and (proxy is not None or lora is not None):
+        raise ConfigError("--federation: give either --federation DIR or --proxy and --lora, not both")
+    if federation is None and (proxy is None or lora is None):
+        raise ConfigError("--proxy/--lora: both are needed (the `server export` output), or pass --federation SERVERDIR")
     from fedproxy_secure.models.loading import Placement, parse_max_memory, placement
 
     place = Placement(device, parse_max_memory(max_memory), offload_dir)  # ConfigError names the option
     sk = load_private_key(key, read_passphrase(passphrase_file))
     torch.set_num_threads(threads)
-    with placement(place):
-        _fuse_with(method, llm, proxy, lora, out, sk, server_text, server_text_limit, beta, distil_steps, distil_lr,
-                   distil_rank, max_length, scale, source_round, aggregator)
+    with contextlib.ExitStack() as stack:
+        if federation is not None:  # the same proxy + adapter `server export` writes, in a private temporary folder
+            from fedproxy_secure.server.export import export_round
+
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedproxy-fuse-"))) / "export"
+            source_round = export_round(federation, tmp, source_round)["round"]
+            proxy, lora = tmp / "proxy", tmp / "adapter"
+            typer.echo(f"federation {federation}: global LoRA of round {source_round}")
+        with placement(place):
+            _fuse_with(method, llm, proxy, lora, out, sk, server_text, server_text_limit, beta, distil_steps, distil_lr,
+                       distil_rank, max_length, scale, source_round, aggregator)
 
 
 def _fuse_with(method, llm, proxy, lora, out, sk, server_text, server_text_limit, beta, distil_steps, distil_lr,
