@@ -24,8 +24,6 @@ whose entry at the head's index has another hash (rewritten history) or that end
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -35,8 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedproxy_secure.errors import ConfigError, SecurityError
+from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
 from fedproxy_secure.protocol.canonical import canonical_json
+from fedproxy_secure.protocol.codec import b64d, b64e
 
 GENESIS = "0" * 64
 _FIELDS = ("seq", "ts", "event", "data", "prev_hash", "hash")
@@ -210,7 +209,7 @@ def export_head(log_path: str | os.PathLike, signing_key, *, key: bytes | str | 
     body = {"type": HEAD_TYPE, "log": Path(log_path).name, "index": res.lines - 1, "entries": res.lines,
             "hash": res.last_hash, "time": int(clock()), "keyed": res.keyed, "kid": key_id(signing_key)}
     sig = sign(signing_key, HEAD_DOMAIN, canonical_json(body))
-    return {**body, "signature": base64.b64encode(sig).decode()}
+    return {**body, "signature": b64e(sig)}
 
 
 def verify_head(head: dict, pub) -> dict:
@@ -228,8 +227,8 @@ def verify_head(head: dict, pub) -> dict:
     if not (isinstance(idx, int) and idx >= 0 and isinstance(h, str) and len(h) == 64):
         raise SecurityError("audit head: index must be an integer >= 0 and hash 64 hex characters")
     try:
-        sig = base64.b64decode(head["signature"], validate=True)
-    except (binascii.Error, ValueError, TypeError):
+        sig = b64d(head["signature"], "audit head signature", 1024)
+    except ProtocolAbort:
         raise SecurityError("audit head signature is not base64") from None
     if not verify_signature(pub, sig, HEAD_DOMAIN, canonical_json(body)):
         raise SecurityError("audit head signature does not verify")

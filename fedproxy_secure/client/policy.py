@@ -24,14 +24,13 @@ Defaults are the safe ones:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedproxy_secure.errors import SecurityError
+from fedproxy_secure.errors import ProtocolAbort, SecurityError
+from fedproxy_secure.protocol.codec import b64d
 
 Mode = Literal["masking", "he", "plain"]
 #: the modes a round config may name; ``none`` is the simulator's name for plain
@@ -114,8 +113,8 @@ def _identity_map(cfg: dict, rid: Any) -> dict[str, bytes] | None:
     out = {}
     for k, v in ids.items():
         try:
-            raw = base64.b64decode(v, validate=True)
-        except (binascii.Error, ValueError, TypeError):
+            raw = b64d(v, f"identities[{k}]", 64)
+        except ProtocolAbort:
             raw = b""
         if len(raw) != 32:
             raise PolicyViolation(f"secagg_options.identities[{k}]", v, "policy.require_identities = true", rid,

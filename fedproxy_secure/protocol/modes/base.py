@@ -10,6 +10,7 @@ declared here, so a new mode is one new file plus its registration (:func:`regis
 
 from __future__ import annotations
 
+import abc
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
@@ -88,8 +89,9 @@ def vec_sha256(v: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(v, dtype="<f8").tobytes()).hexdigest()
 
 
-class Mode:
-    """Base of every mode; subclasses set ``name``, ``stages`` and the two stage machines."""
+class Mode(abc.ABC):
+    """Base of every mode; subclasses set ``name``, ``stages`` and the two stage machines (abstract: a mode
+    without both cannot be instantiated, so it fails at registration, not mid-round)."""
 
     name: ClassVar[str] = ""
     #: aliases accepted in settings (``none`` for ``plain``)
@@ -128,14 +130,14 @@ class Mode:
         """
         return {}
 
+    @abc.abstractmethod
     def server_stages(self, ctx: RoundContext) -> ServerStages:
         """Fresh server stages of one round."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def client_stages(self, cfg: dict, vector: np.ndarray, sid: int, *, identity_key=None,
                       used_sessions: set | None = None, operator=None) -> ClientStages:
         """Fresh client stages for a verified round config."""
-        raise NotImplementedError
 
     def result_info(self, proto: ServerStages, names: dict[int, str]) -> dict:
         """Public facts of the round for the stored result, under the mode's name (none by default)."""
