@@ -133,6 +133,9 @@ def he_point(values: int, threads: int, clients: int = 3, seed: int = 0) -> dict
     }
 
 
+PARTS = ("masking", "he", "rss")
+
+
 def run_scale_bench(
     sizes: Iterable[int] = (10, 100, 1000),
     values: int = 1000,
@@ -141,41 +144,91 @@ def run_scale_bench(
     he_threads: Iterable[int] = (1, 2),
     repeats: int = 3,
     seed: int = 0,
+    parts: Iterable[str] = ("masking", "he"),
+    he_explore: bool = False,
+    rss: dict | None = None,
 ) -> dict:
-    """All curves in one run: masking per n (default graph, and complete graph up to 200 clients),
-    the n = 10 target row at ``target_values``, and HE per thread count.
+    """The curves of ``parts`` in one run: masking per n (default graph, and complete graph up to 200
+    clients) with the n = 10 target row at ``target_values``; HE per thread count (``he_explore``
+    adds the encodings tried for the 1 µs target); ``rss``: client peak RSS of proxy vs LLM LoRA
+    training on SmolLM2 (:func:`fedproxy_secure.bench.scale_memory.client_memory` keyword arguments).
 
-    Guarantees: every figure is measured in this call; ``targets`` compares them with issue 19's
-    targets (client <= 1.2x PRG limit at n = 10, HE <= 1.0 µs/value and <= 35 B/value).
+    Guarantees: every figure is measured in this call (``parts_measured`` says which); ``targets``
+    compares them with issue 19's targets (client <= 1.2x PRG limit at n = 10, HE <= 1.0 µs/value
+    and <= 35 B/value, RSS ratio <= 0.55).
     """
-    sizes = sorted({int(n) for n in sizes})
-    default = [masking_point(n, values, repeats=repeats if n <= 100 else 1, seed=seed) for n in sizes]
-    complete = [masking_point(n, values, complete=True, repeats=repeats if n <= 100 else 1, seed=seed)
-                for n in sizes if n <= COMPLETE_GRAPH_MAX_N and secagg_plus_degree(n) is not None]
-    target = masking_point(10, target_values, repeats=repeats, seed=seed, wire_stats=False) if target_values else None
-    he = [he_point(he_values, int(th)) for th in he_threads]
-    best_he = min(he, key=lambda r: r["encrypt_us_per_value"]) if he else None
+    parts = tuple(p for p in PARTS if p in set(parts))
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"bench scale: unknown parts {sorted(unknown)}; use {', '.join(PARTS)}")
+    out: dict = {
+        "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "parts_measured": list(parts),
+    }
+    if "masking" in parts:
+        sizes = sorted({int(n) for n in sizes})
+        default = [masking_point(n, values, repeats=repeats if n <= 100 else 1, seed=seed) for n in sizes]
+        out["masking"] = default
+        out["masking_complete_graph"] = [
+            masking_point(n, values, complete=True, repeats=repeats if n <= 100 else 1, seed=seed)
+            for n in sizes if n <= COMPLETE_GRAPH_MAX_N and secagg_plus_degree(n) is not None]
+        out["masking_target"] = (masking_point(10, target_values, repeats=repeats, seed=seed, wire_stats=False)
+                                 if target_values else None)
+        out["log_growth"] = _log_growth(default)
+    if "he" in parts:
+        out["he"] = [he_point(he_values, int(th)) for th in he_threads]
+        if he_explore:
+            from fedproxy_secure.bench.scale_he import explore
+
+            out["he_explore"] = explore(values=he_values, threads=tuple(int(t) for t in he_threads))
+    if "rss" in parts:
+        from fedproxy_secure.bench.scale_memory import client_memory
+
+        out["client_memory"] = client_memory(**(rss or {}))
+    out["targets"] = compute_targets(out)
+    return out
+
+
+def compute_targets(result: dict) -> dict:
+    """Issue 19's targets from whichever parts ``result`` holds (masking, HE, client memory)."""
     targets = {}
-    if target is not None:
+    target = result.get("masking_target")
+    if target:
         targets["client_over_prg_limit_at_10"] = {
             "measured": target["client_over_prg_limit"], "target": TARGET_CLIENT_OVER_PRG_AT_10,
             "met": target["client_over_prg_limit"] <= TARGET_CLIENT_OVER_PRG_AT_10}
-    if best_he is not None:
+    he = result.get("he") or []
+    if he:
+        best_he = min(he, key=lambda r: r["encrypt_us_per_value"])
         targets["he_encrypt_us_per_value"] = {
             "measured": best_he["encrypt_us_per_value"], "threads": best_he["threads"],
             "target": TARGET_HE_US_PER_VALUE, "met": best_he["encrypt_us_per_value"] <= TARGET_HE_US_PER_VALUE}
         targets["he_bytes_per_value"] = {
             "measured": best_he["bytes_per_value"], "target": TARGET_HE_BYTES_PER_VALUE,
             "met": best_he["bytes_per_value"] <= TARGET_HE_BYTES_PER_VALUE}
-    return {
-        "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        "masking": default,
-        "masking_complete_graph": complete,
-        "masking_target": target,
-        "he": he,
-        "targets": targets,
-        "log_growth": _log_growth(default),
-    }
+    mem = result.get("client_memory")
+    if mem:
+        targets["client_peak_rss_proxy_over_llm"] = dict(mem["target"])
+    return targets
+
+
+def merge_previous(result: dict, previous: dict) -> dict:
+    """Carry the parts this run did not measure over from ``previous`` (named in ``parts_carried``)."""
+    keys = {"masking": ("masking", "masking_complete_graph", "masking_target", "log_growth"),
+            "he": ("he", "he_explore"), "rss": ("client_memory",)}
+    merged = dict(result)
+    carried = []
+    for part, names in keys.items():
+        if part in result.get("parts_measured", []):
+            continue
+        if any(n in previous for n in names):
+            carried.append(part)
+            for n in names:
+                if n in previous:
+                    merged[n] = previous[n]
+    merged["parts_carried"] = carried
+    merged["targets"] = compute_targets(merged)
+    return merged
 
 
 def _log_growth(points: list[dict]) -> dict:
@@ -204,7 +257,7 @@ def write_plots(result: dict, folder: str | Path) -> list[Path]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    series = {"default graph": result["masking"], "complete graph": result["masking_complete_graph"]}
+    series = {"default graph": result.get("masking") or [], "complete graph": result.get("masking_complete_graph") or []}
     out = []
 
     def plot(name: str, key: str, ylabel: str, annotate_k: bool = False) -> None:
@@ -228,11 +281,20 @@ def write_plots(result: dict, folder: str | Path) -> list[Path]:
         plt.close(fig)
         out.append(path)
 
-    plot("masking_client_seconds", "client_s", "client seconds per round", annotate_k=True)
-    plot("masking_server_seconds", "server_s", "server seconds per round")
-    plot("masking_bytes_per_client", "bytes_per_client", "bytes per client (JSON, up + down)")
-    plot("masking_client_over_prg_limit", "client_over_prg_limit", "client time / PRG limit")
-    if result["he"]:
+    if series["default graph"]:
+        plot("masking_client_seconds", "client_s", "client seconds per round", annotate_k=True)
+        plot("masking_server_seconds", "server_s", "server seconds per round")
+        plot("masking_bytes_per_client", "bytes_per_client", "bytes per client (JSON, up + down)")
+        plot("masking_client_over_prg_limit", "client_over_prg_limit", "client time / PRG limit")
+    if result.get("client_memory"):
+        from fedproxy_secure.bench.scale_memory import write_plot
+
+        out.append(write_plot(result["client_memory"], folder))
+    if result.get("he_explore"):
+        from fedproxy_secure.bench.scale_he import write_plot as write_he_plot
+
+        out.append(write_he_plot(result["he_explore"], folder))
+    if result.get("he"):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         he = result["he"]
         ax.plot([r["threads"] for r in he], [r["encrypt_us_per_value"] for r in he], marker="o", label="encrypt")
@@ -256,6 +318,37 @@ def print_table(result: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console(width=140)
+    if result.get("masking"):
+        _print_masking(result, console)
+    if result.get("he"):
+        he = Table(title="HE (CKKS) encryption with TenSEAL's thread pool (shipped ClientEncryptor)")
+        for col in ("values", "n_threads", "µs/value", "B/value"):
+            he.add_column(col, justify="right")
+        for r in result["he"]:
+            he.add_row(f"{r['values']:,}", str(r["threads"]), f"{r['encrypt_us_per_value']:.3f}",
+                       f"{r['bytes_per_value']:.2f}")
+        console.print(he)
+    if result.get("he_explore"):
+        from fedproxy_secure.bench.scale_he import print_table as print_he
+
+        print_he(result["he_explore"], console)
+    if result.get("client_memory"):
+        from fedproxy_secure.bench.scale_memory import print_table as print_mem
+
+        print_mem(result["client_memory"], console)
+    tg = Table(title="issue 19 targets")
+    for col in ("target", "measured", "goal", "met"):
+        tg.add_column(col, justify="right")
+    for name, v in result["targets"].items():
+        tg.add_row(name, f"{v['measured']:.3f}", f"<= {v['target']}", "yes" if v["met"] else "no")
+    console.print(tg)
+    if result.get("parts_carried"):
+        console.print(f"carried over from the previous JSON (not measured in this run): {', '.join(result['parts_carried'])}")
+
+
+def _print_masking(result: dict, console) -> None:
+    from rich.table import Table
+
     table = Table(title="masking cost by cohort size (in-process clients)")
     for col in ("n", "P", "graph", "k", "t", "client s", "client mask s", "server s", "PRG limit s",
                 "client/PRG", "B/client", "max err"):
@@ -271,15 +364,3 @@ def print_table(result: dict, console=None) -> None:
             "-" if p["bytes_per_client"] is None else f"{p['bytes_per_client']:,.0f}", f"{p['max_abs_error']:.1e}",
         )
     console.print(table)
-    he = Table(title="HE (CKKS) encryption with TenSEAL's thread pool")
-    for col in ("values", "n_threads", "µs/value", "B/value"):
-        he.add_column(col, justify="right")
-    for r in result["he"]:
-        he.add_row(f"{r['values']:,}", str(r["threads"]), f"{r['encrypt_us_per_value']:.3f}", f"{r['bytes_per_value']:.2f}")
-    console.print(he)
-    tg = Table(title="issue 19 targets")
-    for col in ("target", "measured", "goal", "met"):
-        tg.add_column(col, justify="right")
-    for name, v in result["targets"].items():
-        tg.add_row(name, f"{v['measured']:.3f}", f"<= {v['target']}", "yes" if v["met"] else "no")
-    console.print(tg)
