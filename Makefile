@@ -10,10 +10,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 TEST_LOCK := requirements-test.lock
+FLOWER_LOCK := requirements-flower.lock
 
 .PHONY: venv demo demo-tiny test test-slow simulate clean lock sbom
 
-$(STAMP): pyproject.toml $(LOCK) $(TEST_LOCK)
+$(STAMP): pyproject.toml $(LOCK) $(TEST_LOCK) $(FLOWER_LOCK)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	# every dependency at its locked version, each downloaded file checked against the lock's hashes
 	# (torch is the local CPU build torch==2.13.0+cpu; a plain 'torch' would pull a multi-GB CUDA build)
@@ -21,6 +22,15 @@ $(STAMP): pyproject.toml $(LOCK) $(TEST_LOCK)
 	# the project itself from this checkout, resolving nothing outside the locks
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
+	# the [flower] extra (flwr[simulation]) in an overlay venv, .venv/flower: flwr 1.42 caps typer<0.21, rich<15,
+	# packaging<26, fastapi<0.139, starlette<1.4, uvicorn<0.50, below requirements.lock's pins, so it cannot share
+	# .venv. Its hash-pinned closure goes into .venv/flower; a .pth then appends .venv's site-packages (torch, the
+	# SDK), so flwr's pins shadow .venv's there and .venv itself is untouched (docs/flower.md)
+	rm -rf $(VENV)/flower && $(PY) -m venv --without-pip $(VENV)/flower
+	$(BIN)/pip --python $(VENV)/flower/bin/python install -q --require-hashes --no-deps -r $(FLOWER_LOCK)
+	$(BIN)/python -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+		> "$$($(VENV)/flower/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_fedproxy_main_venv.pth"
+	$(BIN)/pip --python $(VENV)/flower/bin/python check
 	touch $(STAMP)
 
 venv: $(STAMP)
