@@ -79,6 +79,9 @@ def test_cli_rss_merge_keeps_the_other_parts_and_recomputes_targets(memory_run, 
     assert data["targets"]["he_encrypt_us_per_value"]["met"] is False
     assert data["targets"]["client_over_prg_limit_at_10"]["met"] is True
     assert (tmp_path / "png" / "client_peak_rss.png").is_file()
+    proj = data["projection_7b"]  # derived from the measured per-block figures of the (tiny) run
+    assert proj["params"]["llm"] == 6_738_415_616 and proj["params"]["proxy_blocks"] == 16
+    assert proj["client_proxy_training"]["peak_gib_fp32"] < proj["client_llm_training_for_comparison"]["peak_gib_fp32"]
     assert "per decoder block" in r.output
     bad = CliRunner().invoke(app, ["bench", "scale", "--skip", "masking", "--skip", "he"])
     assert bad.exit_code != 0

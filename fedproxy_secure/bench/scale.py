@@ -182,9 +182,10 @@ def run_scale_bench(
 
             out["he_explore"] = explore(values=he_values, threads=tuple(int(t) for t in he_threads))
     if "rss" in parts:
-        from fedproxy_secure.bench.scale_memory import client_memory
+        from fedproxy_secure.bench.scale_memory import client_memory, project
 
         out["client_memory"] = client_memory(**(rss or {}))
+        out["projection_7b"] = project(out["client_memory"])
     out["targets"] = compute_targets(out)
     return out
 
@@ -215,7 +216,7 @@ def compute_targets(result: dict) -> dict:
 def merge_previous(result: dict, previous: dict) -> dict:
     """Carry the parts this run did not measure over from ``previous`` (named in ``parts_carried``)."""
     keys = {"masking": ("masking", "masking_complete_graph", "masking_target", "log_growth"),
-            "he": ("he", "he_explore"), "rss": ("client_memory",)}
+            "he": ("he", "he_explore"), "rss": ("client_memory", "projection_7b")}
     merged = dict(result)
     carried = []
     for part, names in keys.items():
@@ -227,6 +228,10 @@ def merge_previous(result: dict, previous: dict) -> dict:
                 if n in previous:
                     merged[n] = previous[n]
     merged["parts_carried"] = carried
+    if merged.get("client_memory"):  # derived from the measured figures only: recomputed with the current model
+        from fedproxy_secure.bench.scale_memory import project
+
+        merged["projection_7b"] = project(merged["client_memory"])
     merged["targets"] = compute_targets(merged)
     return merged
 
@@ -335,7 +340,7 @@ def print_table(result: dict, console=None) -> None:
     if result.get("client_memory"):
         from fedproxy_secure.bench.scale_memory import print_table as print_mem
 
-        print_mem(result["client_memory"], console)
+        print_mem(result["client_memory"], console, result.get("projection_7b"))
     tg = Table(title="issue 19 targets")
     for col in ("target", "measured", "goal", "met"):
         tg.add_column(col, justify="right")
