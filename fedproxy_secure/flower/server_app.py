@@ -342,8 +342,9 @@ def _fuse_and_evaluate(cfg, prep, peft_proxy, out: Path, say: Callable[[str], No
     ev.add_baselines()
     ev.write_predictions(out / "predictions.jsonl")
     summary = ev.summary()
-    say("fused LLM evaluated: " + json.dumps({k: v for k, v in summary.items() if k in ("macro", "methods")},
-                                             default=str)[:400])
+    heads = {m: summary["methods"][m].get("headline") for m in ("zs_llm", "fused") if m in summary["methods"]}
+    say("fused LLM evaluated (macro balanced accuracy): " + ", ".join(f"{m} {v:.3f}" for m, v in heads.items()
+                                                                    if isinstance(v, (int, float))))
     return summary
 
 
