@@ -67,3 +67,27 @@ def test_shared_prefix_scoring_of_a_weighted_logit_sum() -> None:
     fn.parts = [(llm, 1.0), (tuned, 0.7), (base, -0.7)]
     shared = score_choices(fn, tok, exs, max_length=64)
     assert all(abs(x - y) < 1e-3 for a, b in zip(full, shared) for x, y in zip(a, b)), (full, shared)
+
+
+def test_batched_scores_equal_shared_prefix_scores() -> None:
+    """The accelerator path (many examples per padded batch) scores exactly what the CPU path scores,
+    for a plain model and for the weighted logit sum, with batches small enough to split the work."""
+    from fedproxy_secure.eval.multiple_choice import score_choices_batched, score_choices_shared
+
+    llm, tok = _model(), byte_tokenizer()
+    torch.manual_seed(1)
+    tuned = build_tiny_model(TinyModelSpec(layers=2, hidden=32, heads=2, intermediate=64, vocab=259)).eval()
+    exs = [*load_task(DATA, "social_support", prompt_format="reference").examples[:3],
+           *load_task(DATA, "navigate", prompt_format="bigbench").examples[:3],
+           MCExample("Q: pick\\nA:", (" a", " ab", " abc d"), 2, "t", 0)]
+    for parts in ([(llm, 1.0)], [(llm, 1.0), (tuned, 0.7), (llm, -0.7)]):
+        shared = score_choices_shared(parts, tok, exs, max_length=64)
+        batched = score_choices_batched(parts, tok, exs, max_length=64, max_tokens=150)
+        assert [len(s) for s in batched] == [len(ex.choices) for ex in exs]
+        assert all(abs(x - y) < 1e-3 for a, b in zip(shared, batched) for x, y in zip(a, b)), (shared, batched)
+    # left-truncated long prompts and length normalisation agree as well
+    a = score_choices_shared(llm, tok, exs[:2], max_length=24, normalize=True)
+    b = score_choices_batched(llm, tok, exs[:2], max_length=24, normalize=True, max_tokens=64)
+    assert all(abs(x - y) < 1e-3 for r, s in zip(a, b) for x, y in zip(r, s))
+    # the scores are not all equal (a broken gather that always reads one position would be caught)
+    assert len({round(x, 4) for r in b for x in r}) > 2

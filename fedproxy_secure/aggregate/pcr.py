@@ -25,4 +25,4 @@ def pcr_penalty(theta: torch.Tensor, theta_g: torch.Tensor, conflict: torch.Tens
     c = torch.as_tensor(conflict, dtype=theta.dtype, device=theta.device)
     if c.shape != theta.shape or theta_g.shape != theta.shape:
         raise ValueError(f"pcr: shapes differ (theta {tuple(theta.shape)}, theta_g {tuple(theta_g.shape)}, C {tuple(c.shape)})")
-    return lam * (c * (theta - theta_g.detach().to(theta.dtype)) ** 2).sum()
+    return lam * (c * (theta - theta_g.detach().to(device=theta.device, dtype=theta.dtype)) ** 2).sum()

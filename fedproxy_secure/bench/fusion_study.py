@@ -56,6 +56,7 @@ class StudyConfig:
     distill_lr: float = 2e-4
     beta: float = 1.0
     threads: int = 2
+    device: str = "cpu"
     seed: int = 0
     prompt_format: str = "reference"
     n_boot: int = 2000
@@ -108,7 +109,7 @@ class Study:
         self.out = Path(self.cfg.out)
         for sub in ("variants", "adapters"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
-        self.llm = load_causal_lm(self.cfg.llm).requires_grad_(False).eval()
+        self.llm = load_causal_lm(self.cfg.llm, device=self.cfg.device).requires_grad_(False).eval()
         self.tok = load_tokenizer(self.cfg.llm)
         self.llm_hash = weights_hash(self.cfg.llm)
         tasks = list_tasks(self.cfg.data_dir)
@@ -129,7 +130,7 @@ class Study:
         from fedproxy_secure.eval.score_cache import timed_scores
 
         return timed_scores(logits_fn, self.tok, self.test_list, log=self.log, label=label,
-                            max_length=self.cfg.max_length)
+                            max_length=self.cfg.max_length, device=self.cfg.device)
 
     def _rows(self, method: str, scores) -> list[dict]:
         from fedproxy_secure.eval.predictions import rows_for
@@ -150,7 +151,8 @@ class Study:
         res = train_centralized(copy.deepcopy(base).requires_grad_(False), self.tok, self.train, epochs=self.cfg.epochs,
                                 lr=self.cfg.lr, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
                                 lora_cfg=LoraConfig(r=self.cfg.lora_r, alpha=self.cfg.lora_alpha, ffa=False,
-                                                    target_modules=targets), seed=self.cfg.seed)
+                                                    target_modules=targets), seed=self.cfg.seed,
+                                device=self.cfg.device)
         res["model"].save_pretrained(d, safe_serialization=True)
         return res["model"].eval()
 
@@ -179,12 +181,12 @@ class Study:
                                 distill=kind == "bi50d", distill_steps=self.cfg.distill_steps if kind == "bi50d" else 0,
                                 distill_lr=self.cfg.distill_lr, calib_examples=len(self.srv_fit))
             cp = compress(self.llm, self.tok, self.srv_fit, cc, heldout_texts=self.srv_held[:32], progress=False,
-                          max_length=192)
+                          max_length=192, device=self.cfg.device)
             p, meta = cp.model, cp.meta
             if kind == "bi50d":
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in p.state_dict().items() if ".layers." in k}, str(sd))
+                save_file({k: v.detach().cpu().contiguous() for k, v in p.state_dict().items() if ".layers." in k}, str(sd))
             meta_path.write_text(json.dumps(meta, indent=1))
         p.requires_grad_(False).eval()
         self._cache[kind] = (p, meta)
@@ -210,7 +212,7 @@ class Study:
 
         fp = fingerprint("llm", self.llm_hash, self.cfg.max_length)
         scores = self.cache.scores(fp, self.cfg.prompt_format, model_logits_fn(self.llm), self.tok, self.test_list,
-                                   max_length=self.cfg.max_length, label="zero-shot LLM")
+                                   max_length=self.cfg.max_length, label="zero-shot LLM", device=self.cfg.device)
         return {"rows": self._rows("zs_llm", scores), "what": "zero-shot LLM"}
 
     def v_llm_lora(self):
@@ -272,7 +274,8 @@ class Study:
         fn = logit_plugin_fn(self.llm, pm, p, beta=self.cfg.beta)
         fn.parts = [(self.llm, 1.0), (pm, self.cfg.beta), (p, -self.cfg.beta)]  # prefix-shared scoring of the same sum
         return {"rows": self._rows(name, self._scores(fn, name)), "proxy_rows": self._rows(f"proxy:{name}", pscores),
-                "what": what, "beta": self.cfg.beta}
+                "what": what, "beta": self.cfg.beta,
+                **{k: meta[k] for k in ("agreement", "distill") if meta.get(k) is not None}}
 
     def v_bi50_logit(self):
         return self._logit_variant("bi50_logit", "bi50", "logit plug-in (proxy-tuning) with the BI proxy")

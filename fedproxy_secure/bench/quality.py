@@ -427,20 +427,22 @@ def run_quality(a: QualityArgs) -> dict:
     for setting in a.settings:
         shared = None
         rows_by_setting[setting] = []
-        for method in methods:
-            for seed in _seeds_for(method, a.seeds):
-                f = out / "cells" / f"{setting}__{method}__s{seed}.json"
-                if f.is_file():
-                    cell = json.loads(f.read_text())
-                    a.log(f"{setting}/{method}/seed {seed}: cached")
-                else:
-                    shared = shared or _Shared(a, setting, tasks)
-                    a.log(f"{setting}/{method}/seed {seed}: running")
-                    cell = run_cell(shared, method, seed, out)
-                    f.write_text(json.dumps(cell, default=_json_default))
-                    a.log(f"{setting}/{method}/seed {seed}: done in {cell['seconds']} s")
-                rows_by_setting[setting] += cell["rows"]
-                info[(setting, method, seed)] = {k: v for k, v in cell.items() if k != "rows"}
+        # seed-major: every method at the first seed before any at the next, so a run stopped early
+        # still holds a complete table for the seeds it finished
+        order = [(m, sd) for sd in a.seeds for m in methods if sd in _seeds_for(m, a.seeds)]
+        for method, seed in order:
+            f = out / "cells" / f"{setting}__{method}__s{seed}.json"
+            if f.is_file():
+                cell = json.loads(f.read_text())
+                a.log(f"{setting}/{method}/seed {seed}: cached")
+            else:
+                shared = shared or _Shared(a, setting, tasks)
+                a.log(f"{setting}/{method}/seed {seed}: running")
+                cell = run_cell(shared, method, seed, out)
+                f.write_text(json.dumps(cell, default=_json_default))
+                a.log(f"{setting}/{method}/seed {seed}: done in {cell['seconds']} s")
+            rows_by_setting[setting] += cell["rows"]
+            info[(setting, method, seed)] = {k: v for k, v in cell.items() if k != "rows"}
         if shared is not None:
             a.log(f"score cache: {shared.cache.hits} hits, {shared.cache.misses} scored")
     write_jsonl([r | {"setting": s} for s, rows in rows_by_setting.items() for r in rows], out / "predictions.jsonl")

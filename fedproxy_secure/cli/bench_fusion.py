@@ -23,8 +23,11 @@ def bench_fusion(
     lr: float = typer.Option(2e-4, "--lr"),
     epochs: int = typer.Option(1, "--epochs", min=1),
     distill_steps: int = typer.Option(120, "--distill-steps", min=0),
+    server_tasks: Optional[str] = typer.Option(None, "--server-tasks", help="comma-separated server-only task names in --server-dir (default: the study's 8); never an evaluation task"),
+    server_texts: int = typer.Option(96, "--server-texts", min=8, help="server texts for fitting (as many again are held out for agreement/KL)"),
     beta: float = typer.Option(1.0, "--beta", help="logit plug-in strength"),
     threads: int = typer.Option(2, "--threads", min=1),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     variant: Optional[List[str]] = typer.Option(None, "--variant", help="run only these variants (repeatable), in order"),
 ) -> None:
     """Tuned-proxy and fused-LLM balanced accuracy and transfer (95% CI) per plug-in variant; results.json, results.md, predictions.jsonl, PNG."""
@@ -32,14 +35,19 @@ def bench_fusion(
     if server_dir is None:
         from fedproxy_secure.data.fetch import fetch_bigbench
 
-        server_dir = fetch_bigbench(mod.DEFAULT_SERVER_TASKS)
+        server_dir = fetch_bigbench(_names(server_tasks) or mod.DEFAULT_SERVER_TASKS)
     cfg = mod.StudyConfig(llm=str(llm), data_dir=str(data_dir), out=str(out), server_dir=str(server_dir),
                           limit_train=limit_train, limit_test=limit_test, lr=lr, epochs=epochs,
-                          distill_steps=distill_steps, beta=beta, threads=threads,
-                          prompt_format=prompt_format, seed=seed,
+                          distill_steps=distill_steps, beta=beta, threads=threads, device=device,
+                          prompt_format=prompt_format, seed=seed, server_texts=server_texts,
+                          server_tasks=tuple(_names(server_tasks) or mod.DEFAULT_SERVER_TASKS),
                           variants=tuple(variant) if variant else mod.ALL_VARIANTS)
     summary = mod.run_fusion_study(cfg, log=lambda m: typer.echo(m, err=True))
     mod.print_table(summary)
+
+
+def _names(csv: Optional[str]) -> list[str]:
+    return [t.strip() for t in (csv or "").split(",") if t.strip()]
 
 
 def _load():

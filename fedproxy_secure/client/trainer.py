@@ -99,9 +99,9 @@ def _regulariser_grads(params: list[nn.Parameter], theta_g: torch.Tensor, spec: 
         theta = torch.cat([p.reshape(-1) for p in params])
         reg = theta.sum() * 0.0
         if use_pcr:
-            reg = reg + pcr_penalty(theta, theta_g.to(theta.dtype), spec.conflict, spec.pcr_lambda)
+            reg = reg + pcr_penalty(theta, theta_g.to(device=theta.device, dtype=theta.dtype), spec.conflict, spec.pcr_lambda)
         if spec.fedprox_mu:
-            reg = reg + 0.5 * spec.fedprox_mu * ((theta - theta_g.to(theta.dtype)) ** 2).sum()
+            reg = reg + 0.5 * spec.fedprox_mu * ((theta - theta_g.to(device=theta.device, dtype=theta.dtype)) ** 2).sum()
         return list(torch.autograd.grad(reg, params))
 
 
@@ -114,8 +114,9 @@ def regulariser_gradient(model: nn.Module, spec: ClientRoundSpec) -> np.ndarray:
     return torch.cat([g.reshape(-1).double() for g in grads]).numpy()
 
 
-def _entropy_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def _entropy_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from the OS CSPRNG (DP noise must be drawn where the gradients live)."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def _pad_id(tokenizer) -> int:
@@ -213,7 +214,8 @@ def _apply_step(optimizer, params, theta_g_t, spec) -> None:
     if reg is not None:
         with torch.no_grad():
             for p, g in zip(params, reg):
-                p.grad = g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
+                g = g.to(device=p.device, dtype=p.dtype)
+                p.grad = g if p.grad is None else p.grad + g
     optimizer.step()
 
 
@@ -241,7 +243,7 @@ def _loop_dp(model, items, spec, params, theta_g_t, tokenizer, device, losses, p
 
     pad = _pad_id(tokenizer)
     sampler = _entropy_generator()
-    noise_gen = _entropy_generator()
+    noise_gen = _entropy_generator(device)
     gsm = make_grad_sample_module(model)
     try:
         opt = make_dp_optimizer(torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0), noise_multiplier=sigma,
@@ -265,7 +267,7 @@ def _loop_dp(model, items, spec, params, theta_g_t, tokenizer, device, losses, p
                     if reg is not None:
                         with torch.no_grad():
                             for p, g in zip(params, reg):
-                                p.grad += g.to(p.dtype)
+                                p.grad += g.to(device=p.device, dtype=p.dtype)
                     opt.original_optimizer.step()
                 if progress:
                     progress(step + 1, spec.local_steps, losses[-1] if losses else float("nan"))

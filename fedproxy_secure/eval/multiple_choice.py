@@ -50,16 +50,82 @@ def score_choices(
 
     When ``logits_fn`` wraps a plain HF model (:func:`model_logits_fn`) or carries ``parts`` (a list
     of ``(model, weight)`` whose weighted logits it sums), each example's prompt is run once per
-    model and its key/value cache shared by all choices (:func:`score_choices_shared`, same scores up
-    to float rounding, several times fewer tokens); any other scorer gets one sequence per choice.
+    model and its key/value cache shared by all choices on a CPU (:func:`score_choices_shared`,
+    several times fewer tokens), and on an accelerator many examples go in one batch
+    (:func:`score_choices_batched`); both give the same scores up to float rounding. Any other
+    scorer gets one sequence per choice.
     """
     parts = getattr(logits_fn, "parts", None) or (
         [(logits_fn.model, 1.0)] if getattr(logits_fn, "model", None) is not None else None)
+    if parts is not None and torch.device(device).type != "cpu":
+        return score_choices_batched(parts, tokenizer, examples, max_length=max_length, device=device,
+                                     normalize=normalize)
     if parts is not None:
         return score_choices_shared(parts, tokenizer, examples, max_length=max_length, device=device,
                                     normalize=normalize)
     return score_choices_full(logits_fn, tokenizer, examples, batch_size=batch_size, max_length=max_length,
                               device=device, normalize=normalize)
+
+
+@torch.no_grad()
+def score_choices_batched(model: torch.nn.Module | Sequence[tuple[torch.nn.Module, float]], tokenizer,
+                          examples: Sequence[MCExample], *, max_length: int = 512,
+                          device: str | torch.device = "cpu", normalize: bool = False,
+                          max_tokens: int = 8192) -> list[list[float]]:
+    """:func:`score_choices` for accelerators: every (example, choice) sequence of many examples in one batch.
+
+    Sequences are length-sorted and right-padded into batches of at most ``max_tokens`` padded
+    tokens; only the answer tokens' log-probabilities leave the device. ``model`` is a HF causal LM
+    or a list of ``(model, weight)`` parts scored as ``sum(weight * logits)``. Guarantees: the tokens
+    scored and the positions they are predicted from are those of :func:`tokenize_pair`, so the
+    result equals :func:`score_choices_shared` up to float rounding (right padding never changes
+    the logits of the real tokens of a causal model).
+    """
+    parts = [(model, 1.0)] if isinstance(model, torch.nn.Module) else list(model)
+    pairs = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
+    enc = [tokenize_pair(tokenizer, examples[i].prompt, examples[i].choices[c], max_length) for i, c in pairs]
+    order = sorted(range(len(enc)), key=lambda k: -len(enc[k][0]))
+    scores = [[0.0] * len(ex.choices) for ex in examples]
+    pad = tokenizer.pad_token_id or 0
+    start = 0
+    while start < len(order):
+        width = len(enc[order[start]][0])  # the longest in this batch (sorted descending)
+        rows = max(1, max_tokens // max(1, width))
+        chunk = order[start : start + rows]
+        start += len(chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, k in enumerate(chunk):
+            seq = enc[k][0]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        z = None
+        for m, w in parts:
+            zi = w * m(input_ids=ids, attention_mask=mask).logits.float()
+            z = zi if z is None else z + zi
+        # positions pos-1 predict token pos for every answer token; gather them, then normalise only those rows
+        rix, pix, tgt, owner = [], [], [], []
+        for row, k in enumerate(chunk):
+            seq, rstart, _ = enc[k]
+            for pos in range(rstart, len(seq)):
+                rix.append(row)
+                pix.append(pos - 1)
+                tgt.append(seq[pos])
+                owner.append(k)
+        if not rix:
+            continue
+        sel = z[torch.tensor(rix, device=z.device), torch.tensor(pix, device=z.device)]
+        lp = torch.log_softmax(sel, dim=-1).gather(1, torch.tensor(tgt, device=z.device)[:, None]).squeeze(1)
+        lp = lp.double().cpu().tolist()
+        per: dict[int, list[float]] = {}
+        for k, v in zip(owner, lp):
+            per.setdefault(k, []).append(v)
+        for k, vals in per.items():
+            i, c = pairs[k]
+            t = torch.tensor(vals, dtype=torch.float64)
+            scores[i][c] = float(t.mean() if normalize else t.sum())
+    return scores
 
 
 @torch.no_grad()

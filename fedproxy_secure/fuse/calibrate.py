@@ -70,7 +70,8 @@ def calibrate_block_scales(
     """
     mapping = ProxyMapping.coerce(proxy)
     n = len(mapping.layer_map)
-    batches = encode_texts(tok, server_texts, max_length)
+    dev = next(llm.parameters()).device  # the server text and the deltas go where the LLM is
+    batches = [(ids.to(dev), m.to(dev)) for ids, m in encode_texts(tok, server_texts, max_length)]
     targets = _target_logprobs(target_fn, batches)
     work = fuse_weights(llm, mapping, {k: torch.zeros_like(v) for k, v in deltas.items()})  # a copy
     block_path, _, _ = decoder_blocks(work)
@@ -83,7 +84,7 @@ def calibrate_block_scales(
         sub = base.split(f"{block_path}.{j}.", 1)[1]
         target = f"{block_path}.{mapping.layer_map[j]}.{sub}.weight"
         orig[target] = params[target].detach().clone()
-        per_block.setdefault(j, []).append((target, d.float()))
+        per_block.setdefault(j, []).append((target, d.float().to(dev)))
 
     def set_scales(s: list[float]) -> None:
         for j, items in per_block.items():
