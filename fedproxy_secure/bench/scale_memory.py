@@ -346,18 +346,19 @@ def write_plot(mem: dict, folder: str | Path) -> Path:
             fixed, w = s["fixed_bytes"] / 2**20, s["weights_bytes"] / 2**20
             rest = s["peak_rss_bytes"] / 2**20 - fixed - w
             ax.bar(x, fixed, color=colours["fixed"], label="python + libraries" if x == 0 else None)
-            ax.bar(x, w, bottom=fixed, color=colours["weights"], label="weights" if x == 0 else None)
+            ax.bar(x, w, bottom=fixed, color=colours["weights"], label="weights + tokenizer (loaded)" if x == 0 else None)
             ax.bar(x, rest, bottom=fixed + w, color=colours["rest"], label="LoRA + training" if x == 0 else None)
             ax.text(x, s["peak_rss_bytes"] / 2**20, f"{s['peak_rss_bytes'] / 2**20:.0f}", ha="center", va="bottom",
                     fontsize=8)
             labels.append(f"{side}\n{s['n_blocks']} blocks\nB={pt['batch']}")
             pos.append(x)
             x += 1
-        ax.text(x - 1.5, 0.5 * pt["llm"]["peak_rss_bytes"] / 2**20, f"ratio\n{pt['ratio_peak_rss']:.2f}", ha="center",
-                fontsize=9, color="white", weight="bold")
+        ax.text(x - 1.5, 1.06 * pt["llm"]["peak_rss_bytes"] / 2**20, f"ratio {pt['ratio_peak_rss']:.3f}", ha="center",
+                fontsize=9, weight="bold")
         x += 0.5
     ax.set_xticks(pos, labels, fontsize=8)
     ax.set_ylabel("peak RSS (MiB)")
+    ax.set_ylim(0, 1.15 * max(pt["llm"]["peak_rss_bytes"] for pt in mem["points"]) / 2**20)
     ax.set_title(f"client peak RSS, LoRA training, seq {mem['points'][0]['seq']} (target ratio <= {TARGET_RSS_RATIO})",
                  fontsize=9)
     ax.legend(fontsize=8)
