@@ -62,3 +62,27 @@ def test_train_size_sweep_tiny(tmp_path: Path) -> None:
     for r in res["sizes"]:
         assert r["gain_ci"][0] <= r["gain"] + 1e-9 <= r["gain_ci"][1] + 2e-9
     assert (tmp_path / "out" / "train_size.md").read_text().count("centralized") == 2
+
+
+def test_headline_reuses_the_train_size_runs_identical_centralized_cell(tmp_path: Path) -> None:
+    """With one --out for both commands, the headline table takes the train-size run's centralized LoRA for
+    the same training (no second training); a different learning rate is not the same training."""
+    q = load_benchmark("quality")
+    base = _args(tmp_path, limit_train=4, limit_test=4, seeds=[0])
+    q.run_train_size(q.QualityArgs(**base), [4])
+    ts_rows = json.loads((tmp_path / "out" / "cells" / "centralized_n4__s0.json").read_text())["rows"]
+    logs: list[str] = []
+    res = q.run_quality(q.QualityArgs(**(base | {"methods": ["centralized"], "log": logs.append})))
+    assert any("centralized_n4__s0.json (same training)" in m for m in logs)
+    cell = json.loads((tmp_path / "out" / "cells" / "hetero__centralized__s0.json").read_text())
+    assert [r["scores"] for r in cell["rows"]] == [r["scores"] for r in ts_rows]
+    assert {r["method"] for r in cell["rows"]} == {"centralized"}
+    assert "centralized" in res["settings"]["hetero"]["methods"]
+    # another learning rate: trained afresh, in another folder sharing the train-size cell
+    (tmp_path / "out2" / "cells").mkdir(parents=True)
+    (tmp_path / "out2" / "cells" / "centralized_n4__s0.json").write_bytes(
+        (tmp_path / "out" / "cells" / "centralized_n4__s0.json").read_bytes())
+    logs2: list[str] = []
+    q.run_quality(q.QualityArgs(**(base | {"out": tmp_path / "out2", "methods": ["centralized"],
+                                           "centralized_lr": 1e-3, "log": logs2.append})))
+    assert not any("same training" in m for m in logs2) and any("centralized/seed 0: running" in m for m in logs2)

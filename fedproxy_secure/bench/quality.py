@@ -275,7 +275,27 @@ def _centralized_cell(sh: _Shared, seed: int, train: dict | None = None) -> dict
     a.log(f"centralized: {res['steps']} steps on {len(pooled)} examples in {res['seconds']:.0f} s")
     return {"scores": sh.scores(model_logits_fn(res["model"]), f"centralized seed {seed}"), "epochs": epochs,
             "steps": res["steps"], "train_loss": res["train_loss"], "train_seconds": round(res["seconds"], 1),
-            "n_train": len(pooled)}
+            "n_train": len(pooled), "lr": a.centralized_lr, "batch_size": a.batch_size, "lora_r": a.lora_r}
+
+
+def _train_size_cell(a: QualityArgs, out: Path, seed: int) -> dict | None:
+    """The train-size run's centralized cell for ``a.limit_train`` and ``seed`` in the same folder, if it
+    is the same training (same epochs and pooled examples; lr, batch and rank where the cell records
+    them), relabelled ``centralized``; else None. The two commands may share one ``--out`` so the
+    headline table does not train the same LoRA twice."""
+    f = out / "cells" / f"centralized_n{a.limit_train}__s{seed}.json"
+    if not f.is_file():
+        return None
+    cell = json.loads(f.read_text())
+    n_train = cell.get("n_train")
+    if n_train is None or cell.get("epochs") != centralized_budget_epochs(a, n_train):
+        return None
+    for key, want in (("lr", a.centralized_lr), ("batch_size", a.batch_size), ("lora_r", a.lora_r)):
+        if key in cell and cell[key] != want:
+            return None
+    rows = [r | {"method": "centralized"} for r in cell["rows"]]
+    return {k: v for k, v in cell.items() if k not in ("rows", "short_tasks")} | {
+        "rows": rows, "reused_from": f.name}
 
 
 def run_cell(sh: _Shared, method: str, seed: int, out: Path) -> dict:
@@ -435,6 +455,10 @@ def run_quality(a: QualityArgs) -> dict:
             if f.is_file():
                 cell = json.loads(f.read_text())
                 a.log(f"{setting}/{method}/seed {seed}: cached")
+            elif method == "centralized" and (reused := _train_size_cell(a, out, seed)) is not None:
+                cell = {"setting": setting, "method": method, "seed": seed, **reused}
+                f.write_text(json.dumps(cell, default=_json_default))
+                a.log(f"{setting}/{method}/seed {seed}: the train-size run's {reused['reused_from']} (same training)")
             else:
                 shared = shared or _Shared(a, setting, tasks)
                 a.log(f"{setting}/{method}/seed {seed}: running")

@@ -94,3 +94,34 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     tok = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none")
     valid = (shift_labels != IGNORE).to(tok.dtype)
     return (tok * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions ``p`` whose next token ``labels[:, p + 1]`` is an answer token in at least one row (sorted)."""
+    return torch.nonzero((labels[:, 1:] != IGNORE).any(0)).flatten()
+
+
+def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """:func:`per_example_loss` of ``model`` on ``batch``, with the LM head run only where an answer token is
+    predicted (``logits_to_keep`` = :func:`answer_positions`), shape ``(B,)``.
+
+    Guarantees: the same value as ``per_example_loss(model(...).logits, labels)`` up to float rounding
+    (every position whose prediction is scored is kept), with logits memory proportional to the answer
+    positions instead of the sequence length. A model whose forward has no ``logits_to_keep`` gets the
+    full computation.
+    """
+    labels = batch["labels"]
+    pos = answer_positions(labels)
+    try:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=pos.to(batch["input_ids"].device))
+    except TypeError:  # no logits_to_keep in this architecture's forward
+        return per_example_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                labels)
+    logits = out.logits
+    if logits.shape[1] != len(pos):  # the model ignored the argument: score the full sequence
+        return per_example_loss(logits, labels)
+    tgt = labels[:, 1:][:, pos.to(labels.device)]
+    tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tgt.clamp(min=0), reduction="none")
+    valid = (tgt != IGNORE).to(tok.dtype)
+    return (tok * valid).sum(1) / valid.sum(1).clamp(min=1.0)

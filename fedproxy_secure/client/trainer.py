@@ -23,7 +23,7 @@ from torch import nn
 
 from fedproxy_secure.aggregate.pcr import pcr_penalty
 from fedproxy_secure.client.batches import (
-    Encoded, collate, context_limit, encode_examples, make_batches, per_example_loss,
+    Encoded, answer_loss, collate, context_limit, encode_examples, make_batches,
 )
 from fedproxy_secure.config import DPConfig
 from fedproxy_secure.errors import ConfigError, FedProxyError, ModelError
@@ -226,8 +226,7 @@ def _loop_plain(model, items, spec, params, theta_g_t, tokenizer, device, losses
     for step in range(spec.local_steps):
         b = {k: v.to(device) for k, v in next(batches).items()}
         opt.zero_grad(set_to_none=True)
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        loss = per_example_loss(out.logits, b["labels"]).mean()
+        loss = answer_loss(model, b).mean()
         _finite_or_abort(loss, spec, step)
         loss.backward()
         _apply_step(opt, params, theta_g_t, spec)
@@ -255,8 +254,7 @@ def _loop_dp(model, items, spec, params, theta_g_t, tokenizer, device, losses, p
                 opt.zero_grad(set_to_none=True)
                 if idx:
                     b = {k: v.to(device) for k, v in collate([items[i] for i in idx], pad).items()}
-                    out = gsm(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                    loss = per_example_loss(out.logits, b["labels"]).mean()
+                    loss = answer_loss(gsm, b).mean()
                     _finite_or_abort(loss, spec, step)
                     loss.backward()
                     losses.append(float(loss.detach()))
@@ -307,8 +305,7 @@ def train_centralized(model, tokenizer, examples: Sequence, *, epochs: int = 1, 
         for b in make_batches(enc.items, batch_size, _pad_id(tokenizer), generator=gen):
             b = {k: v.to(device) for k, v in b.items()}
             opt.zero_grad(set_to_none=True)
-            loss = per_example_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                    b["labels"]).mean()
+            loss = answer_loss(model, b).mean()
             if not torch.isfinite(loss):
                 raise TrainingAborted(f"centralized training: loss is {float(loss)} at step {step + 1}; lower lr")
             loss.backward()
