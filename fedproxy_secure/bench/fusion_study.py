@@ -328,7 +328,11 @@ def summarise(cfg: StudyConfig, results: dict, rows: list[dict]) -> dict:
                       "per_task": {t: v["balanced_accuracy"] for t, v in m["per_task"].items()},
                       "seconds": r.get("seconds"),
                       **{k: r[k] for k in ("agreement", "distill", "scales", "kl_at_one", "kl_best", "layer_map") if k in r}})
-    return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}, "rows": table,
+    from fedproxy_secure.pathnames import portable_path
+
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    config.update({k: portable_path(config[k]) for k in ("llm", "data_dir", "out", "server_dir")})
+    return {"config": config, "rows": table,
             "zero_shot_llm": s["methods"]["zs_llm"]["headline"],
             "llm_lora": s["methods"]["llm_lora"]["headline"] if "llm_lora" in s["methods"] else None,
             "n_per_task": s["n_per_task"], "fixed_label": s["fixed_label"], "metrics": s}

@@ -48,6 +48,13 @@ LABELS = {"zs_llm": "zero-shot LLM", "zs_proxy": "proxy (untuned)", "prior_only"
           "fedproxy_dp": "FedProxy+DP", "centralized": "centralized LoRA"}
 
 
+def _portable_args(a: "QualityArgs") -> dict:
+    """The run's arguments for results files (paths made portable: no absolute path of this machine)."""
+    from fedproxy_secure.pathnames import portable_path
+
+    return {k: (portable_path(v) if isinstance(v, Path) else v) for k, v in a.__dict__.items() if k != "log"}
+
+
 def _json_default(o):
     from fedproxy_secure.pipelines.simulate import json_default
 
@@ -474,7 +481,7 @@ def run_quality(a: QualityArgs) -> dict:
                  for s, rows in rows_by_setting.items()}
     result = {"settings": summaries,
               "cells": [{"setting": k[0], "method": k[1], "seed": k[2], **v} for k, v in info.items()],
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in a.__dict__.items() if k != "log"}}
+              "args": _portable_args(a)}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=_json_default))
     write_markdown(a, summaries, out / "results.md", info)
     plot(summaries, out)
@@ -527,7 +534,7 @@ def run_train_size(a: QualityArgs, sizes: Sequence[int]) -> dict:
                       "gain_ci": r["diff_ci"], "seed_std": r["seed_std"],
                       "significant_5pt": bool(r["diff_to_reference"] >= 0.05 and r["diff_ci"][0] > 0)})
     result = {"sizes": table, "summary": s, "cells": info,
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in a.__dict__.items() if k != "log"}}
+              "args": _portable_args(a)}
     (out / "train_size.json").write_text(json.dumps(result, indent=2, default=_json_default))
     zs, po, ch = (s["methods"][m] for m in ("zs_llm", "prior_only", "chance"))
     tasks_h = list(s["n_per_task"])

@@ -33,7 +33,9 @@ from pathlib import Path
 
 #: issue 19: proxy peak RSS / LLM peak RSS
 TARGET_RSS_RATIO = 0.55
-LOCK_PATH = "/tmp/smollm.lock"
+# Optional exclusive lock shared with other heavy model jobs on one machine (each child holds it while it
+# runs, so memory and time are measured alone): a file path in FEDPROXY_BENCH_LOCK, none by default.
+LOCK_PATH = os.environ.get("FEDPROXY_BENCH_LOCK") or None
 _MARK = "FEDPROXY_RSS_JSON "
 
 
@@ -323,9 +325,9 @@ def client_memory(llm_dir: str | Path | None = None, *, proxy_dir: str | Path | 
 
 
 def _home_relative(p: Path) -> str:
-    p = Path(p).resolve()
-    home = Path.home().resolve()
-    return "~/" + str(p.relative_to(home)) if p.is_relative_to(home) else str(p)
+    from fedproxy_secure.pathnames import portable_path
+
+    return portable_path(p)
 
 
 def write_plot(mem: dict, folder: str | Path) -> Path:

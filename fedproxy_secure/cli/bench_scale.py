@@ -28,7 +28,7 @@ def bench_scale(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per point up to n = 100 (medians); larger n run once."),
     skip: Optional[List[str]] = typer.Option(None, "--skip", help="Leave out a part: masking | he (repeatable)."),
     rss: bool = typer.Option(False, "--rss", help="Add client peak RSS: proxy vs LLM LoRA training on SmolLM2, each in a "
-                             "fresh process (minutes; takes the flock /tmp/smollm.lock)."),
+                             "fresh process (minutes; with FEDPROXY_BENCH_LOCK=FILE each child holds that flock)."),
     llm: Optional[Path] = typer.Option(None, "--llm", help="LLM folder for --rss. Default: the SmolLM2-135M folder "
                                        "`data fetch smollm2` writes."),
     rss_batch: int = typer.Option(8, "--rss-batch", min=1, help="Batch size of both sides (--rss)."),

@@ -41,6 +41,16 @@ def tokenize_pair(tokenizer, prompt: str, response: str, max_length: int) -> tup
     return p + r, len(p), truncated
 
 
+def right_padded(seqs: Sequence[Sequence[int]], pad: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of shape ``(len(seqs), width)``: each sequence left-aligned, ``pad`` after it, mask 1 on its tokens."""
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def score_choices(
     logits_fn: LogitsFn, tokenizer, examples: Sequence[MCExample], *, batch_size: int = 16,
@@ -93,12 +103,7 @@ def score_choices_batched(model: torch.nn.Module | Sequence[tuple[torch.nn.Modul
         rows = max(1, max_tokens // max(1, width))
         chunk = order[start : start + rows]
         start += len(chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, k in enumerate(chunk):
-            seq = enc[k][0]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = right_padded([enc[k][0] for k in chunk], pad, width)
         ids, mask = ids.to(device), mask.to(device)
         z = None
         for m, w in parts:
@@ -210,12 +215,7 @@ def score_choices_full(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = max(len(enc[k][0]) for k in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, k in enumerate(chunk):
-            seq = enc[k][0]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = right_padded([enc[k][0] for k in chunk], pad, width)
         logp = torch.log_softmax(logits_fn(ids.to(device), mask.to(device)).float(), dim=-1).cpu()
         for row, k in enumerate(chunk):
             seq, rstart, _ = enc[k]
