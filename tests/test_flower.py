@@ -224,14 +224,18 @@ def test_client_refuses_bundle_with_bad_signature(fed, tmp_path):
     assert out["train"].startswith("SecurityError") and "no verified proxy bundle" in out["train"], out["train"]
 
 
-def test_deployment_client_never_takes_its_keyset_from_the_run_config(fed):
-    from fedproxy_secure.flower.settings import FlowerSettings, client_keyset_path
+def test_deployment_client_never_takes_its_keyset_or_dp_config_from_the_run_config(fed):
+    from fedproxy_secure.flower.settings import FlowerSettings, client_config_path, client_keyset_path
 
     s = FlowerSettings.model_validate(json.loads(fed["settings"].read_text()))
     assert client_keyset_path({"partition-id": 0}, s) == Path(s.keyset)  # simulation runtime
+    assert client_config_path({"partition-id": 0}, s) == Path(s.config)
     assert client_keyset_path({"keyset": "/site/keyset.json"}, s) == Path("/site/keyset.json")
+    assert client_config_path({"fedproxy-config": "/site/fedproxy.yaml"}, s) == Path("/site/fedproxy.yaml")
     with pytest.raises(SecurityError, match="no pinned keyset"):
         client_keyset_path({"data-file": "/site/train.jsonl"}, s)  # a SuperNode without its own keyset
+    with pytest.raises(SecurityError, match="no FedProxy config of its own"):
+        client_config_path({"keyset": "/site/keyset.json"}, s)  # ... or without its own YAML (DP budget)
 
 
 def test_settings_round_trip_and_refuse_unknown_keys(fed):

@@ -36,7 +36,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from fedproxy_secure.errors import ConfigError, FedProxyError, SecurityError
-from fedproxy_secure.flower.settings import FlowerSettings, client_keyset_path, lora_fingerprint
+from fedproxy_secure.flower.settings import FlowerSettings, client_config_path, client_keyset_path, lora_fingerprint
 
 JOIN = "fedproxy.join"
 REVEAL = "fedproxy.sa_reveal"
@@ -73,7 +73,21 @@ def _state_dir(context: Context, settings: FlowerSettings) -> Path:
     return root / f"run{context.run_id}" / f"node{context.node_id}"
 
 
-def _examples(context: Context, cfg) -> list:
+_CACHE: dict[tuple, Any] = {}
+
+
+def _cached(key: tuple, build):
+    """Per-process cache for what every virtual node of one run shares (the run config, the data split)."""
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    value = build()
+    with _LOCK:
+        _CACHE[key] = value
+    return value
+
+
+def _examples(context: Context, cfg, settings: FlowerSettings) -> list:
     """This node's training examples: ``--node-config data-file=...`` (JSONL), else in the simulation
     runtime the SDK's split of the run config's data for ``partition-id`` (what ``simulate`` gives client k)."""
     nc = context.node_config
@@ -86,16 +100,21 @@ def _examples(context: Context, cfg) -> list:
     from fedproxy_secure.pipelines.simulate import split_data
 
     pid = int(nc["partition-id"])
-    client_data = split_data(cfg)[0]
+    path = client_config_path(nc, settings)
+    client_data = _cached(("split", str(path), path.stat().st_mtime), lambda: split_data(cfg)[0])
+    if settings.reuse_partitions:
+        pid %= len(client_data)
     if not 0 <= pid < len(client_data):
         raise ConfigError(f"partition-id {pid} is outside the run config's {len(client_data)} clients (clients.count)")
     return client_data[pid]
 
 
-def _run_cfg(settings: FlowerSettings):
+def _run_cfg(context: Context, settings: FlowerSettings):
+    """This node's FedProxy run config (see :func:`client_config_path` for whose file it is)."""
     from fedproxy_secure.config import load_run_config
 
-    return load_run_config(settings.config)
+    path = client_config_path(context.node_config, settings)
+    return _cached(("cfg", str(path), path.stat().st_mtime), lambda: load_run_config(path))
 
 
 def _node(context: Context, settings: FlowerSettings) -> _Node:
@@ -119,13 +138,13 @@ def _remember(context: Context, settings: FlowerSettings, model, tok, bundle_id:
     import torch
 
     torch.set_num_threads(settings.torch_threads)
-    cfg = _run_cfg(settings)
+    cfg = _run_cfg(context, settings)
     budget = None
     if cfg.dp.enabled:
         from fedproxy_secure.privacy import PrivacyBudget
 
         budget = PrivacyBudget(_state_dir(context, settings) / "privacy_budget.json", cfg.dp.epsilon, cfg.dp.delta)
-    node = _Node(model, tok, bundle_id, _examples(context, cfg), budget)
+    node = _Node(model, tok, bundle_id, _examples(context, cfg, settings), budget)
     with _LOCK:
         _NODES[(context.run_id, context.node_id)] = node
     return node
@@ -200,7 +219,7 @@ def handle_train(msg: Message, context: Context, bound: FlowerSettings | None = 
     from fedproxy_secure.aggregate.hties import HTiesParams
 
     settings = _settings(context, bound)
-    cfg = _run_cfg(settings)
+    cfg = _run_cfg(context, settings)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     fc = dict(fitins.config)
     arrays = parameters_to_ndarrays(fitins.parameters)

@@ -264,6 +264,7 @@ def run_fedproxy(grid: Grid, context: Context, settings: FlowerSettings, say: Ca
     rnd = _Round(grid, context, settings, ids)
     t0 = time.time()
     accepted, join_records = join(rnd, blobs)
+    join_seconds = round(time.time() - t0, 2)
     say(f"join: {len(accepted)}/{len(ids)} nodes verified the bundle ({sum(len(b) for b in blobs.values())} bytes) "
         f"in {time.time() - t0:.1f}s")
     if len(accepted) < settings.min_clients:
@@ -303,7 +304,8 @@ def run_fedproxy(grid: Grid, context: Context, settings: FlowerSettings, say: Ca
     set_lora_vector(model, theta)
     results: dict[str, Any] = {
         "name": cfg.name, "runtime": "flower", "secure": settings.secure, "aggregator": cfg.aggregator.name,
-        "nodes": len(ids), "accepted": len(accepted), "join": join_records, "rounds": rounds,
+        "nodes": len(ids), "accepted": len(accepted), "join_seconds": join_seconds, "join": join_records,
+        "rounds": rounds,
         "bundle": {"bundle_id": json.loads((bundle_dir / "MANIFEST.json").read_bytes())["bundle_id"],
                    "bytes": sum(len(b) for b in blobs.values())},
     }

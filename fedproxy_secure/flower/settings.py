@@ -4,10 +4,12 @@ Flower passes ``context.run_config`` (from ``[tool.flwr.app.config]`` and ``flwr
 and ``context.node_config`` (per SuperNode, ``--node-config``) as flat ``str -> scalar`` maps; this
 module turns them into a validated :class:`FlowerSettings` and refuses unknown keys.
 
-Trust rule (enforced in :func:`client_keyset_path`): the keyset a client verifies the bundle
-against is *pinned by the site*. In the deployment runtime it must come from the SuperNode's
-``--node-config keyset=...``; the run config (written by whoever submits the run) is only used in
-the simulation runtime, where server and clients are one operator's processes on one machine.
+Trust rule (enforced in :func:`client_keyset_path` and :func:`client_config_path`): the keyset a
+client verifies the bundle against, and the FedProxy run YAML it takes its own DP budget, LoRA
+shape and device from, are *the site's*. In the deployment runtime they must come from the
+SuperNode's ``--node-config 'keyset=... fedproxy-config=...'``; the run config (written by whoever
+submits the run) is used for them only in the simulation runtime, where server and clients are one
+operator's processes on one machine.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _RUN_KEYS = {
     "reconstruction-threshold": "reconstruction_threshold", "clipping-range": "clipping_range",
     "quantization-range": "quantization_range", "min-clients": "min_clients", "bundle-valid-days": "bundle_valid_days",
     "bundle-version": "bundle_version", "torch-threads": "torch_threads", "evaluate": "evaluate",
-    "timeout-s": "timeout_s",
+    "timeout-s": "timeout_s", "reuse-partitions": "reuse_partitions",
 }
 
 
@@ -61,6 +63,8 @@ class FlowerSettings(BaseModel):
     torch_threads: int = Field(1, ge=1)
     evaluate: bool = True
     timeout_s: Optional[float] = Field(None, gt=0)
+    reuse_partitions: bool = Field(False, description="simulation scale runs only: virtual node p trains on "
+                                   "partition p mod clients.count (several nodes share one site's data)")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], base: Path | None = None) -> "FlowerSettings":
@@ -116,6 +120,20 @@ def client_keyset_path(node_config: Mapping[str, Any], settings: FlowerSettings)
         return settings.keyset  # simulation runtime: one operator, one machine
     raise SecurityError("this SuperNode has no pinned keyset: start it with --node-config 'keyset=\"/path/keyset.json\"' "
                         "(the run config is written by the server side and is never a client's trust anchor)")
+
+
+def client_config_path(node_config: Mapping[str, Any], settings: FlowerSettings) -> Path:
+    """The FedProxy run YAML a client reads its own settings from (DP, LoRA, device, data split).
+
+    Same rule as :func:`client_keyset_path`; raises SecurityError on a SuperNode without
+    ``--node-config fedproxy-config=...`` in the deployment runtime.
+    """
+    if node_config.get("fedproxy-config"):
+        return Path(str(node_config["fedproxy-config"]))
+    if "partition-id" in node_config:
+        return settings.config
+    raise SecurityError("this SuperNode has no FedProxy config of its own: start it with --node-config "
+                        "'fedproxy-config=\"/path/site.yaml\"' (a client never takes its DP budget from the run config)")
 
 
 def lora_fingerprint(cfg) -> str:
