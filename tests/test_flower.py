@@ -249,3 +249,19 @@ def test_settings_round_trip_and_refuse_unknown_keys(fed):
         FlowerSettings.from_run_config({"fedproxy-config": "x.yaml", "secagg": "on"})
     with pytest.raises(ConfigError):
         FlowerSettings.from_run_config({"fedproxy-config": "x.yaml", "secure": "plaintext-please"})
+
+
+def test_import_contract_keeps_the_sdk_free_of_flower(tmp_path):
+    """pyproject's contract 'the SDK never imports the Flower app or flwr' breaks when an SDK module
+    imports fedproxy_secure.flower (the extra stays optional: the SDK runs without flwr)."""
+    shutil.copytree(ROOT / "fedproxy_secure", tmp_path / "fedproxy_secure",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    mod = tmp_path / "fedproxy_secure" / "aggregate" / "fedavg.py"
+    mod.write_text(mod.read_text() + "\nimport fedproxy_secure.flower.settings  # deliberately bad\n")
+    lint = Path(sys.executable).with_name("lint-imports")
+    r = subprocess.run([str(lint), str(tmp_path / "pyproject.toml"), "--no-cache"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(tmp_path)})
+    assert r.returncode != 0
+    assert "the SDK never imports the Flower app or flwr" in r.stdout and "BROKEN" in r.stdout, r.stdout[-2000:]
+    assert "fedproxy_secure.aggregate.fedavg -> fedproxy_secure.flower.settings" in r.stdout
