@@ -295,7 +295,9 @@ def client_memory(llm_dir: str | Path | None = None, *, proxy_dir: str | Path | 
             "batch": b, "seq": seq, "steps": steps, "threads": threads, "dp": dp, "ffa": ffa,
             "proxy": p, "llm": q,
             "ratio_peak_rss": p["peak_rss_bytes"] / q["peak_rss_bytes"],
-            "ratio_without_fixed": (p["peak_rss_bytes"] - p["fixed_bytes"]) / (q["peak_rss_bytes"] - q["fixed_bytes"]),
+            # None when training added nothing measurable above the fixed part (tiny models: RSS granularity)
+            "ratio_without_fixed": ((p["peak_rss_bytes"] - p["fixed_bytes"]) / (q["peak_rss_bytes"] - q["fixed_bytes"])
+                                    if q["peak_rss_bytes"] > q["fixed_bytes"] else None),
             "logits_bytes": rep_l["logits_bytes"],
             "per_block": {
                 "params": rep_l["params_per_block"],
