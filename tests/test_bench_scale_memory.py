@@ -39,7 +39,8 @@ def test_each_side_is_a_fresh_process_through_the_trainer_with_the_same_shape(me
         for s in (p, q):
             assert len(s["step_s"]) == 2 and np.isfinite(s["final_loss"])
             # the kernel's figure for the child is at least what the child saw of itself at every phase
-            assert s["peak_rss_bytes"] >= max(s["step_maxrss_bytes"]) > s["fixed_bytes"] > 0
+            # (training a tiny model may add nothing measurable above the fixed part: >=, not >)
+            assert s["peak_rss_bytes"] >= max(s["step_maxrss_bytes"]) >= s["fixed_bytes"] > 0
         assert pt["ratio_peak_rss"] == pytest.approx(p["peak_rss_bytes"] / q["peak_rss_bytes"])
         assert pt["per_block"]["params"] * 8 + pt["outside_blocks"]["params"] == pt["model"]["params_llm"]
     assert mem["target"]["measured"] == mem["points"][0]["ratio_peak_rss"]
