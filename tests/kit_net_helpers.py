@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.net_helpers import free_port
+from tests.net_helpers import free_port, masking_settings
 
 
 def free_port_pair() -> int:
@@ -31,11 +31,8 @@ def make_kit_server(tmp: Path, n_sites: int, **settings) -> tuple[Path, int, lis
     from fedproxy_secure.server.setup import init_server, server_paths
 
     port = free_port_pair()
-    base = dict(rounds=1, min_clients=3, threshold=2, mode="masking", dim=8, clip_norm=1.0,
-                deadlines={"join": 20, "advertise": 20, "share": 6, "masked_input": 6, "consistency": 6, "unmask": 6})
-    base.update(settings)
     d = tmp / "srv"
-    init_server(d, FederationSettings.from_dict(base))
+    init_server(d, FederationSettings.from_dict(masking_settings(**({"rounds": 1} | settings))))
     save_keyset(create_keyset(generate_key()), server_paths(d)["keyset"])
     data = tmp / "data.jsonl"
     data.write_text('{"prompt": "Q", "response": "A"}\n')

@@ -23,16 +23,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def masking_settings(**overrides) -> dict:
+    """A small masking federation's settings (3 sites, t = 2, dim 8, short deadlines) with ``overrides``."""
+    base = dict(rounds=2, min_clients=3, threshold=2, mode="masking", dim=8, clip_norm=1.0,
+                deadlines={"join": 20, "advertise": 20, "share": 6, "masked_input": 6, "consistency": 6, "unmask": 6})
+    return base | overrides
+
+
 def make_server(tmp: Path, n_sites: int, **settings) -> tuple[Path, int]:
     from fedproxy_secure.protocol.settings import FederationSettings
     from fedproxy_secure.server.setup import enroll_site, init_server
 
     port = free_port()
-    base = dict(rounds=2, min_clients=3, threshold=2, mode="masking", dim=8, clip_norm=1.0,
-                deadlines={"join": 20, "advertise": 20, "share": 6, "masked_input": 6, "consistency": 6, "unmask": 6})
-    base.update(settings)
     d = tmp / "srv"
-    init_server(d, FederationSettings.from_dict(base))
+    init_server(d, FederationSettings.from_dict(masking_settings(**settings)))
     for i in range(n_sites):
         enroll_site(d, f"site{i}", f"https://127.0.0.1:{port}")
     return d, port

@@ -19,6 +19,7 @@ from fedproxy_secure.fuse.served import build_shared_proxy
 from fedproxy_secure.fuse.signed import verify_fused_folder
 from fedproxy_secure.models import load_causal_lm, set_decoder_blocks
 from fedproxy_secure.models.tiny import save_tiny_llm
+from tests.artifacts_helpers import flip_byte
 
 SPEC = TinyModelSpec(layers=6, hidden=32, heads=4, intermediate=64, vocab=300, seed=5)
 KEEP = [0, 2, 3, 5]
@@ -166,10 +167,7 @@ def test_signature_verifies_and_tampering_or_wrong_key_is_refused_before_load(en
     # a flipped byte in the adapter
     bad = tmp_path / "bad"
     shutil.copytree(env["out"], bad)
-    f = bad / "adapter" / "adapter_model.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-1] ^= 1
-    f.write_bytes(bytes(data))
+    flip_byte(bad / "adapter" / "adapter_model.safetensors")
     with pytest.raises(SecurityError, match="tampered"):
         load_fused(bad, env["ks"])
     # an edited beta in fused.json

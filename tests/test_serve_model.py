@@ -36,6 +36,7 @@ from fedproxy_secure.server.serve_policy import (
 from fedproxy_secure.server.setup import init_server, server_paths
 from fedproxy_secure.server.store import SQLiteStore
 from fedproxy_secure.transport.pki import CertPair, create_ca, issue_client_cert
+from tests.artifacts_helpers import flip_byte
 
 SPEC = TinyModelSpec(layers=4, hidden=32, heads=4, intermediate=64, vocab=300, seed=7)
 KEEP = [0, 2, 3]
@@ -311,10 +312,7 @@ def test_the_model_is_loaded_only_after_its_signature_verifies(svc, tmp_path):
         load_serve_context(svc["fused"], svc["d"], parse_serve_settings({}), keyset=wrong)
     bad = tmp_path / "fused"
     shutil.copytree(svc["fused"], bad)
-    f = bad / "adapter" / "adapter_model.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-1] ^= 1
-    f.write_bytes(bytes(data))
+    flip_byte(bad / "adapter" / "adapter_model.safetensors")
     with pytest.raises(SecurityError, match="tampered"):
         load_serve_context(bad, svc["d"], parse_serve_settings({}))
     with pytest.raises(ConfigError, match="--keyset"):

@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedproxy_secure.pathnames import portable_path
+
 #: issue 19: proxy peak RSS / LLM peak RSS
 TARGET_RSS_RATIO = 0.55
 # Optional exclusive lock shared with other heavy model jobs on one machine (each child holds it while it
@@ -318,18 +320,12 @@ def client_memory(llm_dir: str | Path | None = None, *, proxy_dir: str | Path | 
         })
     head = points[0]
     return {
-        "llm_dir": _home_relative(llm_dir), "proxy_dir": _home_relative(proxy_dir),
+        "llm_dir": portable_path(llm_dir), "proxy_dir": portable_path(proxy_dir),
         "proxy_layer_map": built["layer_map"], "keep_ratio": keep_ratio,
         "points": points,
         "target": {"measured": head["ratio_peak_rss"], "target": TARGET_RSS_RATIO,
                    "met": head["ratio_peak_rss"] <= TARGET_RSS_RATIO, "batch": head["batch"], "seq": seq},
     }
-
-
-def _home_relative(p: Path) -> str:
-    from fedproxy_secure.pathnames import portable_path
-
-    return portable_path(p)
 
 
 def write_plot(mem: dict, folder: str | Path) -> Path:

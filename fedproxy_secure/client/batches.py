@@ -89,10 +89,13 @@ def make_batches(items: Sequence[Encoded], batch_size: int, pad_id: int, *, gene
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over each example's labelled (answer) tokens, shape ``(B,)``."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    tok = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none")
-    valid = (shift_labels != IGNORE).to(tok.dtype)
+    return _mean_answer_ce(logits[:, :-1, :], labels[:, 1:])
+
+
+def _mean_answer_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row mean cross-entropy of ``logits`` (B, T, V) against ``targets`` (B, T) over non-IGNORE targets."""
+    tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    valid = (targets != IGNORE).to(tok.dtype)
     return (tok * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
 
@@ -121,7 +124,4 @@ def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     logits = out.logits
     if logits.shape[1] != len(pos):  # the model ignored the argument: score the full sequence
         return per_example_loss(logits, labels)
-    tgt = labels[:, 1:][:, pos.to(labels.device)]
-    tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tgt.clamp(min=0), reduction="none")
-    valid = (tgt != IGNORE).to(tok.dtype)
-    return (tok * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+    return _mean_answer_ce(logits, labels[:, 1:][:, pos.to(labels.device)])
