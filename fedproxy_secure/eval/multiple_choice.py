@@ -41,6 +41,14 @@ def tokenize_pair(tokenizer, prompt: str, response: str, max_length: int) -> tup
     return p + r, len(p), truncated
 
 
+def _choice_sequences(tokenizer, examples: Sequence[MCExample], max_length: int):
+    """``(pairs, enc, order)``: every (example, choice) pair, its :func:`tokenize_pair` encoding, and the
+    pair indices longest first (length-sorted batches pad less)."""
+    pairs = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
+    enc = [tokenize_pair(tokenizer, examples[i].prompt, examples[i].choices[c], max_length) for i, c in pairs]
+    return pairs, enc, sorted(range(len(enc)), key=lambda k: -len(enc[k][0]))
+
+
 def right_padded(seqs: Sequence[Sequence[int]], pad: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)`` of shape ``(len(seqs), width)``: each sequence left-aligned, ``pad`` after it, mask 1 on its tokens."""
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -92,9 +100,7 @@ def score_choices_batched(model: torch.nn.Module | Sequence[tuple[torch.nn.Modul
     the logits of the real tokens of a causal model).
     """
     parts = [(model, 1.0)] if isinstance(model, torch.nn.Module) else list(model)
-    pairs = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
-    enc = [tokenize_pair(tokenizer, examples[i].prompt, examples[i].choices[c], max_length) for i, c in pairs]
-    order = sorted(range(len(enc)), key=lambda k: -len(enc[k][0]))
+    pairs, enc, order = _choice_sequences(tokenizer, examples, max_length)
     scores = [[0.0] * len(ex.choices) for ex in examples]
     pad = tokenizer.pad_token_id or 0
     start = 0
@@ -207,9 +213,7 @@ def score_choices_full(
     max_length: int = 512, device: str | torch.device = "cpu", normalize: bool = False,
 ) -> list[list[float]]:
     """:func:`score_choices` with one padded sequence per (example, choice), for any logits function."""
-    pairs = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
-    enc = [tokenize_pair(tokenizer, examples[i].prompt, examples[i].choices[c], max_length) for i, c in pairs]
-    order = sorted(range(len(enc)), key=lambda k: -len(enc[k][0]))  # length-sorted batches pad less
+    pairs, enc, order = _choice_sequences(tokenizer, examples, max_length)
     scores = [[0.0] * len(ex.choices) for ex in examples]
     pad = tokenizer.pad_token_id or 0
     for start in range(0, len(order), batch_size):
