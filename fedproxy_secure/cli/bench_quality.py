@@ -27,7 +27,7 @@ def _ints(s: str | None, flag: str) -> list[int] | None:
 @bench_app.command("quality")
 def bench_quality(
     llm: Path = typer.Option(..., "--llm", help="LLM folder (HF, safetensors), e.g. from `data fetch smollm2`"),
-    data_dir: Path = typer.Option(..., "--data-dir", help="folder of BIG-bench-format task files (<task>.json)"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="folder of BIG-bench-format task files (<task>.json) or vendored:bigbench / vendored:bigbench-skill; default: the vendored tasks (the 8 dev tasks without --tasks)"),
     out: Path = typer.Option(..., "--out", help="output folder (cells are cached here: re-running resumes)"),
     tasks: str = typer.Option(None, "--tasks", help="comma-separated task names (default: every task in --data-dir)"),
     clients: int = typer.Option(8, "--clients", min=2),
@@ -44,7 +44,7 @@ def bench_quality(
     seeds: str = typer.Option("0", "--seeds", help="training seeds, e.g. 0,1,2 (the test split stays fixed)"),
     train_sizes: str = typer.Option(None, "--train-sizes", help="instead of the method table: centralized gain vs training examples per task, e.g. 50,200,800"),
     prompt_format: str = typer.Option("reference", "--prompt-format", help="reference (no choice: lines, answers with a leading space) or bigbench"),
-    calib_dir: Path = typer.Option(None, "--calib-dir", help="server calibration tasks folder (default: fetched BIG-bench tasks no client holds)"),
+    calib_dir: Path = typer.Option(None, "--calib-dir", help="server calibration tasks folder, every task in it, none a client task (default: the vendored set no client holds, e.g. vendored:bigbench-skill for the dev tasks)"),
     fusion: str = typer.Option("logit", "--fusion", help="plug-in of the BI-proxy methods: logit | weight"),
     distill: bool = typer.Option(False, "--distill/--no-distill", help="distil the BI proxy towards the LLM first"),
     distill_steps: int = typer.Option(0, "--distill-steps"),
@@ -58,19 +58,21 @@ def bench_quality(
     import torch
 
     from fedproxy_secure.cli.common import exit_codes
-    from fedproxy_secure.data.fetch import fetch_bigbench
+    from fedproxy_secure.data import list_tasks
+    from fedproxy_secure.data.resolve import resolve_task_dir, server_task_dir
 
     with exit_codes():
         if threads:
             torch.set_num_threads(threads)
         q = load_benchmark("quality")
-        cal = calib_dir or fetch_bigbench(q.DEFAULT_CALIB_TASKS)
+        data_dir = resolve_task_dir(_csv(tasks), data_dir, field="--data-dir")
+        cal, cal_tasks = server_task_dir(_csv(tasks) or list_tasks(data_dir), None, calib_dir, field="--calib-dir")
         args = q.QualityArgs(
             llm=llm, data_dir=data_dir, out=out, tasks=_csv(tasks), clients=clients, rounds=rounds,
             local_steps=local_steps, batch_size=batch_size, lr=lr, centralized_lr=centralized_lr,
             centralized_epochs=centralized_epochs or None, limit_train=limit_train, limit_test=limit_test,
             methods=_csv(methods) or q.ALL_METHODS, settings=_csv(settings) or ["hetero"],
-            seeds=_ints(seeds, "--seeds") or [0], prompt_format=prompt_format, calib_dir=cal, fusion=fusion,
+            seeds=_ints(seeds, "--seeds") or [0], prompt_format=prompt_format, calib_dir=cal, calib_tasks=cal_tasks, fusion=fusion,
             distill=distill, distill_steps=distill_steps, max_length=max_length, n_boot=n_boot, score_cache=score_cache, device=device,
             log=lambda m: console.print(f"[dim]{m}[/]"),
         )
