@@ -8,8 +8,9 @@ time to expand the same number of ChaCha20 streams (k + 1 per client: k pairwise
 self mask) of P values. The target row repeats n = 10 with a large P, where fixed costs (key
 agreement, Shamir, AEAD) no longer hide the per-value cost.
 
-HE: CKKS encryption µs/value through the project's :class:`ClientEncryptor` with TenSEAL's thread
-pool (``n_threads`` of the context), and the bytes per value of the envelope a client sends.
+HE: CKKS encryption and decryption µs/value through the project's :class:`ClientEncryptor` and
+:class:`KeyHolder` with 1 and more worker processes (:mod:`fedproxy_secure.secagg.he_workers`),
+interleaved in one run, and the bytes per value of the envelope a client sends.
 
 Timings are medians over ``repeats`` interleaved runs on whatever else the machine is doing.
 """
@@ -98,39 +99,73 @@ def masking_point(n: int, values: int, *, complete: bool = False, repeats: int =
     }
 
 
-def he_point(values: int, threads: int, clients: int = 3, seed: int = 0) -> dict:
-    """CKKS encryption µs/value and envelope bytes/value with a context of ``threads`` threads.
+def he_point(values: int, workers: Iterable[int] = (1, 2), repeats: int = 5, seed: int = 0) -> list[dict]:
+    """CKKS encrypt and decrypt µs/value and envelope bytes/value for each worker count, side by side.
 
-    Guarantees: the project's own :class:`ClientEncryptor` and default parameters (public-key
-    encryption); only the context's TenSEAL thread pool differs. Median over ``clients`` vectors.
+    Guarantees: the project's own :class:`ClientEncryptor` / :meth:`KeyHolder.decrypt_aggregate` with
+    default parameters (public-key encryption) and the shipped wire format; only ``workers`` (the
+    process pool of :mod:`fedproxy_secure.secagg.he_workers`) differs. Each pool is started and
+    warmed (contexts loaded) before timing, as a client keeps it across rounds. The counts are
+    interleaved within every repeat, so a load change on the machine hits all of them alike; each
+    row reports the median and the best of ``repeats``, and every envelope the bench times is
+    decrypted and checked against the plaintext (``max_abs_error``).
     """
-    import tenseal as ts
-
-    from fedproxy_secure.secagg.he import ClientEncryptor, KeyHolder
+    from fedproxy_secure.secagg import he_workers
+    from fedproxy_secure.secagg.he import ClientEncryptor, KeyHolder, ServerAggregatorHE
     from fedproxy_secure.secagg.he_params import validate_params
 
+    workers = [int(w) for w in workers]
     params = validate_params(encryption="public")
     kh = KeyHolder(params)
-    desc = kh.public_descriptor()
-    probe = ClientEncryptor(desc, clip=1.0)
-    ctx = ts.context_from(probe.public.context_bytes, n_threads=threads)
-    ctx.global_scale = 2.0**params.scale_bits
-    enc = ClientEncryptor(desc, clip=1.0, _ctx=ctx)
-    rng = np.random.default_rng(seed)
-    times, sizes = [], []
-    for i in range(clients):
-        x = rng.uniform(-1, 1, values)
-        t0 = time.perf_counter()
-        env = enc.encrypt(x, session_id=b"bench-scale-he", client_id=i + 1)
-        times.append(time.perf_counter() - t0)
-        sizes.append(len(env))
-    return {
-        "values": values,
-        "threads": threads,
-        "encrypt_us_per_value": statistics.median(times) / values * 1e6,
-        "bytes_per_value": statistics.median(sizes) / values,
-        "clients": clients,
-    }
+    server = ServerAggregatorHE(kh.public_descriptor())
+    kh.server_public_key = server.public_key_bytes()
+    x = np.random.default_rng(seed).uniform(-1, 1, values)
+    encs = {w: ClientEncryptor(kh.public_descriptor(), clip=1.0, workers=w) for w in workers}
+    for w in workers:  # warm: children started and holding the context
+        encs[w].encrypt(x[: 3 * params.slots], session_id=b"bench-scale-he/warm", client_id=1)
+    enc_t: dict[int, list[float]] = {w: [] for w in workers}
+    dec_t: dict[int, list[float]] = {w: [] for w in workers}
+    sizes: dict[int, int] = {}
+    errors: dict[int, float] = {w: 0.0 for w in workers}
+    for r in range(repeats):
+        order = workers if r % 2 == 0 else workers[::-1]
+        envs = {}
+        for w in order:
+            sid = f"bench-scale-he/{r}/{w}".encode()
+            t0 = time.perf_counter()
+            envs[w] = encs[w].encrypt(x, session_id=sid, client_id=1)
+            enc_t[w].append(time.perf_counter() - t0)
+            sizes[w] = len(envs[w])
+        for w in order:  # one-client aggregate of the envelope just timed, decrypted by each pool size
+            sid = f"bench-scale-he/{r}/{w}".encode()
+            server.start_round(sid, values)
+            server.submit(1, envs[w])
+            agg, st, sig = server.finish(1)
+            kh.workers = w
+            t0 = time.perf_counter()
+            got = kh.decrypt_aggregate(agg, st, sig, session_id=sid, threshold=1)
+            dec_t[w].append(time.perf_counter() - t0)
+            errors[w] = max(errors[w], float(np.abs(got - x).max()))
+    rows = []
+    for w in workers:
+        rows.append({
+            "values": values, "workers": w, "threads": w, "repeats": repeats,
+            "encrypt_us_per_value": statistics.median(enc_t[w]) / values * 1e6,
+            "encrypt_us_per_value_best": min(enc_t[w]) / values * 1e6,
+            "decrypt_us_per_value": statistics.median(dec_t[w]) / values * 1e6,
+            "decrypt_us_per_value_best": min(dec_t[w]) / values * 1e6,
+            "bytes_per_value": sizes[w] / values, "max_abs_error": errors[w],
+            "tolerance": kh.flooding.tolerance(params, 1),
+        })
+    base = rows[0]
+    for row in rows:
+        row["encrypt_speedup_vs_first"] = base["encrypt_us_per_value"] / row["encrypt_us_per_value"]
+        row["decrypt_speedup_vs_first"] = base["decrypt_us_per_value"] / row["decrypt_us_per_value"]
+    for w in workers:
+        pool = he_workers.shared_workers(w)
+        if pool is not None:
+            pool.close()
+    return rows
 
 
 PARTS = ("masking", "he", "rss")
@@ -143,6 +178,7 @@ def run_scale_bench(
     he_values: int = 100_000,
     he_threads: Iterable[int] = (1, 2),
     repeats: int = 3,
+    he_repeats: int = 5,
     seed: int = 0,
     parts: Iterable[str] = ("masking", "he"),
     he_explore: bool = False,
@@ -176,7 +212,7 @@ def run_scale_bench(
                                  if target_values else None)
         out["log_growth"] = _log_growth(default)
     if "he" in parts:
-        out["he"] = [he_point(he_values, int(th)) for th in he_threads]
+        out["he"] = he_point(he_values, tuple(int(w) for w in he_threads), repeats=he_repeats, seed=seed)
         if he_explore:
             from fedproxy_secure.bench.scale_he import explore
 
@@ -202,7 +238,7 @@ def compute_targets(result: dict) -> dict:
     if he:
         best_he = min(he, key=lambda r: r["encrypt_us_per_value"])
         targets["he_encrypt_us_per_value"] = {
-            "measured": best_he["encrypt_us_per_value"], "threads": best_he["threads"],
+            "measured": best_he["encrypt_us_per_value"], "workers": best_he.get("workers", best_he.get("threads")),
             "target": TARGET_HE_US_PER_VALUE, "met": best_he["encrypt_us_per_value"] <= TARGET_HE_US_PER_VALUE}
         targets["he_bytes_per_value"] = {
             "measured": best_he["bytes_per_value"], "target": TARGET_HE_BYTES_PER_VALUE,
@@ -302,11 +338,15 @@ def write_plots(result: dict, folder: str | Path) -> list[Path]:
     if result.get("he"):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         he = result["he"]
-        ax.plot([r["threads"] for r in he], [r["encrypt_us_per_value"] for r in he], marker="o", label="encrypt")
-        ax.axhline(TARGET_HE_US_PER_VALUE, color="grey", ls="--", label="target")
-        ax.set_xlabel("TenSEAL n_threads")
+        xs = [r.get("workers", r.get("threads")) for r in he]
+        ax.plot(xs, [r["encrypt_us_per_value"] for r in he], marker="o", label="encrypt (median)")
+        if all("decrypt_us_per_value" in r for r in he):
+            ax.plot(xs, [r["decrypt_us_per_value"] for r in he], marker="s", label="decrypt (median)")
+        ax.axhline(TARGET_HE_US_PER_VALUE, color="grey", ls="--", label="encrypt target")
+        ax.set_xticks(xs)
+        ax.set_xlabel("worker processes")
         ax.set_ylabel("µs per value")
-        ax.set_title(f"HE encrypt, {he[0]['values']:,} values, {he[0]['bytes_per_value']:.1f} B/value")
+        ax.set_title(f"HE, {he[0]['values']:,} values, {he[0]['bytes_per_value']:.1f} B/value")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -326,12 +366,19 @@ def print_table(result: dict, console=None) -> None:
     if result.get("masking"):
         _print_masking(result, console)
     if result.get("he"):
-        he = Table(title="HE (CKKS) encryption with TenSEAL's thread pool (shipped ClientEncryptor)")
-        for col in ("values", "n_threads", "µs/value", "B/value"):
+        he = Table(title="HE (CKKS): shipped ClientEncryptor / KeyHolder with worker processes, side by side "
+                         "(median of interleaved repeats; best in brackets)")
+        for col in ("values", "workers", "encrypt µs/value", "speedup", "decrypt µs/value", "speedup", "B/value",
+                    "max err"):
             he.add_column(col, justify="right")
         for r in result["he"]:
-            he.add_row(f"{r['values']:,}", str(r["threads"]), f"{r['encrypt_us_per_value']:.3f}",
-                       f"{r['bytes_per_value']:.2f}")
+            dec = (f"{r['decrypt_us_per_value']:.3f} ({r['decrypt_us_per_value_best']:.3f})"
+                   if "decrypt_us_per_value" in r else "-")
+            he.add_row(f"{r['values']:,}", str(r.get("workers", r.get("threads"))),
+                       f"{r['encrypt_us_per_value']:.3f} ({r.get('encrypt_us_per_value_best', r['encrypt_us_per_value']):.3f})",
+                       f"{r.get('encrypt_speedup_vs_first', 1.0):.2f}x", dec,
+                       f"{r.get('decrypt_speedup_vs_first', 1.0):.2f}x", f"{r['bytes_per_value']:.2f}",
+                       f"{r.get('max_abs_error', float('nan')):.1e}")
         console.print(he)
     if result.get("he_explore"):
         from fedproxy_secure.bench.scale_he import print_table as print_he

@@ -21,8 +21,10 @@ def bench_scale(
     target_values: int = typer.Option(1_000_000, "--target-values", min=0,
                                       help="P of the n = 10 row checked against the 1.2x PRG-limit target (0: skip)."),
     he_values: int = typer.Option(100_000, "--he-values", min=1, help="Values per HE encryption."),
-    he_threads: Optional[List[int]] = typer.Option(None, "--he-threads", min=1,
-                                                   help="TenSEAL n_threads (repeatable). Default: 1 and 2."),
+    he_threads: Optional[List[int]] = typer.Option(None, "--he-workers", "--he-threads", min=1,
+                                                   help="HE worker processes, measured side by side (repeatable; "
+                                                   "--he-explore uses them as TenSEAL n_threads). Default: 1 and 2."),
+    he_repeats: int = typer.Option(5, "--he-repeats", min=1, help="Interleaved HE runs per worker count (medians)."),
     he_explore: bool = typer.Option(False, "--he-explore", help="Also time the HE encodings tried for the 1 µs/value target "
                                     "(ckks_vector vs batched CKKSTensor, N 4096/8192, per thread count)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per point up to n = 100 (medians); larger n run once."),
@@ -60,6 +62,7 @@ def bench_scale(
     try:
         result = mod.run_scale_bench(sizes=sizes or (10, 100, 1000), values=values, target_values=target_values,
                                      he_values=he_values, he_threads=he_threads or (1, 2), repeats=repeats,
+                                     he_repeats=he_repeats,
                                      parts=parts, he_explore=he_explore, rss=rss_kw)
     except (FileNotFoundError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)

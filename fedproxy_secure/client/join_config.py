@@ -9,6 +9,7 @@ Example (paths are relative to the YAML file)::
     keyset: keyset.json             # the operator's keyset, pinned: the proxy bundle is verified against it
     dp: {enabled: true, epsilon: 8.0, delta: 1.0e-5, max_grad_norm: 1.0}
     threads: 1                      # torch threads (several clients on one machine must split the cores)
+    he_workers: 2                   # HE mode: processes encrypting/decrypting ciphertexts (default: every core)
     upload_threshold: 4194304       # stage messages above this many bytes go as resumable chunked uploads
     server_retry_s: 120             # keep retrying an unreachable server this long, then stop with its URL
     policy:                         # what a signed round config must satisfy before this site trains
@@ -53,6 +54,8 @@ class ClientJoinConfig(BaseModel):
     dp: DPConfig = DPConfig()
     budget_file: str = "privacy_budget.json"
     threads: int = Field(1, ge=1)
+    he_workers: Optional[int] = Field(None, ge=1, description="HE mode: processes that encrypt (and, on the key "
+                                      "holder, decrypt) ciphertext chunks in parallel; unset = os.cpu_count()")
     device: str = "cpu"
     scale: float = Field(0.1, gt=0, description="synthetic trainer only: update scale")
     upload_threshold: int = Field(4 << 20, ge=1, description="stage messages above this many bytes go as "

@@ -18,7 +18,11 @@ from fedproxy_secure.client.upload import DEFAULT_THRESHOLD
 
 def run_from_config(cfg, server: str | None = None, log=None, die_at=None, max_wait_s: float = 3600.0):
     """Join with a validated :class:`ClientJoinConfig`: the synthetic trainer, or fetch + verify the
-    proxy bundle over the API, load the site's data and train LoRA each round."""
+    proxy bundle over the API, load the site's data and train LoRA each round. HE rounds encrypt on
+    ``cfg.he_workers`` processes (every core when unset)."""
+    from fedproxy_secure.secagg.he_workers import set_default_workers
+
+    set_default_workers(cfg.he_workers)
     if cfg.trainer == "synthetic":
         return join_federation(cfg.enrolment, cfg.state_dir, synthetic_train_fn(cfg.seed, cfg.scale), server,
                                log=log, die_at=die_at, max_wait_s=max_wait_s, upload_threshold=cfg.upload_threshold,

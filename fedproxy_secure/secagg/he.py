@@ -9,7 +9,9 @@ Roles (DESIGN.md section 4):
   it floods it with Gaussian noise and rounds it (CKKS IND-CPA-D, eprint 2020/1533).
 * :class:`ClientEncryptor` - encrypts one client's vector into an envelope (msgpack: a header
   binding it to the context fingerprint, the round and the client, then one ciphertext per 4096
-  values).
+  values). The chunks are independent: with ``workers`` > 1 they are encrypted by that many
+  processes (:mod:`fedproxy_secure.secagg.he_workers`), same wire format; the key holder decrypts
+  the aggregate's chunks the same way.
 * :class:`ServerAggregatorHE` - holds only the public descriptor (it refuses one that carries a
   secret key), strictly parses envelopes, adds ciphertexts (integer weights by double-and-add, so
   no plaintext multiplication level is needed) and signs the statement of who contributed.
@@ -37,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
+from fedproxy_secure.secagg import he_workers
 from fedproxy_secure.secagg.base import DropoutPlan, SecureSumResult
 from fedproxy_secure.secagg.he_params import CKKSParams, check_capacity, validate_params
 
@@ -277,6 +280,8 @@ class KeyHolder:
             use_bin_type=True,
         )
         self.decryptions = 0
+        self.workers: int | None = None  # processes that decrypt the chunks (None: he_workers.default_workers())
+        self._secret_bytes: bytes | None = None  # serialised secret context, for those worker processes only
 
     # -- enrolment -------------------------------------------------------------------------
     def public_descriptor(self) -> bytes:
@@ -308,7 +313,7 @@ class KeyHolder:
 
     def encryptor(self) -> "ClientEncryptor":
         """An encryptor for a client holding this key (required for ``symmetric`` encryption)."""
-        return ClientEncryptor(self._descriptor, _ctx=self._ctx)
+        return ClientEncryptor(self._descriptor, workers=self.workers, _ctx=self._ctx)
 
     # -- decryption --------------------------------------------------------------------------
     def decrypt_aggregate(
@@ -369,12 +374,14 @@ class KeyHolder:
             raise SecurityError("HE key holder: aggregate length differs from the signed statement")
         self.decryptions += 1
         sizes = _chunk_sizes(n, self.params.slots)
-        out = np.empty(n, dtype=np.float64)
-        pos = 0
-        for blob, size in zip(env["cts"], sizes):
-            vec = _ckks_from(self._ctx, blob, self.params, size, "HE aggregate")
-            out[pos : pos + size] = vec.decrypt()
-            pos += size
+        blobs = list(env["cts"])
+        pool = he_workers.shared_workers(self.workers or he_workers.default_workers()) if len(sizes) > 1 else None
+        if pool is None or not all(isinstance(b, bytes) for b in blobs):  # the serial checks name a bad blob
+            out = he_workers.decrypt_chunks(self._ctx, blobs, sizes, self.params, "HE aggregate")
+        else:
+            if self._secret_bytes is None:
+                self._secret_bytes = self._ctx.serialize(save_secret_key=True)
+            out = pool.decrypt(self._ctx, self._secret_bytes, self.params, blobs, sizes, "HE aggregate")
         return self.sanitise(out, weight_total)
 
     def sanitise(self, plain: np.ndarray, weight_total: int) -> np.ndarray:
@@ -392,8 +399,10 @@ class KeyHolder:
 class ClientEncryptor:
     """Encrypts a client's vector under the federation's context (never sees the server's sum)."""
 
-    def __init__(self, public_descriptor: bytes, *, clip: float | None = None, _ctx: ts.Context | None = None) -> None:
-        """Load the public descriptor; ``clip`` (if set) bounds every |value| this client sends."""
+    def __init__(self, public_descriptor: bytes, *, clip: float | None = None, workers: int | None = None,
+                 _ctx: ts.Context | None = None) -> None:
+        """Load the public descriptor; ``clip`` (if set) bounds every |value| this client sends;
+        ``workers`` processes encrypt the chunks (``None``: :func:`he_workers.default_workers`)."""
         self.public = PublicContext.parse(public_descriptor)
         self.params = self.public.params
         if _ctx is None and self.params.encryption == "symmetric":
@@ -402,7 +411,10 @@ class ClientEncryptor:
                 "encryptor with KeyHolder.encryptor() or use encryption='public'"
             )
         self._ctx = _ctx if _ctx is not None else _load_context(self.public.context_bytes, self.params)
+        # what a worker process loads: the public context, or (symmetric: a key holder's) the secret one
+        self._ctx_bytes = self.public.context_bytes if _ctx is None else None
         self.clip = clip
+        self.workers = workers
 
     def encrypt(self, vector: np.ndarray, *, session_id: bytes, client_id: int) -> bytes:
         """Return an envelope (msgpack) with one CKKS ciphertext per ``slots`` values."""
@@ -418,7 +430,14 @@ class ClientEncryptor:
                 "clip the update first (secagg.he.clip)"
             )
         slots = self.params.slots
-        cts = [ts.ckks_vector(self._ctx, x[i : i + slots].tolist()).serialize() for i in range(0, x.size, slots)]
+        chunks = [x[i : i + slots] for i in range(0, x.size, slots)]
+        pool = he_workers.shared_workers(self.workers or he_workers.default_workers()) if len(chunks) > 1 else None
+        if pool is None:
+            cts = he_workers.encrypt_chunks(self._ctx, chunks)
+        else:
+            if self._ctx_bytes is None:
+                self._ctx_bytes = self._ctx.serialize(save_secret_key=True)
+            cts = pool.encrypt(self._ctx, self._ctx_bytes, self.params, chunks)
         return msgpack.packb(
             {"v": WIRE_VERSION, "ctx": self.public.fingerprint, "sid": _session_tag(session_id),
              "cid": int(client_id), "n": int(x.size), "cts": cts},
