@@ -6,17 +6,48 @@ The result is therefore a *dequantised 4-bit* model, which reports must say.
 
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from fedproxy_secure.errors import ModelError
 
 
-def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
+@contextmanager
+def dequant_bar(show: bool | None = None) -> Iterator[None]:
+    """Route transformers' GGUF de-quantisation bar like the other library bars.
+
+    transformers draws it with a bare ``tqdm`` that neither its own progress switch nor a non-TTY
+    run turns off, so it landed in the demo's output. Guarantees: inside the block the bar is drawn
+    only if ``show`` (default: :func:`fedproxy_secure.progress.bars_enabled` and transformers'
+    progress bars enabled, i.e. not after ``capture_library_output``); the module is restored after.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from fedproxy_secure.progress import bars_enabled
+
+    if show is None:
+        show = bars_enabled() and hf_logging.is_progress_bar_enabled()
+    original = getattr(gguf_utils, "tqdm", None)
+    if show or original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def import_gguf(gguf_file: str | Path, out_dir: str | Path, *, progress: bool | None = None) -> Path:
     """Load ``gguf_file`` with transformers, rebuild a plain model from its config, save safetensors.
 
     Writes ``config.json``, ``model.safetensors``, tokenizer files and ``import.json`` (provenance).
+    The de-quantisation bar follows :func:`dequant_bar` (``progress``: force it on or off).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,8 +58,10 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     folder, name = gguf_file.parent, gguf_file.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        with dequant_bar(progress):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                         local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except Exception as exc:  # transformers raises many types for unsupported GGUF files
         raise ModelError(f"--gguf: cannot load {gguf_file.name} ({type(exc).__name__}: {exc})") from None
     config = model.config
