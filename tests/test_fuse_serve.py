@@ -297,3 +297,50 @@ def test_left_padded_batch_generates_like_single_prompts(env):
     out = model.generate(batch, mask, max_new_tokens=5, eos_token_id=-1)
     assert torch.equal(out[0, 5:], model.generate(a, max_new_tokens=5, eos_token_id=-1)[0, 5:])
     assert torch.equal(out[1, 5:], model.generate(b, max_new_tokens=5, eos_token_id=-1)[0, 3:])
+
+
+# --------------------------------------------------------------------------- Hugging Face generate arguments
+def test_generate_takes_hugging_face_arguments_greedy_and_sampled(env):
+    model = load_fused(env["out"], env["ks"])
+    ids = torch.tensor([[5, 9, 17, 33, 60]])
+    greedy = model.generate(ids, max_new_tokens=6, eos_token_id=-1)
+    # do_sample=False was a TypeError; with the sampling knobs it is greedy (transformers ignores them too)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, eos_token_id=-1, do_sample=False, temperature=0.0,
+                                      top_p=0.5, num_beams=1, num_return_sequences=1), greedy)
+    assert torch.equal(model.generate(ids, max_length=11, eos_token_id=-1), greedy)  # prompt 5 + 6 new
+    # top_k=1 keeps only the argmax: sampling gives the greedy tokens whatever the seed
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, eos_token_id=-1, do_sample=True, top_k=1, generator=g),
+                       greedy)
+
+    def sample(seed: int, **kw) -> torch.Tensor:
+        return model.generate(ids, max_new_tokens=12, eos_token_id=-1, do_sample=True, temperature=5.0, top_k=0,
+                              generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert torch.equal(sample(1), sample(1))  # seeded: reproducible
+    draws = {tuple(sample(s)[0, 5:].tolist()) for s in range(4)}
+    assert len(draws) > 1 and tuple(greedy[0, 5:].tolist()) not in draws  # hot sampling is not greedy
+    # a tiny nucleus keeps only the most likely token: greedy again
+    assert torch.equal(sample(2, top_p=1e-6)[:, :11], greedy)
+
+
+def test_generate_min_new_tokens_and_eos_lists(env):
+    model = load_fused(env["out"], env["ks"])
+    ids = torch.tensor([[5, 9, 17, 33, 60]])
+    first = int(model.generate(ids, max_new_tokens=1, eos_token_id=-1)[0, 5])
+    stopped = model.generate(ids, max_new_tokens=6, eos_token_id=[999, first])
+    assert stopped.shape[1] == 6  # the first new token is an EOS of the list
+    longer = model.generate(ids, max_new_tokens=6, eos_token_id=[first], min_new_tokens=3)
+    assert longer.shape[1] >= 8 and first not in longer[0, 5:7].tolist()
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"num_beams": 4}, "num_beams"), ({"repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"foo": 1}, "'foo'"), ({"generation_config": object()}, "generation_config"),
+    ({"do_sample": True, "temperature": 0.0}, "temperature"), ({"do_sample": True, "top_p": 1.5}, "top_p"),
+    ({"do_sample": "yes"}, "do_sample"), ({"max_new_tokens": -1}, "max_new_tokens"),
+])
+def test_generate_refuses_each_unsupported_argument_by_name(env, kw, name):
+    model = load_fused(env["out"], env["ks"])
+    with pytest.raises(ModelError, match=name):
+        model.generate(torch.tensor([[5, 9, 17]]), **{"max_new_tokens": 2, **kw})

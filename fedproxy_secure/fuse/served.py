@@ -207,35 +207,44 @@ class FusedLogitModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 max_new_tokens: int = 32, eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
-        """Greedy decoding on the fused logits; returns prompt + new token ids (B, T + n).
+                 generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+        """Decoding on the fused logits; returns prompt + new token ids (B, T + n).
 
+        Takes Hugging Face ``generate`` arguments (:mod:`fedproxy_secure.fuse.generate_args`):
+        ``max_new_tokens`` (default 32), ``max_length``, ``min_new_tokens``, ``do_sample`` with
+        ``temperature``/``top_k``/``top_p`` (``generator`` seeds the draws), ``eos_token_id`` (id or
+        list), ``pad_token_id``, ``use_cache``; ``num_beams=1`` and the other no-op values are
+        accepted; any other argument or value is a ModelError naming it. Greedy by default.
         Rows may be left-padded (mask 0 on the left). With ``use_cache`` the three models keep
-        their own KV caches; the tokens equal those of greedy decoding on :meth:`forward`.
-        Finished rows (EOS) are padded with EOS; stops when every row has finished.
+        their own KV caches; the tokens equal those of decoding on :meth:`forward`. Finished rows
+        (EOS) are padded with ``pad_token_id`` (else the first EOS id); stops when every row has finished.
         """
-        if max_new_tokens < 0:
-            raise ModelError(f"generate: max_new_tokens={max_new_tokens} must be >= 0")
+        from fedproxy_secure.fuse.generate_args import next_tokens, parse_generate_kwargs
+
+        opts = parse_generate_kwargs(kwargs)
         ids = input_ids
+        max_new = opts.new_tokens(ids.shape[1])
         mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
-        if eos_token_id is None and self.tokenizer is not None:
-            eos_token_id = self.tokenizer.eos_token_id
+        eos = opts.eos_ids(self.tokenizer.eos_token_id if self.tokenizer is not None else None)
+        pad = opts.pad_token_id if opts.pad_token_id is not None else (eos[0] if eos else None)
+        eos_t = torch.tensor(eos, dtype=ids.dtype, device=ids.device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         cache: FusedCache | None = None
         step_ids = ids
-        for _ in range(max_new_tokens):
+        for step in range(max_new):
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            if use_cache:
+            if opts.use_cache:
                 z, cache = self._fused(step_ids, mask, cache, True, pos[:, -step_ids.shape[1]:], logits_to_keep=1)
             else:
                 z, _ = self._fused(ids, mask, None, False, pos, logits_to_keep=1)
-            nxt = z[:, -1].argmax(-1)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done = done | (nxt == eos_token_id)
+            nxt = next_tokens(z[:, -1], opts, step=step, eos=eos, generator=generator)
+            if eos:
+                if pad is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                done = done | torch.isin(nxt, eos_t)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step_ids = nxt[:, None]
-            if bool(done.all()):
+            if eos and bool(done.all()):
                 break
         return ids
