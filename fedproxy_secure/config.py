@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fedproxy_secure.aggregate.server_opt import ServerOptimizerConfig
 from fedproxy_secure.errors import ConfigError
 
 
@@ -64,26 +65,51 @@ class CompressConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Client data and evaluation data (BIG-bench multiple-choice tasks or JSONL prompt/response)."""
+    """Client data and evaluation data (BIG-bench multiple-choice tasks or JSONL prompt/response).
+
+    ``dir`` and ``calib_dir`` are folders (relative to the YAML file) or ``vendored:bigbench`` /
+    ``vendored:bigbench-skill``: the BIG-bench tasks shipped in the package (no download; see
+    ``fedproxy_secure/data/resolve.py``), stored here as that folder's path. ``calib_tasks`` are
+    server-side text and never a client task.
+    """
 
     source: Literal["bigbench", "jsonl"] = "bigbench"
-    dir: Path
+    dir: Path = Field(description="folder of <task>.json, or vendored:bigbench / vendored:bigbench-skill")
     tasks: Optional[list[str]] = None
     calib_tasks: list[str] = Field(default_factory=list, description="server-only tasks for calibration")
-    calib_dir: Optional[Path] = Field(None, description="folder of the calib_tasks (default: data.dir)")
+    calib_dir: Optional[Path] = Field(None, description="folder of the calib_tasks, or vendored:<set> "
+                                      "(default: data.dir)")
     partition: Literal["task", "iid", "dirichlet"] = "task"
     dirichlet_alpha: float = Field(0.5, gt=0)
     limit_train: int = Field(200, ge=1)
     limit_test: int = Field(100, ge=1)
     max_length: int = Field(256, ge=16)
 
+    @field_validator("dir", "calib_dir", mode="before")
+    @classmethod
+    def _vendored(cls, value: Any, info: ValidationInfo) -> Any:
+        from fedproxy_secure.data.resolve import VENDORED_SCHEME, data_dir_value
+
+        if isinstance(value, str) and value.startswith(VENDORED_SCHEME):
+            try:
+                return data_dir_value(value, f"data.{info.field_name}")
+            except ConfigError as exc:
+                raise ValueError(str(exc).split(": ", 1)[1]) from None
+        return value
+
     @model_validator(mode="after")
     def _dir_exists(self) -> "DataConfig":
-        if not Path(self.dir).is_dir():
-            raise ValueError(
-                f"data.dir: folder {str(self.dir)!r} does not exist; create it or run "
-                "`fedproxy-secure data fetch bigbench` and point data.dir at the cache"
-            )
+        for name in ("dir", "calib_dir"):
+            d = getattr(self, name)
+            if d is not None and not Path(d).is_dir():
+                raise ValueError(
+                    f"data.{name}: folder {str(d)!r} does not exist; create it, or use the tasks shipped with "
+                    f"the package: data.{name}: vendored:bigbench (8 dev tasks) or vendored:bigbench-skill"
+                )
+        overlap = sorted(set(self.tasks or ()) & set(self.calib_tasks))
+        if overlap:
+            raise ValueError(f"data.calib_tasks: {', '.join(overlap)} also in data.tasks; calibration text must be "
+                             "server data no client holds (fix: remove them from one of the two lists)")
         return self
 
 
@@ -98,7 +124,16 @@ class TrainConfig(_Strict):
     local_steps: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     update_clip_norm: float = Field(1.0, gt=0, description="L2 bound of each client's update")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="client lr over rounds: constant, or cosine from lr to min_lr_ratio * lr")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     device: str = "cpu"
+
+    def lr_for_round(self, round_index: int, total_rounds: int) -> float:
+        """The client learning rate of 0-based round ``round_index`` (one rule: ``aggregate.server_opt.scheduled_lr``)."""
+        from fedproxy_secure.aggregate.server_opt import scheduled_lr
+
+        return scheduled_lr(self.lr, self.lr_schedule, round_index, total_rounds, self.min_lr_ratio)
 
 
 class LoraConfig(_Strict):
@@ -117,7 +152,8 @@ class AggregatorConfig(_Strict):
     delta: float = Field(0.2, ge=0, le=1)
     rho: float = Field(1.1, ge=1.0)
     ties_density: float = Field(0.2, gt=0, le=1)
-    server_lr: float = Field(1.0, gt=0)
+    server_optimizer: ServerOptimizerConfig = Field(
+        default_factory=ServerOptimizerConfig, description="how the server applies the aggregate (sgd, avgm, adam, yogi)")
 
 
 class SecAggConfig(_Strict):
@@ -264,7 +300,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for section, key in (("model", "llm"), ("data", "dir"), ("data", "calib_dir")):
         sec = out.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and not sec[key].startswith("vendored:"):
             p = Path(sec[key]).expanduser()
             sec[key] = str(p if p.is_absolute() else base / p)  # relative to the YAML file
     return out
