@@ -40,8 +40,17 @@ class DemoModel(_Strict):
 
 
 class DemoData(_Strict):
-    source: Literal["fetch", "dir"] = "dir"
-    dir: Optional[Path] = None
+    """The demo's tasks. ``dir`` (client and test tasks) and ``calib_dir`` (the server's calibration
+    tasks) are folders relative to the file, or ``vendored:bigbench`` / ``vendored:bigbench-skill``
+    (the tasks shipped in the package). Unset, each group resolves by the one order of
+    ``fedproxy_secure/data/resolve.py``: the vendored copy, then the pinned bigbench sdist."""
+
+    source: Optional[Literal["fetch", "dir"]] = Field(None, description="legacy: 'dir' requires data.dir, "
+                                                      "'fetch' means no data.dir (the resolution order)")
+    dir: Optional[Path] = Field(None, description="client/test task folder or vendored:<set>; default: the "
+                                "resolution order (vendored copy, then the pinned sdist)")
+    calib_dir: Optional[Path] = Field(None, description="calibration task folder or vendored:<set>; default: "
+                                      "data.dir when set, else the resolution order")
     tasks: list[str] = Field(min_length=2)
     calib_tasks: list[str] = Field(min_length=1, description="server-only calibration tasks no client holds")
     limit_train: int = Field(50, ge=8)
@@ -95,7 +104,8 @@ class DemoSpec(_Strict):
 def load_demo_spec(preset: str | None = None, config: str | os.PathLike | None = None) -> tuple[DemoSpec, Path]:
     """The demo spec from ``--config`` or ``--preset`` and the file it came from.
 
-    Relative ``data.dir`` resolves against the file's folder. Raises ConfigError naming the field.
+    Relative ``data.dir`` / ``data.calib_dir`` resolve against the file's folder and ``vendored:<set>``
+    becomes that vendored folder. Raises ConfigError naming the field.
     """
     if config is None:
         if preset not in PRESETS:
@@ -110,11 +120,16 @@ def load_demo_spec(preset: str | None = None, config: str | os.PathLike | None =
     except ValidationError as exc:
         raise ConfigError(f"{path}: " + format_validation_error(exc, model=DemoSpec)) from None
     d = spec.data
-    if d.source == "dir":
-        if d.dir is None:
-            raise ConfigError(f"{path}: data.dir is required with data.source: dir")
-        full = d.dir if d.dir.is_absolute() else (path.resolve().parent / d.dir)
-        spec = spec.model_copy(update={"data": d.model_copy(update={"dir": full})})
+    if d.source == "dir" and d.dir is None:
+        raise ConfigError(f"{path}: data.dir is required with data.source: dir")
+    if d.source == "fetch" and d.dir is not None:
+        raise ConfigError(f"{path}: data.source: fetch conflicts with data.dir (fix: remove data.source; data.dir "
+                          "alone names the folder)")
+    from fedproxy_secure.data.resolve import data_dir_value
+
+    folders = {k: data_dir_value(getattr(d, k), f"{path}: data.{k}", path.resolve().parent)
+               for k in ("dir", "calib_dir") if getattr(d, k) is not None}
+    spec = spec.model_copy(update={"data": d.model_copy(update=folders)})
     overlap = set(d.tasks) & set(d.calib_tasks)
     if overlap:
         raise ConfigError(f"{path}: data.calib_tasks {sorted(overlap)} are also client tasks; calibration must be "

