@@ -114,7 +114,8 @@ class ServerSupervisor:
 
     def start(self) -> None:
         """Start the server process and wait until it listens (FedProxyError if it exits first)."""
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
+        with open(self.log_path, "ab") as fh:  # the child holds its own copy; close the parent's (no ResourceWarning)
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT)
         if self.pid_file is not None:
             self.pid_file.write_text(f"{self.proc.pid}\n")
         _wait_port(self.port, self.proc, self.log_path)
@@ -181,10 +182,11 @@ def _federate(server_dir: Path, bundle: Path, client_yamls: list[Path], logs: Pa
         sup.start()
         log(f"server{tag} up on https://127.0.0.1:{port} (mTLS, TLS 1.3); starting {len(client_yamls)} client processes")
         for i, y in enumerate(client_yamls):
-            clients.append(subprocess.Popen(
-                [sys.executable, "-m", "fedproxy_secure.client.join_main", "--config", str(y),
-                 "--out", str(logs / f"client{i}{tag}.json"), "--max-wait", str(timeout_s)],
-                env=env, stdout=open(logs / f"client{i}{tag}.log", "wb"), stderr=subprocess.STDOUT))
+            with open(logs / f"client{i}{tag}.log", "wb") as fh:  # the child holds its own copy of the handle
+                clients.append(subprocess.Popen(
+                    [sys.executable, "-m", "fedproxy_secure.client.join_main", "--config", str(y),
+                     "--out", str(logs / f"client{i}{tag}.json"), "--max-wait", str(timeout_s)],
+                    env=env, stdout=fh, stderr=subprocess.STDOUT))
         deadline = time.time() + timeout_s
         seen, t_round = 0, time.time()
         with (bars.task(f"federation{tag}: rounds", rounds or None) if bars is not None else nullcontext(None)) as adv:
