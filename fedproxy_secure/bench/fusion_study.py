@@ -27,8 +27,8 @@ import torch
 from fedproxy_secure.data import list_tasks, load_task, split_task
 from fedproxy_secure.errors import DataError
 
-DEFAULT_SERVER_TASKS = ("anachronisms", "causal_judgment", "date_understanding", "disambiguation_qa",
-                        "epistemic_reasoning", "implicatures", "logical_fallacy_detection", "snarks")
+#: server-side text by default: the vendored skill tasks (no evaluation task is among them)
+DEFAULT_SERVER_DIR = "vendored:bigbench-skill"
 ALL_VARIANTS = ("zs_llm", "llm_lora", "bi50_weight", "bi50_logit", "bi50_scaled", "bi50d_delta",
                 "bi50d_logit", "ot_adapters", "bi75_weight")
 
@@ -40,8 +40,8 @@ class StudyConfig:
     llm: str
     data_dir: str
     out: str
-    server_dir: str = ".cache/bigbench-extra"
-    server_tasks: tuple[str, ...] = DEFAULT_SERVER_TASKS
+    server_dir: str = DEFAULT_SERVER_DIR  # a folder or vendored:<set> (fedproxy_secure.data.resolve)
+    server_tasks: tuple[str, ...] = ()  # empty: every task in server_dir
     limit_train: int = 200
     limit_test: int = 200
     epochs: int = 1
@@ -64,11 +64,14 @@ class StudyConfig:
 
 
 def server_texts(cfg: StudyConfig, n: int, seed: int, exclude: set[str]) -> list[str]:
-    """Prompt + answer texts of server-only BIG-bench tasks (never an evaluation task)."""
-    d = Path(cfg.server_dir)
-    names = [t for t in cfg.server_tasks if (d / f"{t}.json").is_file() and t not in exclude]
+    """Prompt + answer texts of server-only BIG-bench tasks; ConfigError naming the field if one is an
+    evaluation task (``exclude``) or missing from the folder."""
+    from fedproxy_secure.data.resolve import server_task_dir
+
+    d, names = server_task_dir(sorted(exclude), list(cfg.server_tasks) or None, cfg.server_dir,
+                               field="--server-dir", tasks_field="--server-tasks")
     if not names:
-        raise DataError(f"--server-dir: no server-only task files in {d}; extract BIG-bench tasks that no client holds")
+        raise DataError(f"--server-dir: no task files in {d}; point it at BIG-bench tasks no client holds")
     rng = random.Random(seed)
     per = max(1, n // len(names))
     out = []

@@ -42,7 +42,9 @@ ALL_METHODS = ("zs_llm", "zs_proxy", "prior_only", "chance", "ot", "fedavg", "fe
                "centralized")
 BASELINES = ("prior_only", "chance")
 SETTINGS = ("hetero", "iid")
-DEFAULT_CALIB_TASKS = ("date_understanding", "hyperbaton", "causal_judgment", "anachronisms", "disambiguation_qa")
+# server calibration text no client holds: the vendored skill tasks (vendored:bigbench-skill), for a dev-task federation
+DEFAULT_CALIB_TASKS = ("discourse_marker_prediction", "implicatures", "reasoning_about_colored_objects", "ruin_names",
+                       "salient_translation_error_detection", "temporal_sequences")
 LABELS = {"zs_llm": "zero-shot LLM", "zs_proxy": "proxy (untuned)", "prior_only": "prior-only", "chance": "chance",
           "ot": "Offsite-Tuning", "fedavg": "FedAvg", "fedproxy": "FedProxy", "sa_hties": "SA-H-TIES",
           "fedproxy_dp": "FedProxy+DP", "centralized": "centralized LoRA"}
@@ -154,9 +156,11 @@ class _Shared:
     """What every cell of one setting shares: LLM, tokenizer, data split, proxies and the score cache."""
 
     def __init__(self, a: QualityArgs, setting: str, tasks: Sequence[str]):
+        from fedproxy_secure.data.resolve import check_disjoint
         from fedproxy_secure.eval.score_cache import ScoreCache
         from fedproxy_secure.pipelines.simulate import load_llm
 
+        check_disjoint(tasks, a.calib_tasks, "--calib-dir")  # server text is never a client task
         self.a, self.setting = a, setting
         self.llm, self.tok, self.llm_hash = load_llm(_run_config(a, setting, "fedavg", 0))
         self.llm.requires_grad_(False)
@@ -202,13 +206,13 @@ class _Shared:
 
 
 def _load_calib(a: QualityArgs, task: str):
+    """Examples of the server calibration task ``task``: from ``a.calib_dir``, else by the one resolution
+    order of :mod:`fedproxy_secure.data.resolve` (the vendored copy first)."""
     from fedproxy_secure.data import load_task
+    from fedproxy_secure.data.resolve import resolve_task_dir
 
-    if a.calib_dir is None:
-        from fedproxy_secure.errors import ConfigError
-
-        raise ConfigError("--calib-dir: server calibration tasks are needed (BIG-bench tasks no client holds)")
-    return load_task(a.calib_dir, task, prompt_format=a.prompt_format).examples
+    folder = resolve_task_dir([task], a.calib_dir, field="--calib-dir")
+    return load_task(folder, task, prompt_format=a.prompt_format).examples
 
 
 def baseline_scores(method: str, train: dict, test: dict) -> list[list[float]]:
