@@ -29,12 +29,14 @@ from fedproxy_secure.fuse import generate_text, write_logit_folder
 from fedproxy_secure.models import load_causal_lm, set_decoder_blocks
 from fedproxy_secure.models.tiny import save_tiny_llm
 from fedproxy_secure.protocol.settings import FederationSettings
-from fedproxy_secure.server.serve import generate, load_serve_context, uvicorn_serve_server
-from fedproxy_secure.server.serve_policy import (
-    ChatMessage, RateLimiter, SiteLimit, chat_prompt, cut_at_stop, parse_serve_settings, safe_stream_prefix,
-)
 from fedproxy_secure.server.setup import init_server, server_paths
 from fedproxy_secure.server.store import SQLiteStore
+from fedproxy_secure.serving.generation import generate
+from fedproxy_secure.serving.limits import RateLimiter
+from fedproxy_secure.serving.prompting import chat_prompt, cut_at_stop, safe_stream_prefix
+from fedproxy_secure.serving.requests import ChatMessage
+from fedproxy_secure.serving.service import load_serve_context, uvicorn_serve_server
+from fedproxy_secure.serving.settings import EffectiveLimit, parse_serve_settings
 from fedproxy_secure.transport.pki import CertPair, create_ca, issue_client_cert
 from tests.artifacts_helpers import flip_byte
 
@@ -358,7 +360,7 @@ def test_token_bucket_refills_at_the_configured_rate():
     assert rl.try_acquire("a") == 0.0
     now[0] += 1000.0
     assert [rl.try_acquire("a") for _ in range(4)][-1] > 0  # refill is capped at the burst
-    assert s.limit_for("big") == SiteLimit(rate_per_minute=600, burst=1)
+    assert s.limit_for("big") == EffectiveLimit(rate_per_minute=600, burst=1, tokens_per_day=100_000)
     assert rl.try_acquire("big") == 0.0 and rl.try_acquire("big") == pytest.approx(0.1)
 
 
@@ -428,8 +430,8 @@ def test_client_ask_gets_the_answer_and_exit_after_stops_the_server(svc):
                                                 max_tokens=6).choices[0].message.content
     server, th, port = _start_with(ctx, svc["d"], exit_after=1)
     try:
-        r = CliRunner().invoke(app, ["client", "ask", "Hello?", "--dir", str(site), "--url",
-                                     f"https://127.0.0.1:{port}", "--max-tokens", "6"])
+        r = CliRunner().invoke(app, ["client", "ask", "--dir", str(site), "--url", f"https://127.0.0.1:{port}",
+                                     "--max-tokens", "6"], input="Hello?\n")  # the question on stdin
         assert r.exit_code == 0, r.output
         assert want.strip() and want.strip() in r.output and "completion tokens" in r.output
         th.join(15)
@@ -437,6 +439,6 @@ def test_client_ask_gets_the_answer_and_exit_after_stops_the_server(svc):
     finally:
         server.should_exit = True
         ctx.on_completions, ctx.completions_done = None, 0
-    r = CliRunner().invoke(app, ["client", "ask", "Hello?", "--dir", str(svc["sites"]["ghost"]), "--url",
-                                 f"https://127.0.0.1:{svc['port']}"])
+    r = CliRunner().invoke(app, ["client", "ask", "--dir", str(svc["sites"]["ghost"]), "--url",
+                                 f"https://127.0.0.1:{svc['port']}"], input="Hello?")
     assert r.exit_code == 2 and "ca.pem" in r.output

@@ -19,14 +19,20 @@ def serve_model_cmd(
                              "certificate, enrolled sites, audit log, pinned keyset)"),
     keyset: Optional[Path] = typer.Option(None, "--keyset", help="keyset the fused folder verifies against "
                                           "[default: DIR/keys/keyset.json]"),
-    config: Optional[Path] = typer.Option(None, "--config", help="serve.yaml: rate_per_minute, burst, sites "
-                                          "(per-site overrides), max_tokens_cap, default_max_tokens, max_body, "
-                                          "model_id (see docs/serving.md); options below override it"),
+    config: Optional[Path] = typer.Option(None, "--config", help="serve.yaml: rate_per_minute, burst, tokens_per_day, "
+                                          "max_queued_per_site, sites (per-site overrides), max_tokens_cap, "
+                                          "default_max_tokens, max_body, audit_segment_bytes, model_id (see "
+                                          "docs/serving.md); options below override it"),
     host: str = typer.Option("127.0.0.1", help="listen address (must be a name in the server certificate)"),
     port: int = typer.Option(8445, help="listen port (8443 is 'server start', 8444 its enrolment listener)"),
     rate_per_minute: Optional[float] = typer.Option(None, "--rate-per-minute", help="requests per minute per site "
                                                     "[default 60]"),
     burst: Optional[int] = typer.Option(None, "--burst", help="requests a site may make at once [default 10]"),
+    tokens_per_day: Optional[int] = typer.Option(None, "--tokens-per-day", help="prompt + completion tokens per "
+                                                 "site per UTC day [default 100000; 'tokens_per_day: null' in "
+                                                 "--config: unmetered]"),
+    max_queued: Optional[int] = typer.Option(None, "--max-queued", help="requests of one site waiting or decoding "
+                                             "at once; more get 429 [default 4]"),
     max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", help="most new tokens per request "
                                                  "[default 256]"),
     model_id: Optional[str] = typer.Option(None, "--model-id", help="model name the API reports [default "
@@ -37,11 +43,13 @@ def serve_model_cmd(
     """Serve the fused LLM at /v1/models, /v1/completions and /v1/chat/completions (streaming too).
 
     TLS 1.3 with a client certificate required at the handshake; each request must come from an
-    active enrolled site, spends one token of that site's bucket (429 + Retry-After when empty) and
-    adds one audit entry (site, endpoint, status, token counts, latency; never the text).
+    active enrolled site, spends one request of that site's bucket (429 + Retry-After when empty),
+    reserves its tokens from the site's daily quota (429 when used up), waits in the site's own queue
+    (sites take turns token by token) and adds one audit entry (site, endpoint, status, token counts,
+    latency; never the text).
     """
-    from fedproxy_secure.server.serve import load_serve_context, uvicorn_serve_server
-    from fedproxy_secure.server.serve_policy import parse_serve_settings
+    from fedproxy_secure.serving.service import load_serve_context, uvicorn_serve_server
+    from fedproxy_secure.serving.settings import parse_serve_settings
 
     with exit_codes():
         data: dict = {}
@@ -55,16 +63,17 @@ def serve_model_cmd(
 
                 raise ConfigError(f"--config {config}: cannot read it ({exc})") from None
         given = {"rate_per_minute": rate_per_minute, "burst": burst, "max_tokens_cap": max_tokens_cap,
-                 "model_id": model_id}
+                 "model_id": model_id, "tokens_per_day": tokens_per_day, "max_queued_per_site": max_queued}
         if isinstance(data, dict):
             data = {**data, **{k: v for k, v in given.items() if v is not None}}
         settings = parse_serve_settings(data, source=f"--config {config}" if config else "serve-model options")
         console.print(f"verifying and loading {fused} ...", highlight=False)
         ctx = load_serve_context(fused, dir, settings, keyset)
         server = uvicorn_serve_server(ctx, dir, host, port, exit_after=exit_after)
+        quota = "unmetered" if settings.tokens_per_day is None else f"{settings.tokens_per_day} tokens/day"
         console.print(f"serving model {ctx.model_id!r} on https://{host}:{port}/v1 (mTLS; {settings.rate_per_minute:g} "
-                      f"req/min, burst {settings.burst} per site; max_tokens <= {settings.max_tokens_cap})",
-                      highlight=False, soft_wrap=True)
+                      f"req/min, burst {settings.burst}, {quota}, {settings.max_queued_per_site} queued per site; "
+                      f"max_tokens <= {settings.max_tokens_cap})", highlight=False, soft_wrap=True)
         server.run()
 
 
@@ -96,26 +105,69 @@ def verify_fused_cmd(
                   highlight=False, soft_wrap=True)
 
 
+#: the most prompt bytes ``client ask`` reads (the server's chat message limit is 1 MiB)
+MAX_PROMPT_BYTES = 1 << 20
+
+
+def read_prompt(prompt_file: Optional[str], stdin=None) -> str:
+    """The question from ``prompt_file`` (``-`` or None: standard input); never from the command line.
+
+    ConfigError naming ``--prompt-file`` when the file is unreadable, empty or over 1 MiB."""
+    import sys
+
+    from fedproxy_secure.errors import ConfigError
+
+    src = "standard input" if prompt_file in (None, "-") else prompt_file
+    try:
+        if prompt_file in (None, "-"):
+            stream = stdin if stdin is not None else sys.stdin
+            if stream.isatty():
+                typer.echo("type the question, then Ctrl-D", err=True)
+            text = stream.read(MAX_PROMPT_BYTES + 1)
+        else:
+            with open(prompt_file, encoding="utf-8") as fh:
+                text = fh.read(MAX_PROMPT_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--prompt-file {src}: cannot read it ({type(exc).__name__}); give a readable UTF-8 "
+                          "file, or - for standard input") from None
+    if len(text.encode("utf-8")) > MAX_PROMPT_BYTES:
+        raise ConfigError(f"--prompt-file {src}: over {MAX_PROMPT_BYTES} bytes; shorten the question")
+    text = text.rstrip("\n")
+    if not text.strip():
+        raise ConfigError(f"--prompt-file {src}: the question is empty; write it into the file or pipe it in")
+    return text
+
+
 @client_app.command("ask")
 def ask_cmd(
-    prompt: str = typer.Argument(..., help="the question (sent as one user message)"),
     dir: Path = typer.Option(..., "--dir", help="the site folder: ca.pem from the kit, client.pem/client.key from "
                              "the first 'client join'"),
     url: str = typer.Option(..., "--url", help="the operator's serve-model address, e.g. https://fed.example.org:8445"),
+    prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="file holding the question (sent as one "
+                                              "user message); - or left out: read it from standard input"),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1),
     wait: float = typer.Option(0.0, "--wait", min=0.0, help="seconds to keep retrying while the server is not up yet"),
+    prompt: Optional[str] = typer.Argument(None, hidden=True, show_default=False),
 ) -> None:
-    """Ask the federation's served model one question over mTLS; print the answer (exit 1 if refused)."""
+    """Ask the federation's served model one question over mTLS; print the answer (exit 1 if refused).
+
+    The question comes from --prompt-file or standard input, never from the command line (where
+    ps and the shell history would show it): echo "..." | fedproxy-secure client ask --dir ... --url ...
+    """
     import httpx
 
     from fedproxy_secure.errors import ConfigError, FedProxyError
     from fedproxy_secure.transport.tls import client_ssl_context
 
     with exit_codes():
+        if prompt is not None:
+            raise ConfigError("the question was given on the command line, where ps and the shell history show it; "
+                              "put it in a file and pass --prompt-file FILE, or pipe it in (--prompt-file -)")
         for f in ("ca.pem", "client.pem", "client.key"):
             if not (dir / f).is_file():
                 raise ConfigError(f"--dir {dir}: {f} is missing; run 'client join' once (it writes the site's "
                                   "certificate) or point --dir at the site folder")
+        question = read_prompt(prompt_file)
         tls = client_ssl_context(dir / "ca.pem", dir / "client.pem", dir / "client.key")
         base = url.rstrip("/") + "/v1"
         deadline = time.monotonic() + wait
@@ -133,7 +185,7 @@ def ask_cmd(
                 raise FedProxyError(f"refused ({models.status_code}): {_message(models)}")
             model = models.json()["data"][0]["id"]
             r = http.post(f"{base}/chat/completions", json={"model": model, "max_tokens": max_tokens,
-                                                             "messages": [{"role": "user", "content": prompt}]})
+                                                             "messages": [{"role": "user", "content": question}]})
             if r.status_code != 200:
                 raise FedProxyError(f"refused ({r.status_code}): {_message(r)}")
     out = r.json()
