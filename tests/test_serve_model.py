@@ -91,9 +91,10 @@ def svc(tmp_path_factory):
     init_server(d, FederationSettings.from_dict(dict(rounds=1, min_clients=2, threshold=2, mode="masking", dim=8,
                                                      clip_norm=1.0)))
     save_keyset(ks, server_paths(d)["keyset"])
-    sites = {n: _site(d, tmp, n, enrol=n != "ghost") for n in ("site-a", "site-b", "site-c", "ghost")}
+    sites = {n: _site(d, tmp, n, enrol=n != "ghost") for n in ("site-a", "site-b", "site-c", "site-q", "ghost")}
     settings = parse_serve_settings({"rate_per_minute": 600, "burst": 50, "max_tokens_cap": 24,
-                                     "sites": {"site-c": {"rate_per_minute": 1, "burst": 2}}})
+                                     "sites": {"site-c": {"rate_per_minute": 1, "burst": 2},
+                                               "site-q": {"tokens_per_day": 40}}})
     ctx = load_serve_context(fused, d, settings)
     server, th, port = _start(ctx, d)
     yield {"d": d, "tmp": tmp, "sites": sites, "ctx": ctx, "port": port, "fused": fused, "ks": ks, "key": key}
@@ -204,6 +205,55 @@ def test_rate_limit_per_site_gives_429_with_retry_after_and_spares_other_sites(s
     assert 1 <= retry <= 60
     assert _client(svc, "site-a").models.list().data  # another site's bucket is untouched
     assert _serve_entries(svc)[-2]["status"] == 429 and _serve_entries(svc)[-2]["site"] == "site-c"
+
+
+def test_daily_token_quota_refuses_with_429_insufficient_quota_and_spares_other_sites(svc):
+    ctx = svc["ctx"]
+    cl = _client(svc, "site-q")  # 40 tokens per day
+    n_prompt = len(ctx.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    assert n_prompt + 8 <= 40 < 2 * n_prompt
+    r = cl.completions.create(model=ctx.model_id, prompt=PROMPT, max_tokens=8)
+    assert ctx.quota.used("site-q") == r.usage.prompt_tokens + r.usage.completion_tokens  # unused max_tokens back
+    with pytest.raises(openai.RateLimitError) as ei:
+        cl.completions.create(model=ctx.model_id, prompt=PROMPT, max_tokens=8)
+    body = ei.value.response.json()["error"]
+    assert body["type"] == body["code"] == "insufficient_quota" and "tokens_per_day" in body["message"]
+    assert 1 <= int(ei.value.response.headers["retry-after"]) <= 86_400
+    assert _client(svc, "site-a").completions.create(model=ctx.model_id, prompt=PROMPT, max_tokens=2).choices
+    last = [e for e in _serve_entries(svc) if e["site"] == "site-q"][-1]
+    assert last["status"] == 429 and last["prompt_tokens"] == 0
+
+
+def test_a_site_with_a_full_queue_gets_429_while_another_site_is_served(svc):
+    from fedproxy_secure.serving.scheduler import FairScheduler
+
+    ctx = svc["ctx"]
+    gate, real = threading.Event(), ctx.scheduler
+
+    class Held:  # a request of site-a that holds its one queue place until released
+        step_tokens, result = 1, None
+
+        def step(self) -> bool:
+            return gate.wait(30)
+
+    ctx.scheduler = FairScheduler(max_queued=1)
+    try:
+        held = ctx.scheduler.submit("site-a", Held())
+        with pytest.raises(openai.RateLimitError, match="max_queued_per_site"):
+            _client(svc, "site-a").completions.create(model=ctx.model_id, prompt=PROMPT, max_tokens=2)
+        # site-b's request is not stuck behind site-a's queue; it decodes once the step in flight ends
+        got: list = []
+        th = threading.Thread(target=lambda: got.append(_client(svc, "site-b").completions.create(
+            model=ctx.model_id, prompt=PROMPT, max_tokens=2)))
+        th.start()
+        time.sleep(0.5)
+        gate.set()
+        th.join(30)
+        assert got and got[0].choices[0].text is not None and held.done()
+    finally:
+        gate.set()
+        ctx.scheduler.close()
+        ctx.scheduler = real
 
 
 # --------------------------------------------------------------------------- who may call
@@ -439,6 +489,11 @@ def test_client_ask_gets_the_answer_and_exit_after_stops_the_server(svc):
     finally:
         server.should_exit = True
         ctx.on_completions, ctx.completions_done = None, 0
+    question = svc["tmp"] / "question.txt"
+    question.write_text("Hello?\n")
+    r = CliRunner().invoke(app, ["client", "ask", "--dir", str(site), "--url", f"https://127.0.0.1:{svc['port']}",
+                                 "--max-tokens", "6", "--prompt-file", str(question)])
+    assert r.exit_code == 0 and want.strip() in r.output, r.output
     r = CliRunner().invoke(app, ["client", "ask", "--dir", str(svc["sites"]["ghost"]), "--url",
                                  f"https://127.0.0.1:{svc['port']}"], input="Hello?")
     assert r.exit_code == 2 and "ca.pem" in r.output
