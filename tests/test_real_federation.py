@@ -75,6 +75,7 @@ def test_readme_real_federation_runs_as_written(tmp_path):
     llm = save_tiny_llm(TinyModelSpec(arch="llama", layers=4, hidden=32, heads=2, intermediate=64, vocab=259,
                                       max_positions=256), tmp_path / "llm")
     _site_files(tmp_path)
+    (tmp_path / "question.txt").write_text("Is the sky blue?\n")  # site-a's question for `client ask`
     env = {**os.environ, "LLM": str(llm), "CALIB": str(ROOT / "examples/data/bigbench-mini/winowhy.json"),
            "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     background: list[tuple[str, subprocess.Popen, Path]] = []
