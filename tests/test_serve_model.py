@@ -7,9 +7,7 @@ of a real server folder, enrolled (or not) in its store.
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import shutil
 import ssl
 import threading
@@ -23,61 +21,21 @@ import torch
 
 from fedproxy_secure.artifacts import create_keyset, generate_key, save_keyset
 from fedproxy_secure.audit.log import verify_log
-from fedproxy_secure.config import TinyModelSpec
 from fedproxy_secure.errors import ConfigError, SecurityError
-from fedproxy_secure.fuse import generate_text, write_logit_folder
-from fedproxy_secure.models import load_causal_lm, set_decoder_blocks
-from fedproxy_secure.models.tiny import save_tiny_llm
-from fedproxy_secure.protocol.settings import FederationSettings
-from fedproxy_secure.server.setup import init_server, server_paths
-from fedproxy_secure.server.store import SQLiteStore
+from fedproxy_secure.fuse import generate_text
+from fedproxy_secure.server.setup import server_paths
 from fedproxy_secure.serving.generation import generate
 from fedproxy_secure.serving.limits import RateLimiter
 from fedproxy_secure.serving.prompting import chat_prompt, cut_at_stop, safe_stream_prefix
 from fedproxy_secure.serving.requests import ChatMessage
 from fedproxy_secure.serving.service import load_serve_context, uvicorn_serve_server
 from fedproxy_secure.serving.settings import EffectiveLimit, parse_serve_settings
-from fedproxy_secure.transport.pki import CertPair, create_ca, issue_client_cert
+from fedproxy_secure.transport.pki import create_ca, issue_client_cert
 from tests.artifacts_helpers import flip_byte
+from tests.serve_helpers import KEEP, SPEC, fused_folder, server_folder, site
 
-SPEC = TinyModelSpec(layers=4, hidden=32, heads=4, intermediate=64, vocab=300, seed=7)
-KEEP = [0, 2, 3]
 PROMPT = "Patient note: the dose was"
 CHAT = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Which ward is quiet?"}]
-
-
-def _fused_folder(tmp: Path, key) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    llm_dir = save_tiny_llm(SPEC, tmp / "llm")
-    proxy = copy.deepcopy(load_causal_lm(llm_dir))
-    set_decoder_blocks(proxy, KEEP)
-    proxy.save_pretrained(tmp / "proxy", safe_serialization=True)
-    (tmp / "proxy" / "fedproxy.json").write_text(json.dumps({"layer_map": KEEP, "fusion_mode": "overwrite",
-                                                            "distilled": False, "base_model_hash": "h" * 64}))
-    torch.manual_seed(0)
-    pm = get_peft_model(proxy, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    pm.save_pretrained(tmp / "adapter", safe_serialization=True)
-    out = tmp / "fused"
-    write_logit_folder(llm_dir, tmp / "proxy", tmp / "adapter", out, key, beta=0.8, source_round=2)
-    return out
-
-
-def _site(d: Path, tmp: Path, name: str, enrol: bool) -> Path:
-    p = server_paths(d)
-    out = tmp / "sites" / name
-    issue_client_cert(CertPair(p["ca"], p["ca_key"]), name, out)
-    if enrol:
-        store = SQLiteStore(p["db"])
-        try:
-            store.enroll(store.add_token(name), os.urandom(32))
-        finally:
-            store.close()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +44,9 @@ def svc(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve_model")
     key = generate_key()
     ks = create_keyset(key, name="op")
-    fused = _fused_folder(tmp, key)
-    d = tmp / "srv"
-    init_server(d, FederationSettings.from_dict(dict(rounds=1, min_clients=2, threshold=2, mode="masking", dim=8,
-                                                     clip_norm=1.0)))
-    save_keyset(ks, server_paths(d)["keyset"])
-    sites = {n: _site(d, tmp, n, enrol=n != "ghost") for n in ("site-a", "site-b", "site-c", "site-q", "ghost")}
+    fused = fused_folder(tmp, key, SPEC, KEEP)
+    d = server_folder(tmp / "srv", ks)
+    sites = {n: site(d, tmp, n, enrol=n != "ghost") for n in ("site-a", "site-b", "site-c", "site-q", "ghost")}
     settings = parse_serve_settings({"rate_per_minute": 600, "burst": 50, "max_tokens_cap": 24,
                                      "sites": {"site-c": {"rate_per_minute": 1, "burst": 2},
                                                "site-q": {"tokens_per_day": 40}}})
@@ -325,7 +280,7 @@ def test_only_the_certificate_issued_at_enrolment_is_accepted_for_a_site(svc, tm
     from fedproxy_secure.server.revocation import record_issued
 
     d = svc["d"]
-    svc["sites"]["site-d"] = _site(d, svc["tmp"], "site-d", enrol=True)
+    svc["sites"]["site-d"] = site(d, svc["tmp"], "site-d", enrol=True)
     assert _client(svc, "site-d").models.list().data
     # the site's CSR enrolment recorded another serial: this certificate (a second one for the name) is refused
     record_issued(d, "site-d", "c-x", 12345, time.time() + 3600, "0" * 64)
