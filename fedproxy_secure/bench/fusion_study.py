@@ -69,7 +69,7 @@ def server_texts(cfg: StudyConfig, n: int, seed: int, exclude: set[str]) -> list
     from fedproxy_secure.data.resolve import server_task_dir
 
     d, names = server_task_dir(sorted(exclude), list(cfg.server_tasks) or None, cfg.server_dir,
-                               field="--server-dir", tasks_field="--server-tasks")
+                               field="--server-dir", tasks_field="--server-tasks" if cfg.server_tasks else None)
     if not names:
         raise DataError(f"--server-dir: no task files in {d}; point it at BIG-bench tasks no client holds")
     rng = random.Random(seed)

@@ -143,8 +143,12 @@ class RoundEngine:
                     raise LookupError(f"a different message was already accepted for round {rid} stage {stage}")
             row = self.admissible(client_id, rid, stage)
             if stage == "join":
-                if not isinstance(msg, dict) or set(msg) - {"type", "epsilon_spent"}:
+                if not isinstance(msg, dict) or set(msg) - {"type", "epsilon_spent", "graph_commit"}:
                     raise ProtocolAbort("join: unexpected fields")
+                gc = msg.get("graph_commit")
+                if gc is not None and not (isinstance(gc, str) and len(gc) == 64
+                                           and all(ch in "0123456789abcdef" for ch in gc)):
+                    raise ProtocolAbort("join: graph_commit must be 64 lowercase hex characters")
             else:
                 self._validate(stage, msg, self._cohort(row)[client_id], row)
             body = canonical_json(msg)
@@ -259,7 +263,9 @@ class RoundEngine:
             "a_seed": self.a_seed(),
             "total_rounds": self.s.rounds, "issued_at": int(self.clock()),
             "secagg_options": {"identities": {str(i): b64e(self.store.client_key(c)) for c, i in cohort},
-                               "max_clients": max(n, 2)},
+                               "max_clients": max(n, 2),
+                               # commit-reveal SecAgg+ graph seed (protocol/binding.py): fixed before any reveal
+                               "graph_commits": self._graph_commits(subs, cohort)},
         }
         try:
             extra = self.mode.round_options(self.s, row.round_id, n, bytes.fromhex(row.session_id), self.he_key)
@@ -277,6 +283,17 @@ class RoundEngine:
         self._audit_discarded(gone, "stage join closed")
         self.audit.append("cohort", {"round": row.round_id, "clients": members, "threshold": t})
         self._proto, self._proto_round = None, None
+
+    @staticmethod
+    def _graph_commits(subs: dict[str, bytes], cohort: list[list]) -> dict[str, str]:
+        """Each cohort member's ``join`` graph commitment, by secagg id (members that sent none are left out:
+        every party then falls back to the complete graph, never to a graph the server could choose)."""
+        out = {}
+        for c, i in cohort:
+            gc = json.loads(subs[c]).get("graph_commit")
+            if isinstance(gc, str):
+                out[str(i)] = gc
+        return out
 
     def _audit_discarded(self, uploads: list[dict], why: str) -> None:
         for u in uploads or ():
