@@ -75,6 +75,30 @@ def start_client(d: Path, i: int, tmp: Path, die_at: str | None = None, port: in
     return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
 
 
+def roster_policy(tmp: Path, n_sites: int, **policy) -> Path:
+    """Make each site's identity key in its state folder (``tmp/client{i}``) before its first join, as a site
+    does before exchanging fingerprints, and write a policy file whose roster lists all of them (with
+    ``policy`` overrides). Pass it to :func:`start_client` as ``extra=["--policy", str(path)]``."""
+    import json
+
+    from fedproxy_secure.artifacts.keys import generate_key, load_private_key, save_private_key
+    from fedproxy_secure.protocol.roster import identity_fingerprint
+
+    fps = []
+    for i in range(n_sites):
+        st = tmp / f"client{i}"
+        st.mkdir(parents=True, exist_ok=True)
+        if (st / "identity.key").exists():  # made earlier by the test (it needed the key first)
+            key = load_private_key(st / "identity.key")
+        else:
+            key = generate_key()
+            save_private_key(key, st / "identity.key")
+        fps.append(identity_fingerprint(key.public_key().public_bytes_raw()))
+    path = tmp / "roster-policy.json"
+    path.write_text(json.dumps({"roster": fps, **policy}))
+    return path
+
+
 def db_rounds(d: Path) -> list[tuple]:
     con = sqlite3.connect(f"file:{d / 'state.db'}?mode=ro", uri=True, timeout=5)
     try:

@@ -16,7 +16,8 @@ from fedproxy_secure.audit.controls import CONTROLS, Deployment, KeyValidity, Po
 NOW = dt.datetime.now(dt.timezone.utc)
 SAFE_POLICY = {"modes": ["he", "masking"], "min_cohort": 3, "min_threshold": 2, "min_threshold_fraction": 0.5,
                "require_identities": True, "require_verify_aggregate": True, "allow_h_reveal": False,
-               "max_rounds": 100, "max_epsilon": 10.0}
+               "max_rounds": 100, "max_epsilon": 10.0, "require_dp": True, "he_requires_roster": True,
+               "site_dp": {"enabled": True, "epsilon": 8.0}}
 BASE = Deployment(kind="network", source="x", n_clients=5, mode="masking", threshold=3, effective_threshold=3,
                   dp_enabled=True, epsilon=4.0, delta=1e-5, clip_norm=1.0, mtls=True, tls_min_version="1.3",
                   keep_ratio=0.5, client_policy=SAFE_POLICY, report_keys_accepted=("epsilon", "status"),

@@ -48,7 +48,7 @@ def _init(tmp: Path, monkeypatch, *, passphrase: str | None = PASSPHRASE, **sett
 
 def _client_yaml(tmp: Path, policy: dict | None = None) -> Path:
     p = tmp / "client.yaml"
-    doc = {"enrolment": "site0", "trainer": "synthetic"}
+    doc = {"enrolment": "site0", "trainer": "synthetic", "dp": {"enabled": True, "epsilon": 8.0, "delta": 1e-5}}
     if policy is not None:
         doc["policy"] = policy
     p.write_text(yaml.safe_dump(doc))
@@ -242,7 +242,8 @@ def test_weak_client_policy_fails_and_decides_identity(tmp_path: Path, monkeypat
     assert st["client.policy"] == "FAIL" and st["secagg.identity"] == "FAIL"
     for pol, needle in [({"modes": ["masking", "plain"]}, "plain"), ({"min_threshold_fraction": 0.3}, "fraction"),
                         ({"require_verify_aggregate": False}, "verify_aggregate"), ({"max_epsilon": None}, "max_epsilon"),
-                        ({"min_cohort": 2}, "min_cohort")]:
+                        ({"min_cohort": 2}, "min_cohort"), ({"require_dp": False}, "require_dp"),
+                        ({"he_requires_roster": False}, "he_requires_roster")]:
         f = next(x for x in run_check(server_dir=d, client_config=_client_yaml(tmp_path, pol)).findings
                  if x.control == "client.policy")
         assert f.status == "FAIL" and needle in f.message, (pol, f)

@@ -108,7 +108,7 @@ def test_client_join_cli_with_the_server_down_exits_1_with_one_line(down_server,
     (state / "enrolment.json").unlink()
     cfg = tmp_path / "client.yaml"
     cfg.write_text(yaml.safe_dump({"enrolment": str(enrol), "state_dir": str(state), "trainer": "synthetic",
-                                   "server_retry_s": 1}))
+                                   "server_retry_s": 1, "policy": {"require_dp": False}}))
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "fedproxy_secure.cli.main", "client", "join", "--config", str(cfg)],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)

@@ -325,7 +325,7 @@ def test_client_yaml_policy_is_validated_with_the_field_named(tmp_path):
     y.write_text("enrolment: enrol\ntrainer: synthetic\ndp: {enabled: true, epsilon: 20}\n")
     with pytest.raises(ConfigError, match="policy.max_epsilon"):
         load_join_config(y)
-    y.write_text("enrolment: enrol\ntrainer: synthetic\npolicy: {modes: [he], allow_h_reveal: true}\n")
+    y.write_text("enrolment: enrol\ntrainer: synthetic\npolicy: {modes: [he], allow_h_reveal: true, require_dp: false}\n")
     cfg = load_join_config(y)
     assert cfg.policy.modes == frozenset({"he"}) and cfg.policy.allow_h_reveal
     assert cfg.policy.require_identities is True

@@ -98,7 +98,8 @@ def test_client_yaml_lora_needs_data_and_pinned_keyset(tmp_path):
     y.write_text("enrolment: enrol\ntrainer: lora\nkeyset: ks.json\n")
     with pytest.raises(ConfigError, match="data"):
         load_join_config(y)
-    y.write_text("enrolment: enrol\ntrainer: lora\ndata: train.jsonl\nkeyset: ks.json\n")
+    y.write_text("enrolment: enrol\ntrainer: lora\ndata: train.jsonl\nkeyset: ks.json\n"
+                 "dp: {enabled: true, epsilon: 4.0, delta: 1.0e-6}\n")
     with pytest.raises(ConfigError, match="does not exist"):
         load_join_config(y)
     (tmp_path / "train.jsonl").write_text('{"prompt": "q", "response": "a"}\n')
@@ -114,6 +115,12 @@ def test_client_yaml_lora_needs_data_and_pinned_keyset(tmp_path):
     y.write_text("enrolment: enrol\ntrainer: synthetic\nlearning_rate: 1\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         load_join_config(y)
+    y.write_text("enrolment: enrol\ntrainer: lora\ndata: train.jsonl\nkeyset: ks.json\n")  # DP off
+    with pytest.raises(ConfigError, match="policy.require_dp"):
+        load_join_config(y)
+    y.write_text("enrolment: enrol\ntrainer: lora\ndata: train.jsonl\nkeyset: ks.json\n"
+                 "policy: {require_dp: false}\n")  # a test federation opts out explicitly
+    assert not load_join_config(y).dp.enabled
 
 
 def test_report_carries_only_round_accounting_and_no_nan():

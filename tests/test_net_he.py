@@ -20,7 +20,8 @@ import tenseal as ts
 
 from fedproxy_secure.audit.log import verify_log
 from fedproxy_secure.secagg.he import PublicContext
-from tests.net_helpers import (db_rounds, expected_sum, make_server, result_sum, start_client, start_server, stop,
+from tests.net_helpers import (db_rounds, expected_sum, make_server, result_sum, roster_policy, start_client,
+                               start_server, stop,
                                wait_for)
 
 HE_DEADLINES = {"join": 20, "he_keys": 20, "he_input": 6, "he_decrypt": 20}
@@ -56,7 +57,8 @@ def test_three_clients_he_sum_within_tolerance_and_no_secret_key_on_server(tmp_p
     d, port = make_server(tmp_path, 3, mode="he", rounds=2, deadlines=HE_DEADLINES)
     srv = start_server(d, port)
     try:
-        clients = [start_client(d, i, tmp_path) for i in range(3)]
+        pol = ["--policy", str(roster_policy(tmp_path, 3))]  # HE needs a roster (fingerprints exchanged out of band)
+        clients = [start_client(d, i, tmp_path, extra=pol) for i in range(3)]
         for c in clients:
             c.wait(90)
             assert c.returncode == 0
@@ -100,6 +102,7 @@ def _tamperer(d, tmp, site: int, log: list):
     from fedproxy_secure.secagg.he import KeyHolder
     from fedproxy_secure.protocol.codec import b64e
     from fedproxy_secure.protocol.he_wire import INPUT_DOMAIN, signed_payload
+    from fedproxy_secure.protocol.binding import round_config_digest
     from fedproxy_secure.protocol.roundcfg import verify_round_config
 
     s = ClientSession(d / "enrol" / f"site{site}", tmp / f"client{site}", retry_s=20)
@@ -118,7 +121,8 @@ def _tamperer(d, tmp, site: int, log: list):
         env = base64.b64decode(good["envelope"])
 
         def resigned(e: bytes) -> dict:
-            return {**good, "envelope": b64e(e), "signature": b64e(sign(s.key, INPUT_DOMAIN, signed_payload(session, sid, e)))}
+            return {**good, "envelope": b64e(e),
+                    "signature": b64e(sign(s.key, INPUT_DOMAIN, signed_payload(session, sid, e, round_config_digest(cfg))))}
 
         obj = msgpack.unpackb(env, raw=False)
         flipped = dict(obj, cts=[obj["cts"][0][:200] + bytes([obj["cts"][0][200] ^ 1]) + obj["cts"][0][201:]])
@@ -143,8 +147,9 @@ def test_dropped_non_key_holder_and_tampered_envelope_round_still_completes(tmp_
     procs = []
     try:
         # site0 = secagg id 1 = round 1's key holder; site2 dies before he_input; site3 tampers (this process)
-        procs = [start_client(d, 0, tmp_path), start_client(d, 1, tmp_path),
-                 start_client(d, 2, tmp_path, die_at="1:he_input")]
+        pol = ["--policy", str(roster_policy(tmp_path, 4))]  # the in-process tamperer (site3) is rostered too
+        procs = [start_client(d, 0, tmp_path, extra=pol), start_client(d, 1, tmp_path, extra=pol),
+                 start_client(d, 2, tmp_path, die_at="1:he_input", extra=pol)]
         log: list = []
         _tamperer(d, tmp_path, 3, log)
         procs[2].wait(60)

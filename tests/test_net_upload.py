@@ -23,7 +23,8 @@ from fedproxy_secure.client.upload import upload
 from fedproxy_secure.server.store import SQLiteStore
 from fedproxy_secure.server.uploads import UploadLimits
 from fedproxy_secure.transport.signing import sign_request
-from tests.net_helpers import (db_rounds, expected_sum, make_server, result_sum, start_client, start_server, stop,
+from tests.net_helpers import (db_rounds, expected_sum, make_server, result_sum, roster_policy, start_client,
+                               start_server, stop,
                                wait_for)
 
 CHUNK = 16
@@ -112,7 +113,8 @@ def test_chunked_he_round_within_tolerance(tmp_path):
     d, port = make_server(tmp_path, 3, mode="he", rounds=1, deadlines=deadlines)
     srv = start_server(d, port, ["--chunk-bytes", str(64 << 10)])
     try:
-        clients = [start_client(d, i, tmp_path, extra=["--upload-threshold", str(64 << 10)]) for i in range(3)]
+        pol = ["--policy", str(roster_policy(tmp_path, 3))]  # HE needs a roster
+        clients = [start_client(d, i, tmp_path, extra=["--upload-threshold", str(64 << 10), *pol]) for i in range(3)]
         for c in clients:
             c.wait(120)
             assert c.returncode == 0

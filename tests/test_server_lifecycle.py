@@ -86,7 +86,7 @@ def test_client_join_in_no_round_exits_1_with_one_line(tmp_path, monkeypatch, dr
     d = _server(tmp_path)
     enroll_site(d, "late", "https://127.0.0.1:1")
     (tmp_path / "client.yaml").write_text(f"enrolment: {d / 'enrol' / 'late'}\nstate_dir: {tmp_path / 'cs'}\n"
-                                          "trainer: synthetic\n")
+                                          "trainer: synthetic\npolicy: {require_dp: false}\n")
     monkeypatch.setattr(join_main, "run_from_config",
                         lambda *a, **k: JoinResult("c-late", rounds_done=[], rounds_dropped=dropped))
     r = CliRunner().invoke(app, ["client", "join", "--config", str(tmp_path / "client.yaml")])
@@ -102,7 +102,7 @@ def test_repeated_aborts_stop_the_server_loudly_and_a_client_in_no_round_exits_1
     d = _server(tmp_path, max_aborts=0, deadlines={"join": 12})
     enroll_site(d, "lonely", f"https://127.0.0.1:{port}")
     (tmp_path / "client.yaml").write_text(f"enrolment: {d / 'enrol' / 'lonely'}\nstate_dir: {tmp_path / 'cs'}\n"
-                                          "trainer: synthetic\n")
+                                          "trainer: synthetic\npolicy: {require_dp: false}\n")
     cli = [sys.executable, "-c", "import torch; torch.set_num_threads(1); from fedproxy_secure.cli.main import main; "
            "main()"]
     srv = subprocess.Popen([*cli, "server", "start", "--dir", str(d), "--port", str(port), "--linger", "3"], cwd=ROOT,

@@ -382,7 +382,8 @@ def deployment_from_server_dir(directory: str | Path) -> Deployment:
 
 def client_policy_view(path: str | Path) -> dict:
     """The ``policy`` section of a site's ``client.yaml``, validated as ``ClientPolicy`` (defaults filled
-    in). Only the policy is read, so the auditor needs none of the site's data or keys."""
+    in), plus the site's own ``dp`` switch and ε as ``site_dp``. Only these are read, so the auditor
+    needs none of the site's data or keys."""
     from pydantic import ValidationError
 
     from fedproxy_secure.client.policy import ClientPolicy
@@ -397,6 +398,9 @@ def client_policy_view(path: str | Path) -> dict:
         raise ConfigError(f"{path}: policy.{where}: {e['msg']}") from None
     d = pol.model_dump()
     d["modes"] = sorted(d["modes"])
+    d["roster"] = sorted(d["roster"])
+    dp = _mapping(data.get("dp"), "dp")
+    d["site_dp"] = {"enabled": bool(dp.get("enabled", False)), "epsilon": dp.get("epsilon")}
     return d
 
 

@@ -314,7 +314,8 @@ _POLICY_FLOOR = {"min_cohort": 3, "min_threshold": 2, "min_threshold_fraction": 
 def client_policy_strength(d: Deployment, p: Policy) -> Finding:
     """FAIL when the site's pinned policy (``client.yaml`` ``policy``) is weaker than the safe defaults:
     plain mode allowed, cohort < 3, t < 2, a masking threshold fraction under 1/2, identities or HE
-    ``verify_aggregate`` not required, no ε cap or a cap above the auditor's ``max_epsilon``; WARN
+    ``verify_aggregate`` not required, no ε cap or a cap above the auditor's ``max_epsilon``, DP not
+    required or off in the site's own ``dp``, HE allowed without a roster; WARN
     when it accepts SA-H-TIES ``h_norm: reveal`` or the federation's mode is not in it (sites would
     refuse every round). N/A without ``--client-config``."""
     th = ("T07", "T19", "T20")
@@ -333,6 +334,13 @@ def client_policy_strength(d: Deployment, p: Policy) -> Finding:
     cap = cp.get("max_epsilon")
     if cap is None or cap > p.max_epsilon:
         weak.append(f"max_epsilon = {cap} (audit policy max {p.max_epsilon:g})")
+    if not cp.get("require_dp", False):
+        weak.append("require_dp is false")
+    site_dp = cp.get("site_dp") or {}
+    if not site_dp.get("enabled", False):
+        weak.append("the site's own dp.enabled is false (its updates carry raw gradients)")
+    if not cp.get("he_requires_roster", False):
+        weak.append("he_requires_roster is false")
     if weak:
         return Finding("client.policy", "FAIL", "the site's policy is weaker than the safe defaults: "
                        + "; ".join(weak) + " (fix: restore them in client.yaml policy)", th)

@@ -3,9 +3,11 @@
 Per round: check in (``join``), fetch and verify the operator-signed round config (our id in
 the cohort, the session id fresh), fetch the global state and check its hash, train
 (``train_fn``), clip the update to the round's clip norm, run the secure-aggregation stages, and
-report ε. State kept in ``state_dir``: the Ed25519 identity key (0600), the enrolment record and
-the session ids already used (never reused). After a crash the client re-reads them and joins
-the next round; the round it crashed in counts it as dropped.
+report ε. State kept in ``state_dir``: the Ed25519 identity key (0600), the enrolment record,
+the session ids already used (never reused), the federation-wide fields pinned at the first round
+(``federation_pins.json``: ``a_seed``, ``dim``, ``train.lora``) and the evidence log
+(``evidence.jsonl``: every signed config and server message acted on, append-only). After a crash
+the client re-reads them and joins the next round; the round it crashed in counts it as dropped.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class ClientSession:
         self.used_path = self.state / "used_sessions.json"
         self.used: set[bytes] = {bytes.fromhex(h) for h in json.loads(self.used_path.read_text())} \
             if self.used_path.exists() else set()
+        from fedproxy_secure.client.evidence import EvidenceLog
+
+        self.evidence = EvidenceLog(self.state)
 
     def close(self) -> None:
         """Close connections."""
@@ -142,10 +147,20 @@ class ClientSession:
         """The round config of round ``rid``, or a refusal before anything is trained or fetched.
 
         Checks the operator signature (pinned ``operator.pub``), that the config is for ``rid`` and
-        lists us, and the site's policy (:func:`check_round_policy`). A refusal is written to the
-        local audit log, shown to the site operator (``log``) and raised (``SecurityError`` /
-        :class:`PolicyViolation`).
+        lists us, the site's policy (:func:`check_round_policy`) and the federation pins
+        (:func:`fedproxy_secure.client.pins.check_and_pin`). The signed config is kept in the evidence
+        log with the outcome. A refusal is written to the local audit log, shown to the site operator
+        (``log``) and raised (``SecurityError`` / :class:`PolicyViolation`).
         """
+        try:
+            return self._verified_round_config(rid, signed)
+        except SecurityError as exc:
+            self.evidence.round_config(rid, signed, f"refused: {exc}")
+            raise
+
+    def _verified_round_config(self, rid: int, signed: dict) -> dict:
+        from fedproxy_secure.client.pins import check_and_pin
+
         try:
             cfg = verify_round_config(self.operator, signed)
             cohort = {c: i for c, i in cfg["cohort"]}
@@ -155,6 +170,7 @@ class ClientSession:
 
             own = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             check_round_policy(self.policy, cfg, self_identity=(cohort[self.client_id], own))
+            check_and_pin(self.state, cfg)
         except PolicyViolation as exc:
             self.audit_refusal("policy_refusal", {**exc.as_record(), "kid": str(signed.get("kid", ""))[:64]})
             self.log(f"REFUSED {exc}")
@@ -168,11 +184,21 @@ class ClientSession:
             if isinstance(exc, SecurityError):
                 raise
             raise SecurityError(f"round {rid}: {reason}") from None
+        self.evidence.round_config(rid, signed, "accepted")
         return cfg
 
     def run_round(self, rid: int, train_fn: TrainFn, die_at: str | None = None) -> dict | None:
-        """Take part in round ``rid`` (already at its ``join`` stage); the report, or None if dropped."""
-        r = self.http.post_json(f"/v1/round/{rid}/join", {"type": "join"}, round_id=rid)
+        """Take part in round ``rid`` (already at its ``join`` stage); the report, or None if dropped.
+
+        The ``join`` carries a commitment to a fresh nonce (the SecAgg+ graph seed's commit-reveal,
+        :mod:`fedproxy_secure.protocol.binding`); the nonce is revealed only in the signed
+        advertised keys, after the signed round config fixed every commitment.
+        """
+        from fedproxy_secure.protocol.binding import graph_commit, new_graph_nonce
+
+        nonce = new_graph_nonce()
+        r = self.http.post_json(f"/v1/round/{rid}/join", {"type": "join", "graph_commit": graph_commit(nonce).hex()},
+                                round_id=rid)
         if r.status != 200:
             self.log(f"round {rid}: join refused ({r.status})")
             return None
@@ -194,7 +220,8 @@ class ClientSession:
         update = clip_update(update, float(cfg["clip_norm"]))
         stages = make_client_stages(cfg, update, cohort[self.client_id], identity_key=self.key,
                                     used_sessions=self.used, operator=self.operator,
-                                    num_examples=report.get("num_examples"))  # only used by weighted rounds
+                                    num_examples=report.get("num_examples"),  # only used by weighted rounds
+                                    graph_nonce=nonce)
         self._save_used()  # durable before any key of this session leaves the client
         sent = public_report(report, rid)  # round id, ε/δ/accountant, status: nothing about the data or update
         report = save_local_report(self.state, rid, report, sent)["report"]  # the full report stays on the site
@@ -209,7 +236,13 @@ class ClientSession:
             msg = self._poll(rid, stage, limit)
             if msg is None:
                 return None
-            out = stages.step(stage, msg)
+            self.evidence.server_message(rid, stage, msg)
+            try:
+                out = stages.step(stage, msg)
+            except (ProtocolAbort, SecurityError) as exc:
+                self.evidence.abort(rid, stage, str(exc))
+                raise
+            self.evidence.sent(rid, stage, out)
             r = self.post_stage(rid, stage, out)
             if r.status != 200:
                 self.log(f"round {rid}: {stage} refused ({r.status}): {r.content[:200]!r}")

@@ -21,6 +21,14 @@ Example (paths are relative to the YAML file)::
       allow_h_reveal: false
       max_rounds: 100
       max_epsilon: 10.0
+      require_dp: true              #   refuse to start with dp.enabled false
+      min_clip_norm: 0.001          #   bounds on what changes the update that leaves the site
+      min_lr: 1.0e-7
+      max_lr: 1.0
+      min_frac_bits: 16
+      roster: []                    #   peers' fingerprints ('client roster' on each site), exchanged out of band
+      min_rostered_peers: null      #   null: every other cohort member must be on the roster (when one is set)
+      he_requires_roster: true
 
 The LoRA layout (r, alpha, targets) and the A seed are federation-wide and come from the
 operator-signed round config; the DP settings are the site's own and never taken from the server.
@@ -73,6 +81,14 @@ class ClientJoinConfig(BaseModel):
             if self.keyset is None:
                 raise ValueError("trainer lora needs 'keyset' (the operator's pinned keyset file); the proxy "
                                  "bundle is never loaded unverified")
+        return self
+
+    @model_validator(mode="after")
+    def _dp_required(self) -> "ClientJoinConfig":
+        if self.policy.require_dp and not self.dp.enabled:
+            raise ValueError("dp.enabled is false but this site's policy.require_dp is true: turn DP-SGD on (dp: "
+                             "{enabled: true, epsilon: 8.0, delta: 1.0e-5}) or, only for a test federation without "
+                             "personal data, set policy.require_dp: false")
         return self
 
     @model_validator(mode="after")

@@ -144,13 +144,26 @@ def issue_proxy_bundle(server_dir: Path, proxy_dir: Path, log: Log) -> tuple[Pat
 
 def write_client_kits(spec: DemoSpec, server_dir: Path, clients_dir: Path, data: DemoData, keyset: Path) -> list[Path]:
     """Per site: its enrolment folder (moved from the server), the pinned keyset, its own training
-    file (JSONL prompt/response) and ``client.yaml`` (data, keyset, DP, 1 thread). Returns the yaml paths."""
+    file (JSONL prompt/response) and ``client.yaml`` (data, keyset, DP, 1 thread, policy). Each site's
+    identity key is made here, before its first join, so every ``client.yaml`` can carry the cohort
+    roster (every site's fingerprint, as sites exchange them out of band; ``policy.roster``), unless
+    the spec's site policy names its own roster. Returns the yaml paths."""
+    from fedproxy_secure.artifacts.keys import generate_key, save_private_key
     from fedproxy_secure.client.join_config import write_join_config
+    from fedproxy_secure.protocol.roster import identity_fingerprint
 
+    roster = []
+    for k in range(len(data.client_train)):
+        state = clients_dir / f"site{k}" / "state"
+        state.mkdir(parents=True, exist_ok=False)
+        os.chmod(state, 0o700)
+        key = generate_key()
+        save_private_key(key, state / "identity.key")
+        roster.append(identity_fingerprint(key.public_key().public_bytes_raw()))
     out = []
     for k, exs in enumerate(data.client_train):
         site = clients_dir / f"site{k}"
-        site.mkdir(parents=True, exist_ok=False)
+        site.mkdir(parents=True, exist_ok=True)  # made above with its state folder
         os.chmod(site, 0o700)
         shutil.move(str(server_dir / "enrol" / f"site{k}"), site / "enrol")
         shutil.copy(keyset, site / "keyset.json")
@@ -160,5 +173,5 @@ def write_client_kits(spec: DemoSpec, server_dir: Path, clients_dir: Path, data:
         out.append(write_join_config(site / "client.yaml", enrolment="enrol", state_dir="state", trainer="lora",
                                      seed=k, data="train.jsonl", keyset="keyset.json",
                                      dp=spec.dp.model_dump(mode="json"), threads=spec.clients.threads,
-                                     policy=dict(spec.clients.policy)))
+                                     policy={"roster": roster, **dict(spec.clients.policy)}))
     return out

@@ -91,9 +91,12 @@ class InMemoryFederation:
         """Run the open round: every client joins, then each stage; ``silent_from`` = {client: stage it
         stops answering at}. Returns the closed round and the new global state (None if aborted)."""
         silent_from = silent_from or {}
+        from fedproxy_secure.protocol.binding import graph_commit, new_graph_nonce
+
         rid = self.engine.current().round_id
+        nonces = {c: new_graph_nonce() for c in self.clients}  # commit at join, reveal in the advertised keys
         for c in self.clients:
-            self.engine.submit(c, rid, JOIN_STAGE, {"type": "join"})
+            self.engine.submit(c, rid, JOIN_STAGE, {"type": "join", "graph_commit": graph_commit(nonces[c]).hex()})
         row = self.store.get_round(rid)
         if row.status != "open":
             return RoundOutcome(row, None, None)
@@ -102,7 +105,8 @@ class InMemoryFederation:
         stages = {c: make_client_stages(cfg, np.asarray(updates[c], dtype=np.float64), cohort[c],
                                         identity_key=self.keys[c], used_sessions=self.used[c],
                                         operator=self.operator.public_key(),
-                                        num_examples=(num_examples or {}).get(c)) for c in cohort}
+                                        num_examples=(num_examples or {}).get(c), graph_nonce=nonces[c])
+                  for c in cohort}
         silent: set[str] = set()
         refused: dict[str, str] = {}
         for stage in self.engine.round_stages():

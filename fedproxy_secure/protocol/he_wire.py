@@ -19,7 +19,7 @@ from fedproxy_secure.protocol.names import HE_KEYS_DOMAIN as KEYS_DOMAIN
 from fedproxy_secure.protocol.names import HE_STAGES
 
 __all__ = ["HE_STAGES", "KEYS_DOMAIN", "INPUT_DOMAIN", "DESCRIPTOR_MAX", "STATEMENT_MAX", "MIN_STAT_SECURITY",
-           "MESSAGE_FIELDS", "he_settings", "key_holder_for", "signed_payload", "check_shape", "HERound",
+           "MESSAGE_FIELDS", "he_settings", "key_holder_for", "signed_payload", "signed_digest_payload", "check_shape", "HERound",
            "parse_statement", "b64e", "b64d"]
 
 #: a public descriptor is ~235 KB for N = 8192 (no relinearisation/Galois keys); refuse beyond this
@@ -78,9 +78,17 @@ def key_holder_for(round_id: int, n: int) -> int:
     return (int(round_id) - 1) % int(n) + 1
 
 
-def signed_payload(session_id: bytes, sid: int, blob: bytes) -> bytes:
-    """What a client signs for a descriptor or envelope: session id, secagg id, SHA-256 of the blob."""
-    return bytes(session_id) + int(sid).to_bytes(8, "big") + hashlib.sha256(blob).digest()
+def signed_payload(session_id: bytes, sid: int, blob: bytes, context: bytes = b"") -> bytes:
+    """What a client signs for a descriptor or envelope: session id, the round's binding context (the
+    signed round config's digest, :mod:`fedproxy_secure.protocol.binding`), secagg id, SHA-256 of the blob."""
+    return signed_digest_payload(session_id, sid, hashlib.sha256(blob).digest(), context)
+
+
+def signed_digest_payload(session_id: bytes, sid: int, blob_sha256: bytes, context: bytes = b"") -> bytes:
+    """:func:`signed_payload` from the blob's SHA-256 (the key holder checks contributions by digest)."""
+    from fedproxy_secure.protocol.binding import length_prefixed
+
+    return bytes(session_id) + length_prefixed(bytes(context)) + int(sid).to_bytes(8, "big") + bytes(blob_sha256)
 
 
 def check_shape(msg: object, want: str, sid: int) -> dict:
@@ -139,14 +147,17 @@ class HERound:
         return chunks * (self.params.max_ciphertext_bytes + 64) + 4096
 
     def verify_identity(self, domain: bytes, session_id: bytes, sid: int, blob: bytes, sig_b64: object,
-                        what: str) -> None:
-        """``SecurityError`` unless ``sig_b64`` is secagg id ``sid``'s identity signature over ``blob``."""
+                        what: str, context: bytes = b"") -> None:
+        """``SecurityError`` unless ``sig_b64`` is secagg id ``sid``'s identity signature over ``blob``
+        and this round's binding ``context`` (a site given another round config signs another one)."""
         from fedproxy_secure.artifacts.keys import verify_signature
 
         pub = self.identities.get(int(sid))
         sig = b64d(sig_b64, f"{what} signature", 64)
-        if pub is None or not verify_signature(pub, sig, domain, signed_payload(session_id, sid, blob)):
-            raise SecurityError(f"{what}: the signature does not verify under secagg id {sid}'s enrolled identity")
+        if pub is None or not verify_signature(pub, sig, domain, signed_payload(session_id, sid, blob, context)):
+            raise SecurityError(f"{what}: the signature does not verify under secagg id {sid}'s enrolled identity "
+                                "and this round's config (a forged message, or that site was sent another round "
+                                "config)")
 
 
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
+from fedproxy_secure.protocol.binding import graph_seed, length_prefixed
 from fedproxy_secure.protocol.threshold import neighbourhood_threshold, secagg_plus_degree
 from fedproxy_secure.secagg import messages as M
 from fedproxy_secure.secagg.base import STAGES, DropoutPlan, SecureSumResult
@@ -231,6 +232,39 @@ def _sign_payload(label: bytes, session_id: bytes, *parts: bytes) -> bytes:
     return label + len(session_id).to_bytes(4, "big") + session_id + b"".join(parts)
 
 
+def _advertise_payload(session_id: bytes, context: bytes, k: M.PeerKeys) -> bytes:
+    """What a client signs over its advertised keys: the session, the round's binding context (the
+    signed round config's digest, :mod:`fedproxy_secure.protocol.binding`), its id, both keys and
+    its revealed graph nonce."""
+    return _sign_payload(_SIG_ADVERTISE, session_id, length_prefixed(context), k.client_id.to_bytes(8, "big"),
+                         k.enc_pk, k.mask_pk, length_prefixed(k.graph_nonce))
+
+
+def _consistency_payload(session_id: bytes, context: bytes, u3: Iterable[int]) -> bytes:
+    """What a client signs in the consistency round: the session, the binding context and U3."""
+    return _sign_payload(_SIG_CONSISTENCY, session_id, length_prefixed(context), _ids_bytes(u3))
+
+
+def session_graph_key(session_id: bytes, graph_commits: Mapping[int, bytes] | None,
+                      keys: Iterable[M.PeerKeys]) -> bytes | None:
+    """The key of this session's SecAgg+ graph, or None for the complete graph.
+
+    ``graph_commits`` None (in-process simulation, honest-but-curious server only): the session id,
+    as before. Otherwise commit-reveal (:func:`fedproxy_secure.protocol.binding.graph_seed`): a
+    seed over every committed member's revealed nonce, or None (complete graph) if U1 is not
+    exactly the committed set or any nonce fails to open its commitment. Pure: the server and every
+    client compute the same from the same U1.
+    """
+    if graph_commits is None:
+        return session_id
+    return graph_seed(session_id, graph_commits, {k.client_id: k.graph_nonce for k in keys})
+
+
+def _complete(ids: Iterable[int]) -> dict[int, frozenset[int]]:
+    everyone = frozenset(ids)
+    return {u: everyone - {u} for u in everyone}
+
+
 def _ids_bytes(ids: Iterable[int]) -> bytes:
     return b"".join(int(i).to_bytes(8, "big") for i in sorted(ids))
 
@@ -270,6 +304,12 @@ class ClientProtocol:
     refused (replay), and this session's id is added to it on construction.
     ``identity_key`` / ``peer_identities``: optional Ed25519 keys from enrolment; when
     ``peer_identities`` is given, every advertised key and the consistency round must be signed.
+    ``context``: the round's binding context (the signed round config's digest, see
+    :mod:`fedproxy_secure.protocol.binding`), signed into the advertised keys and the consistency
+    ack and checked in every peer's: peers given another config make this client abort before its
+    masked input leaves. ``graph_commits`` / ``graph_nonce``: the cohort's commitments from the
+    signed config and this client's own nonce (commit-reveal graph seed; None: session-keyed graph,
+    in-process simulation only).
     """
 
     def __init__(
@@ -282,6 +322,9 @@ class ClientProtocol:
         used_sessions: set[bytes] | None = None,
         identity_key: Ed25519PrivateKey | None = None,
         peer_identities: Mapping[int, Ed25519PublicKey] | None = None,
+        context: bytes = b"",
+        graph_commits: Mapping[int, bytes] | None = None,
+        graph_nonce: bytes = b"",
     ) -> None:
         if not isinstance(client_id, int) or not 0 < client_id <= M.MAX_ID:
             raise ConfigError(f"secagg client_id: {client_id!r} must be a positive int")
@@ -300,6 +343,10 @@ class ClientProtocol:
         self._x = vector
         self._identity = identity_key
         self._peer_ids = dict(peer_identities) if peer_identities is not None else None
+        self._context = bytes(context)
+        self._graph_commits = dict(graph_commits) if graph_commits is not None else None
+        self._graph_nonce = bytes(graph_nonce)
+        self.graph_sparse = False  # True once a sparse (SecAgg+) graph was fixed for this session
         self.state = ClientState.ADVERTISE
         self.timings: dict[str, float] = {}
         # secrets (wiped on abort / done)
@@ -369,12 +416,11 @@ class ClientProtocol:
             raise self._abort("advertise called twice")
         enc_pk = self._enc_sk.public_key().public_bytes_raw()
         mask_pk = self._mask_sk.public_key().public_bytes_raw()
+        unsigned = M.PeerKeys(self.id, enc_pk, mask_pk, b"", self._graph_nonce)
         sig = b""
         if self._identity is not None:
-            sig = self._identity.sign(
-                _sign_payload(_SIG_ADVERTISE, self.session_id, self.id.to_bytes(8, "big"), enc_pk, mask_pk)
-            )
-        self._own_keys = M.PeerKeys(self.id, enc_pk, mask_pk, sig)
+            sig = self._identity.sign(_advertise_payload(self.session_id, self._context, unsigned))
+        self._own_keys = M.PeerKeys(self.id, enc_pk, mask_pk, sig, self._graph_nonce)
         self.state = ClientState.SHARE_KEYS
         return M.AdvertiseKeys(self.session_id, self._own_keys)
 
@@ -404,7 +450,12 @@ class ClientProtocol:
             raise self._abort(f"only {len(ids)} clients in U1, threshold is {self.config.threshold}")
         self.config.encoder.check_cohort(len(ids))
         self._peers = peers
-        self._neighbours = self.config.neighbours_of(self.session_id, ids, self.id)
+        gkey = session_graph_key(self.session_id, self._graph_commits, msg.keys)
+        if gkey is None:
+            self._neighbours = frozenset(ids) - {self.id}
+        else:
+            self._neighbours = self.config.neighbours_of(gkey, ids, self.id)
+        self.graph_sparse = len(self._neighbours) < len(ids) - 1
         complete = len(self._neighbours) == len(ids) - 1
         holders = sorted(self._neighbours | {self.id})
         self._holders_t = self.config.share_threshold(len(holders), complete)
@@ -429,10 +480,10 @@ class ClientProtocol:
         if pub is None:
             raise self._abort(f"client {k.client_id} has no enrolled identity key")
         try:
-            pub.verify(k.signature, _sign_payload(
-                _SIG_ADVERTISE, self.session_id, k.client_id.to_bytes(8, "big"), k.enc_pk, k.mask_pk))
+            pub.verify(k.signature, _advertise_payload(self.session_id, self._context, k))
         except InvalidSignature:
-            raise self._abort(f"client {k.client_id}: bad signature on advertised keys") from None
+            raise self._abort(f"client {k.client_id}: bad signature on advertised keys (a forged key, or this "
+                              "peer was sent another round config than this site)") from None
 
     # ------------------------------------------------------------------ round 2
     def on_share_broadcast(self, msg: M.ShareBroadcast) -> M.MaskedInput:
@@ -489,7 +540,7 @@ class ClientProtocol:
         self._u3 = tuple(sorted(u3))
         sig = b""
         if self._identity is not None:
-            sig = self._identity.sign(_sign_payload(_SIG_CONSISTENCY, self.session_id, _ids_bytes(self._u3)))
+            sig = self._identity.sign(_consistency_payload(self.session_id, self._context, self._u3))
         self.state = ClientState.UNMASK
         return M.ConsistencyAck(self.session_id, self.id, sig)
 
@@ -522,7 +573,7 @@ class ClientProtocol:
         return M.UnmaskResponse(self.session_id, self.id, b_out, sk_out)
 
     def _verify_consistency(self, sigs: tuple[M.Signature, ...]) -> None:
-        payload = _sign_payload(_SIG_CONSISTENCY, self.session_id, _ids_bytes(self._u3))
+        payload = _consistency_payload(self.session_id, self._context, self._u3)
         good: set[int] = set()
         for s in sigs:
             pub = self._peer_ids.get(s.client_id) if self._peer_ids else None
@@ -553,12 +604,16 @@ class ServerProtocol:
         config: MaskingConfig,
         *,
         peer_identities: Mapping[int, Ed25519PublicKey] | None = None,
+        context: bytes = b"",
+        graph_commits: Mapping[int, bytes] | None = None,
     ) -> None:
         if not isinstance(session_id, bytes) or len(session_id) < MIN_SESSION_ID_BYTES:
             raise ConfigError(f"secagg session_id: must be at least {MIN_SESSION_ID_BYTES} bytes")
         self.session_id = session_id
         self.config = config
         self._peer_ids = dict(peer_identities) if peer_identities is not None else None
+        self._context = bytes(context)
+        self._graph_commits = dict(graph_commits) if graph_commits is not None else None
         self.state = ServerState.COLLECT_KEYS
         self.rejected: list[tuple[int | None, str]] = []
         self.seconds = 0.0
@@ -628,8 +683,7 @@ class ServerProtocol:
             try:
                 if pub is None:
                     return "no enrolled identity"
-                pub.verify(k.signature, _sign_payload(
-                    _SIG_ADVERTISE, self.session_id, k.client_id.to_bytes(8, "big"), k.enc_pk, k.mask_pk))
+                pub.verify(k.signature, _advertise_payload(self.session_id, self._context, k))
             except InvalidSignature:
                 return "bad signature"
         self._keys[k.client_id] = k
@@ -660,7 +714,7 @@ class ServerProtocol:
         if self._peer_ids is not None:
             try:
                 self._peer_ids[msg.client_id].verify(
-                    msg.signature, _sign_payload(_SIG_CONSISTENCY, self.session_id, _ids_bytes(self.u3)))
+                    msg.signature, _consistency_payload(self.session_id, self._context, self.u3))
             except (InvalidSignature, KeyError):
                 return "bad consistency signature"
         self._acks[msg.client_id] = msg.signature
@@ -710,9 +764,10 @@ class ServerProtocol:
         if self.state is ServerState.COLLECT_KEYS:
             self.u1 = self._need(self._keys, "advertise keys")
             self.config.encoder.check_cohort(len(self.u1))
-            self._graph = self.config.graph(sid, self.u1)
-            check_graph(self._graph)
             keys = tuple(self._keys[u] for u in self.u1)
+            gkey = session_graph_key(sid, self._graph_commits, keys)
+            self._graph = _complete(self.u1) if gkey is None else self.config.graph(gkey, self.u1)
+            check_graph(self._graph)
             self.state = ServerState.COLLECT_SHARES
             return {u: M.KeyBroadcast(sid, u, keys) for u in self.u1}
         if self.state is ServerState.COLLECT_SHARES:

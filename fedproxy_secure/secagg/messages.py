@@ -94,14 +94,18 @@ class _Wire:
 # ---------------------------------------------------------------- pieces inside messages
 @dataclass(frozen=True)
 class PeerKeys(_Wire):
-    """One client's advertised public keys (X25519, 32 bytes each) and optional Ed25519 signature."""
+    """One client's advertised public keys (X25519, 32 bytes each), optional Ed25519 signature, and the
+    nonce it committed to at ``join`` for the SecAgg+ graph seed (empty when there is none;
+    :mod:`fedproxy_secure.protocol.binding`)."""
 
     client_id: int
     enc_pk: bytes
     mask_pk: bytes
     signature: bytes = b""
+    graph_nonce: bytes = b""
     TYPE: ClassVar[str] = "peer_keys"
-    SCHEMA: ClassVar[dict] = {"client_id": "id", "enc_pk": "bytes", "mask_pk": "bytes", "signature": "bytes"}
+    SCHEMA: ClassVar[dict] = {"client_id": "id", "enc_pk": "bytes", "mask_pk": "bytes", "signature": "bytes",
+                              "graph_nonce": "bytes"}
 
 
 @dataclass(frozen=True)

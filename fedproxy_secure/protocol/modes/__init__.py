@@ -68,17 +68,22 @@ def resolve(mode: str, aggregator: str = SUM_AGGREGATOR) -> Mode:
 
 
 def make_client_stages(cfg: dict, vector, sid: int, identity_key=None, used_sessions=None,
-                       operator=None, num_examples: int | None = None) -> ClientStages:
+                       operator=None, num_examples: int | None = None, graph_nonce: bytes | None = None) -> ClientStages:
     """Client stages for the mode (and aggregator) named in a *verified* round config.
 
     ``operator``: the pinned operator public key (composites verify signed phase messages with it).
     ``num_examples``: this client's example count, required when the round config asks for
     example-weighted FedAvg (the vector sent is then :func:`protocol.weighting.weighted_input`).
+    ``graph_nonce``: the nonce this site committed to at ``join`` (SecAgg+ graph seed).
+    The binding context signed into the key agreement is the digest of ``cfg`` as verified
+    (:func:`protocol.binding.round_config_digest`), taken before any local change to it.
     Raises ``ProtocolAbort`` for a mode this client does not support or a missing count.
     """
     from fedproxy_secure.errors import ProtocolAbort
+    from fedproxy_secure.protocol.binding import round_config_digest
     from fedproxy_secure.protocol.weighting import round_weighting, weighted_input
 
+    context = round_config_digest(cfg)
     cap = round_weighting(cfg)
     if cap is not None:
         if num_examples is None:
@@ -91,7 +96,7 @@ def make_client_stages(cfg: dict, vector, sid: int, identity_key=None, used_sess
     except ConfigError as exc:
         raise ProtocolAbort(f"round config mode {cfg.get('mode')!r} is not supported by this client: {exc}") from None
     return m.client_stages(cfg, vector, sid, identity_key=identity_key, used_sessions=used_sessions,
-                           operator=operator)
+                           operator=operator, context=context, graph_nonce=graph_nonce)
 
 
 def _register_builtin() -> None:

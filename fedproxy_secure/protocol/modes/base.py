@@ -52,7 +52,8 @@ class RoundContext:
 
     ``config`` is the round config as signed (cohort, threshold, secagg_options, mode sections);
     ``he_key`` the server's HE statement key (None when the server has none); ``phase_signer``
-    signs operator phase messages under the given domain.
+    signs operator phase messages under the given domain; ``context`` the binding context of the
+    session (default: the digest of ``config``; a composite's sub-session passes its own).
     """
 
     config: dict
@@ -60,6 +61,14 @@ class RoundContext:
     clip_norm: float
     he_key: Any = None
     phase_signer: Callable[[dict, bytes], dict] | None = None
+    context: bytes | None = None
+
+    @property
+    def context_digest(self) -> bytes:
+        """What every site binds into this session's key agreement (:mod:`protocol.binding`)."""
+        from fedproxy_secure.protocol.binding import round_config_digest
+
+        return self.context if self.context is not None else round_config_digest(self.config)
 
     @property
     def cohort(self) -> list[int]:
@@ -136,8 +145,13 @@ class Mode(abc.ABC):
 
     @abc.abstractmethod
     def client_stages(self, cfg: dict, vector: np.ndarray, sid: int, *, identity_key=None,
-                      used_sessions: set | None = None, operator=None) -> ClientStages:
-        """Fresh client stages for a verified round config."""
+                      used_sessions: set | None = None, operator=None, context: bytes | None = None,
+                      graph_nonce: bytes | None = None) -> ClientStages:
+        """Fresh client stages for a verified round config.
+
+        ``context``: the binding context to sign into the key agreement (default: the digest of
+        ``cfg``, :func:`protocol.binding.round_config_digest`); ``graph_nonce``: the nonce this site
+        committed to at ``join`` (modes without a graph ignore it)."""
 
     def result_info(self, proto: ServerStages, names: dict[int, str]) -> dict:
         """Public facts of the round for the stored result, under the mode's name (none by default)."""

@@ -35,7 +35,7 @@ from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
 from fedproxy_secure.protocol.codec import b64d, b64e, vec_from_b64, vec_to_b64
 from fedproxy_secure.protocol.he_wire import (DESCRIPTOR_MAX, HE_STAGES, INPUT_DOMAIN, KEYS_DOMAIN, STATEMENT_MAX,
                                               HERound, check_shape, he_settings, key_holder_for, parse_statement,
-                                              signed_payload)
+                                              signed_digest_payload, signed_payload)
 from fedproxy_secure.protocol.modes.base import ClientStages, Mode, RoundContext, ServerStages
 
 # ----------------------------------------------------------------------------- server
@@ -47,7 +47,7 @@ class HEServerStages:
     stages = HE_STAGES
 
     def __init__(self, *, cohort: list[int], dim: int, threshold: int, session_id: bytes, clip_norm: float,
-                 options: dict, signing_key=None) -> None:
+                 options: dict, signing_key=None, context: bytes = b"") -> None:
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
         if signing_key is None:
@@ -61,6 +61,7 @@ class HEServerStages:
         if self.r.key_holder not in self.cohort:
             raise ProtocolAbort(f"HE: key holder {self.r.key_holder} is not in the cohort")
         self._key = signing_key
+        self.context = bytes(context)
         self.agg = None          # ServerAggregatorHE once the key holder's descriptor is accepted
         self._scratch = None     # a second aggregator for checking envelopes on arrival (no state kept)
         self._context_msg: dict | None = None
@@ -85,7 +86,7 @@ class HEServerStages:
 
         desc = b64d(msg["descriptor"], "he_keys descriptor", DESCRIPTOR_MAX)
         self.r.verify_identity(KEYS_DOMAIN, self.session_id, self.r.key_holder, desc, msg["signature"],
-                               "he_keys descriptor")
+                               "he_keys descriptor", self.context)
         agg = ServerAggregatorHE(desc, signing_key=self._key)  # SecurityError if it carries a secret key
         if agg.params != self.r.params:
             raise SecurityError("he_keys: the descriptor's CKKS parameters differ from the signed round config")
@@ -95,7 +96,8 @@ class HEServerStages:
 
     def _envelope(self, sid: int, msg: dict) -> bytes:
         env = b64d(msg["envelope"], f"he_input of client {sid}", self.r.envelope_max(self.dim))
-        self.r.verify_identity(INPUT_DOMAIN, self.session_id, sid, env, msg["signature"], f"he_input of client {sid}")
+        self.r.verify_identity(INPUT_DOMAIN, self.session_id, sid, env, msg["signature"], f"he_input of client {sid}",
+                               self.context)
         return env
 
     def _plain(self, msg: dict) -> np.ndarray:
@@ -228,7 +230,7 @@ class HEClientStages:
 
     def __init__(self, vector: np.ndarray, *, sid: int, session_id: bytes, threshold: int, dim: int,
                  clip_norm: float, cohort: list[int], options: dict, identity_key=None,
-                 used_sessions: set | None = None) -> None:
+                 used_sessions: set | None = None, context: bytes = b"") -> None:
         from fedproxy_secure.secagg.he import KeyHolder
 
         if identity_key is None:
@@ -243,6 +245,7 @@ class HEClientStages:
             raise ConfigError(f"HE: update has {self.v.size} values, the round expects {dim}")
         self.sid, self.session_id, self.threshold, self.dim = int(sid), bytes(session_id), int(threshold), int(dim)
         self.clip, self.cohort, self.key = float(clip_norm), frozenset(int(c) for c in cohort), identity_key
+        self.context = bytes(context)
         if used_sessions is not None:
             if self.session_id in used_sessions:
                 raise ProtocolAbort("HE: session id already used: refusing (replay)")
@@ -257,7 +260,7 @@ class HEClientStages:
     def _sign(self, domain: bytes, blob: bytes) -> str:
         from fedproxy_secure.artifacts.keys import sign
 
-        return b64e(sign(self.key, domain, signed_payload(self.session_id, self.sid, blob)))
+        return b64e(sign(self.key, domain, signed_payload(self.session_id, self.sid, blob, self.context)))
 
     def step(self, stage: str, server_msg: dict) -> dict:
         """Check the server's message for ``stage`` and return ours (``ProtocolAbort``/``SecurityError``)."""
@@ -283,7 +286,8 @@ class HEClientStages:
             raise SecurityError(f"HE: the server names key holder {m['key_holder']!r}, the signed config says "
                                 f"{self.r.key_holder}")
         desc = b64d(m["descriptor"], "HE descriptor", DESCRIPTOR_MAX)
-        self.r.verify_identity(KEYS_DOMAIN, self.session_id, self.r.key_holder, desc, m["signature"], "HE descriptor")
+        self.r.verify_identity(KEYS_DOMAIN, self.session_id, self.r.key_holder, desc, m["signature"], "HE descriptor",
+                               self.context)
         if self.keyholder is not None and not hmac.compare_digest(desc, self.keyholder.public_descriptor()):
             raise SecurityError("HE: the server relayed another descriptor than the one this key holder published")
         enc = ClientEncryptor(desc, clip=self.clip)  # SecurityError if it carries a secret key
@@ -323,7 +327,7 @@ class HEClientStages:
 
             pub = self.r.identities.get(cid)
             sig = b64d(c.get("signature"), f"HE contribution {cid} signature", 64)
-            payload = self.session_id + cid.to_bytes(8, "big") + raw_digest
+            payload = signed_digest_payload(self.session_id, cid, raw_digest, self.context)
             if pub is None or len(raw_digest) != 32 or not verify_signature(pub, sig, INPUT_DOMAIN, payload):
                 raise SecurityError(f"HE: contributor {cid} did not sign the envelope the statement lists for it")
             if self.r.verify_aggregate:
@@ -376,15 +380,20 @@ class HEMode(Mode):
         """HE server stages (the statement key signs contribution statements)."""
         return HEServerStages(cohort=ctx.cohort, dim=ctx.dim, threshold=int(ctx.config["threshold"]),
                               session_id=ctx.session_id, clip_norm=ctx.clip_norm,
-                              options=ctx.config.get("secagg_options", {}), signing_key=ctx.he_key)
+                              options=ctx.config.get("secagg_options", {}), signing_key=ctx.he_key,
+                              context=ctx.context_digest)
 
     def client_stages(self, cfg: dict, vector: np.ndarray, sid: int, *, identity_key=None,
-                      used_sessions: set | None = None, operator=None) -> ClientStages:
-        """HE client stages for a verified round config."""
+                      used_sessions: set | None = None, operator=None, context: bytes | None = None,
+                      graph_nonce: bytes | None = None) -> ClientStages:
+        """HE client stages for a verified round config (``context``: default its digest)."""
+        from fedproxy_secure.protocol.binding import round_config_digest
+
         return HEClientStages(vector, sid=sid, session_id=bytes.fromhex(cfg["session_id"]), threshold=cfg["threshold"],
                               dim=cfg["dim"], clip_norm=cfg["clip_norm"], cohort=[i for _, i in cfg["cohort"]],
                               options=cfg.get("secagg_options", {}), identity_key=identity_key,
-                              used_sessions=used_sessions)
+                              used_sessions=used_sessions,
+                              context=round_config_digest(cfg) if context is None else context)
 
     def result_info(self, proto: ServerStages, names: dict[int, str]) -> dict:
         """Key holder, contributors, context and statement digests, stated tolerance (no key material)."""

@@ -5,7 +5,10 @@ Stages (client -> server message): ``advertise`` AdvertiseKeys, ``share`` ShareK
 strictly validated message classes live in :mod:`fedproxy_secure.secagg.messages`. Closing a stage
 runs ``ServerProtocol.advance`` and yields the server's message per client for the next stage.
 Client advertised keys and consistency acks are signed with the enrolled Ed25519 identities listed
-in the operator-signed round config. A message the protocol refuses is recorded in
+in the operator-signed round config, over the round's binding context (the signed config's digest:
+sites given different configs abort before any masked input leaves). The SecAgg+ graph is keyed by
+the commit-reveal seed of :mod:`fedproxy_secure.protocol.binding` (``secagg_options.graph_commits``),
+never by the server-drawn session id alone. A message the protocol refuses is recorded in
 ``rejections`` (the engine writes it to the audit log as ``reject``).
 """
 
@@ -63,11 +66,13 @@ class MaskingServerStages:
     stages = MASKING_STAGES
 
     def __init__(self, *, cohort: list[int], dim: int, threshold: int, session_id: bytes, clip_norm: float,
-                 options: dict) -> None:
+                 options: dict, context: bytes = b"") -> None:
+        from fedproxy_secure.protocol.binding import parse_graph_commits
         from fedproxy_secure.secagg.masking import ServerProtocol
 
         self.cfg = masking_config(threshold, dim, clip_norm, options)
-        self.proto = ServerProtocol(session_id, self.cfg, peer_identities=identities(options))
+        self.proto = ServerProtocol(session_id, self.cfg, peer_identities=identities(options), context=context,
+                                    graph_commits=parse_graph_commits((options or {}).get("graph_commits")))
         self.cohort, self.session_id = set(cohort), bytes(session_id)
         self.rejections: dict[int, str] = {}
 
@@ -101,7 +106,9 @@ class MaskingClientStages:
     stages = MASKING_STAGES
 
     def __init__(self, vector: np.ndarray, *, sid: int, session_id: bytes, threshold: int, dim: int,
-                 clip_norm: float, options: dict, identity_key=None, used_sessions: set | None = None) -> None:
+                 clip_norm: float, options: dict, identity_key=None, used_sessions: set | None = None,
+                 context: bytes = b"", graph_nonce: bytes | None = None) -> None:
+        from fedproxy_secure.protocol.binding import parse_graph_commits
         from fedproxy_secure.secagg.masking import ClientProtocol
 
         cfg = masking_config(threshold, dim, clip_norm, options)
@@ -109,7 +116,9 @@ class MaskingClientStages:
         self.proto = ClientProtocol(sid, session_id, cfg, np.asarray(vector, dtype=np.float64),
                                     used_sessions=used_sessions,
                                     identity_key=identity_key if peers is not None else None,
-                                    peer_identities=peers)
+                                    peer_identities=peers, context=context,
+                                    graph_commits=parse_graph_commits((options or {}).get("graph_commits")),
+                                    graph_nonce=graph_nonce or b"")
 
     def step(self, stage: str, server_msg: dict) -> dict:
         """Validate the server's message for ``stage`` and return the reply (or ``ProtocolAbort``)."""
@@ -128,12 +137,17 @@ class MaskingMode(Mode):
         """Masking server stages of the round."""
         return MaskingServerStages(cohort=ctx.cohort, dim=ctx.dim, threshold=int(ctx.config["threshold"]),
                                    session_id=ctx.session_id, clip_norm=ctx.clip_norm,
-                                   options=ctx.config.get("secagg_options", {}))
+                                   options=ctx.config.get("secagg_options", {}), context=ctx.context_digest)
 
     def client_stages(self, cfg: dict, vector: np.ndarray, sid: int, *, identity_key=None,
-                      used_sessions: set | None = None, operator=None) -> ClientStages:
-        """Masking client stages for a verified round config."""
+                      used_sessions: set | None = None, operator=None, context: bytes | None = None,
+                      graph_nonce: bytes | None = None) -> ClientStages:
+        """Masking client stages for a verified round config (``context``: default its digest)."""
+        from fedproxy_secure.protocol.binding import round_config_digest
+
         return MaskingClientStages(vector, sid=sid, session_id=bytes.fromhex(cfg["session_id"]),
                                    threshold=cfg["threshold"], dim=cfg["dim"], clip_norm=cfg["clip_norm"],
                                    options=cfg.get("secagg_options", {}), identity_key=identity_key,
-                                   used_sessions=used_sessions)
+                                   used_sessions=used_sessions,
+                                   context=round_config_digest(cfg) if context is None else context,
+                                   graph_nonce=graph_nonce)

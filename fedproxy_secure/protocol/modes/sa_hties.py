@@ -91,15 +91,16 @@ class SAHTiesServerStages:
 
     def __init__(self, *, base: Mode, round_id: int, cohort: list[int], dim: int, threshold: int,
                  session_id: bytes, session_b: bytes, options: dict, sa: SAHTiesOptions,
-                 signer: Callable[[dict], dict]) -> None:
+                 signer: Callable[[dict], dict], context: bytes = b"") -> None:
         if session_b == session_id:
             raise ProtocolAbort("SA-H-TIES: phase B must not reuse the phase-A session id")
         self.mode, self.rid, self.dim, self.t = base, int(round_id), int(dim), int(threshold)
         self.session_a, self.session_b, self.sa, self.sign = bytes(session_id), bytes(session_b), sa, signer
         self.options = dict(options or {})
+        self.context = bytes(context)  # the round config's digest; phase B binds the signed phase-B message too
         self.base = base.base_stages
         self.stages = round_stages(self.base, sa.h_norm)
-        self.a = self._phase(cohort, self.session_a, PHASE_A_PARTS * self.dim)
+        self.a = self._phase(cohort, self.session_a, PHASE_A_PARTS * self.dim, self.context)
         self.b = None
         self.T: np.ndarray | None = None
         self.sign_sum: np.ndarray | None = None
@@ -110,9 +111,10 @@ class SAHTiesServerStages:
         self.phase_a_msg: dict | None = None
         self.rejections: dict[int, str] = {}
 
-    def _phase(self, cohort: list[int], session: bytes, dim: int) -> ServerStages:
+    def _phase(self, cohort: list[int], session: bytes, dim: int, context: bytes) -> ServerStages:
         cfg = _phase_config(cohort, session, self.t, dim, self.options)
-        return self.mode.server_stages(RoundContext(config=cfg, dim=dim, clip_norm=PHASE_CLIPS[self.mode.name]))
+        return self.mode.server_stages(RoundContext(config=cfg, dim=dim, clip_norm=PHASE_CLIPS[self.mode.name],
+                                                    context=context))
 
     def validate(self, stage: str, msg: dict, sid: int) -> None:
         """Refuse a malformed message for ``stage`` on arrival (before it is stored)."""
@@ -189,10 +191,12 @@ class SAHTiesServerStages:
         return self._start_b(sorted(hs), sa_h_range(list(hs.values()), len(hs)))
 
     def _start_b(self, cohort_b: list[int], h_range) -> dict[int, dict]:
+        from fedproxy_secure.protocol.binding import phase_b_context
+
         self.cohort_b, self.h_range = list(cohort_b), h_range
-        self.b = self._phase(cohort_b, self.session_b, PHASE_B_PARTS * self.dim)
         msg = self.sign(phase_b_message(self.rid, self.session_a, self.session_b, self.survivors_a, cohort_b,
                                         self.t, self.T, self.sa, h_range))
+        self.b = self._phase(cohort_b, self.session_b, PHASE_B_PARTS * self.dim, phase_b_context(self.context, msg))
         return {sid: msg for sid in cohort_b}
 
     def result(self) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -239,9 +243,13 @@ class SAHTiesClientStages:
     """One client's SA-H-TIES round over the mode's client stages (masking or plain)."""
 
     def __init__(self, cfg: dict, vector: np.ndarray, sid: int, *, base: Mode, operator, identity_key=None,
-                 used_sessions: set | None = None) -> None:
+                 used_sessions: set | None = None, context: bytes | None = None,
+                 graph_nonce: bytes | None = None) -> None:
         """``cfg``: the verified round config; ``vector``: our clipped update; ``operator``: the pinned
-        operator public key that must sign the phase messages."""
+        operator public key that must sign the phase messages; ``context``: the round config's
+        digest (default: computed from ``cfg``); ``graph_nonce``: this site's committed nonce."""
+        from fedproxy_secure.protocol.binding import round_config_digest
+
         if operator is None:
             raise ProtocolAbort("SA-H-TIES needs the operator's public key to check the phase messages")
         sa = cfg.get("sa_hties")
@@ -260,6 +268,8 @@ class SAHTiesClientStages:
         if used_sessions is not None and self.session_b in used_sessions:
             raise ProtocolAbort("round config: phase-B session id already used: refusing (replay)")
         self.cfg, self.sid, self.operator, self.key = cfg, int(sid), operator, identity_key
+        self.context = round_config_digest(cfg) if context is None else bytes(context)
+        self.graph_nonce = graph_nonce
         self.dim, self.t = int(cfg["dim"]), int(cfg["threshold"])
         self.cohort_size = len(cfg["cohort"])
         self.clip = float(cfg["clip_norm"])
@@ -269,7 +279,7 @@ class SAHTiesClientStages:
         self.x = np.clip(u / self.clip, -1.0, 1.0)  # the caller clipped ‖u‖ <= clip_norm
         self.stages = round_stages(self.base, self.opts.h_norm)
         self.a = self._phase(pack(sa_phase_a_client(self.x)), self.session_a, [i for _, i in cfg["cohort"]],
-                             used_sessions)
+                             used_sessions, self.context)
         if used_sessions is not None:
             used_sessions.add(self.session_b)  # reserved now, persisted by the caller before any key leaves
         self.b = None
@@ -279,10 +289,12 @@ class SAHTiesClientStages:
         self.phase_a: dict | None = None
         self.phase_b: dict | None = None
 
-    def _phase(self, vector: np.ndarray, session: bytes, cohort: list[int], used_sessions) -> ClientStages:
+    def _phase(self, vector: np.ndarray, session: bytes, cohort: list[int], used_sessions,
+               context: bytes) -> ClientStages:
         pcfg = _phase_config(cohort, session, self.t, vector.size, self.cfg.get("secagg_options", {}))
         pcfg["clip_norm"] = PHASE_CLIP
-        return self.mode.client_stages(pcfg, vector, self.sid, identity_key=self.key, used_sessions=used_sessions)
+        return self.mode.client_stages(pcfg, vector, self.sid, identity_key=self.key, used_sessions=used_sessions,
+                                       context=context, graph_nonce=self.graph_nonce)
 
     def _verified(self, msg: object, kind: str) -> dict:
         from fedproxy_secure.protocol.roundcfg import verify_round_config
@@ -330,7 +342,10 @@ class SAHTiesClientStages:
         v = pack(msg.vectors)
         if v.size != PHASE_B_PARTS * self.dim or float(np.max(np.abs(v), initial=0.0)) > PHASE_CLIP:
             raise ProtocolAbort("phase-B vectors outside [-1, 1]")  # cannot happen for ‖x‖_inf <= 1
-        self.b = self._phase(v, self.session_b, cohort_b, None)  # session_b already reserved in used_sessions
+        from fedproxy_secure.protocol.binding import phase_b_context
+
+        # session_b already reserved in used_sessions; its key agreement binds this signed phase-B message
+        self.b = self._phase(v, self.session_b, cohort_b, None, phase_b_context(self.context, body))
         return self.b.step(base, {})
 
 
@@ -401,13 +416,15 @@ class SAHTiesMode(Mode):
         return SAHTiesServerStages(base=self.base, round_id=int(cfg["round_id"]), cohort=ctx.cohort, dim=ctx.dim,
                                    threshold=int(cfg["threshold"]), session_id=ctx.session_id,
                                    session_b=bytes.fromhex(sa["session_id_b"]), options=cfg.get("secagg_options", {}),
-                                   sa=sa_options({k: v for k, v in sa.items() if k != "session_id_b"}), signer=sign)
+                                   sa=sa_options({k: v for k, v in sa.items() if k != "session_id_b"}), signer=sign,
+                                   context=ctx.context_digest)
 
     def client_stages(self, cfg: dict, vector: np.ndarray, sid: int, *, identity_key=None,
-                      used_sessions: set | None = None, operator=None) -> ClientStages:
+                      used_sessions: set | None = None, operator=None, context: bytes | None = None,
+                      graph_nonce: bytes | None = None) -> ClientStages:
         """The client's two phases; ``operator`` (pinned key) must sign the phase messages."""
         return SAHTiesClientStages(cfg, vector, sid, base=self.base, operator=operator, identity_key=identity_key,
-                                   used_sessions=used_sessions)
+                                   used_sessions=used_sessions, context=context, graph_nonce=graph_nonce)
 
     def finish(self, proto: ServerStages, theta: np.ndarray, s, names: dict[int, str]) -> Finish:
         """Δ* and C from the two phases' sums (``aggregate.sa_hties.sa_server_finish``); θ += Δ*, C kept."""
