@@ -11,6 +11,11 @@ one torch thread; the ``simulate`` side runs in ``.venv``'s own Python, as users
   quantise (SecAgg+: stochastic rounding, step 2/2^22 ≈ 4.8e-7 per value per client), so exact
   equality is not expected; measured here: max |Δθ| ≈ 1.4e-6, relative ≈ 1.2e-5 at ‖θ‖ ≈ 1.1.
   Local batches cover each client's 8 examples, so batch order (OS entropy) cannot change the update.
+* ``test_flower_secaggplus_fedavg_matches_simulate``: FedAvg under SecAgg+ (one SecAgg+ run per
+  round, the clients' example counts as weights: Flower's weighted mean ``Σ n_i Δ_i / Σ n_i``)
+  against ``simulate``'s FedAvg over our masking, 3 clients holding 16, 16 and 8 examples (so a
+  wrong weighting moves θ far beyond the tolerance), 2 rounds, the same tolerances. Faults (a node
+  failing in each SecAgg+ stage, DP-SGD on) are in tests/test_flower_faults.py (slow).
 * ``test_client_refuses_bundle_with_bad_signature``: the SDK verification path the ClientApp uses
   accepts the intact bundle and refuses a flipped signature bit, a key outside the pinned keyset and a
   changed weight byte; the ClientApp itself (called with a Flower message) replies ``accepted=False``
@@ -141,6 +146,95 @@ def test_flower_secaggplus_sa_hties_matches_simulate(fed):
         if theta_prev is not None:  # the round moved θ by far more than the tolerance: the check can fail
             assert np.abs(ts - theta_prev).max() > 100 * ATOL
         theta_prev = ts
+
+
+FEDAVG_CONFIG = (CONFIG.replace("aggregator: {name: sa_hties, pcr_lambda: 1.0e-5}", "aggregator: {name: fedavg}")
+                 .replace("tasks: [sports_understanding, navigate, metaphor_boolean, strategyqa]",
+                          "tasks: [sports_understanding, navigate, metaphor_boolean, strategyqa, presuppositions_as_nli]")
+                 .replace("clients: {count: 4}", "clients: {count: 3}")
+                 .replace("batch_size: 8,", "batch_size: 16,"))
+
+
+def test_flower_secaggplus_fedavg_matches_simulate(fed, tmp_path):
+    from fedproxy_secure.config import load_run_config
+    from fedproxy_secure.pipelines.simulate import split_data
+
+    assert FEDAVG_CONFIG.count("fedavg") == 1 and "count: 3" in FEDAVG_CONFIG and "batch_size: 16" in FEDAVG_CONFIG
+    (tmp_path / "cfg.yaml").write_text(FEDAVG_CONFIG)
+    # unequal weights, each client's examples in one batch (batch order cannot change an update)
+    assert sorted(len(c) for c in split_data(load_run_config(tmp_path / "cfg.yaml"))[0]) == [8, 16, 16]
+    settings = json.loads(fed["settings"].read_text()) | {
+        "config": str(tmp_path / "cfg.yaml"), "out": str(tmp_path / "flower-out"), "state_root": str(tmp_path / "state"),
+        "evaluate": False, "max_weight": 16}  # the largest client: SecAgg+ quantises (n_i / max_weight) Δ_i
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    sim_out = tmp_path / "sim-out"
+    sim_out.mkdir()
+    flower = subprocess.Popen([str(FLOWER_PY), "-m", "fedproxy_secure.flower.simulation", "--settings",
+                               str(tmp_path / "settings.json"), "--nodes", "3", "--ray-cpus", "2"],
+                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sim = subprocess.run([sys.executable, "-c", SIMULATE, str(tmp_path / "cfg.yaml"), str(sim_out)], cwd=tmp_path,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    try:
+        log, _ = flower.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        flower.kill()
+        raise
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    assert flower.returncode == 0, log[-4000:]
+
+    res = json.loads((tmp_path / "flower-out" / "results.json").read_text())
+    assert len(res["rounds"]) == ROUNDS
+    for rec in res["rounds"]:
+        assert rec["survivors"] == 3
+        assert rec["aggregator"]["aggregator"] == "fedavg" and rec["aggregator"]["secure_sum"] == "flower-secaggplus"
+    theta_prev = None
+    for r in range(1, ROUNDS + 1):
+        tf = np.load(tmp_path / "flower-out" / f"theta_round{r}.npy")
+        ts = np.load(sim_out / f"theta_round{r}.npy")
+        err = np.abs(tf - ts)
+        assert err.max() <= ATOL, (r, float(err.max()))
+        assert np.linalg.norm(tf - ts) / np.linalg.norm(ts) <= RTOL, r
+        if theta_prev is not None:
+            assert np.abs(ts - theta_prev).max() > 100 * ATOL
+        theta_prev = ts
+
+
+DROP_TOLERANT = """
+import json
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from fedproxy_secure.flower.secaggplus import DropTolerantSecAggPlus
+
+def fake_share_keys(self, grid, context, state):  # Flower's stage: node 5 never answered share_keys
+    state.active_node_ids = {1, 2, 3, 4}
+    return True
+
+SecAggPlusWorkflow.share_keys_stage = fake_share_keys
+out = {}
+for threshold in (3, 5):
+    st = WorkflowState()
+    st.sampled_node_ids = {1, 2, 3, 4, 5}
+    st.active_node_ids = {1, 2, 3, 4, 5}
+    st.threshold = threshold
+    st.nid_to_neighbours = {n: {1, 2, 3, 4, 5} for n in range(1, 6)}
+    ok = DropTolerantSecAggPlus(num_shares=5, reconstruction_threshold=3).share_keys_stage(None, None, st)
+    out[threshold] = {"ok": ok, "sampled": sorted(st.sampled_node_ids),
+                      "neighbours": {str(k): sorted(v) for k, v in st.nid_to_neighbours.items()}}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_drop_tolerant_secaggplus_forgets_a_node_that_never_shared_its_keys():
+    """The fix behind tests/test_flower_faults.py, without Ray: after share_keys the cohort and every
+    neighbour set are the nodes that completed it (Flower 1.42 kept node 5 and halted in unmask), and
+    the threshold check still runs on the smaller cohort (threshold 5 > the 4 nodes left fails)."""
+    p = subprocess.run([str(FLOWER_PY), "-c", DROP_TOLERANT], env=_env(), capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, (p.stdout + p.stderr)[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["3"]["ok"] is True and out["3"]["sampled"] == [1, 2, 3, 4]
+    assert out["3"]["neighbours"] == {str(n): [1, 2, 3, 4] for n in (1, 2, 3, 4)}  # node 5 gone everywhere
+    assert out["5"]["ok"] is False  # each node has 4 active neighbours (itself included) left, 5 needed
 
 
 CLIENT_APP_REFUSES = """

@@ -285,13 +285,14 @@ def secaggplus_when_asked(msg: Message, ctxt: Context, call_next) -> Message:
     return call_next(msg, ctxt)
 
 
-def make_client_app(settings: FlowerSettings | None = None) -> ClientApp:
+def make_client_app(settings: FlowerSettings | None = None, extra_mods: tuple = ()) -> ClientApp:
     """A fresh ClientApp (SecAgg+ mod installed; ``train`` and ``query`` handlers registered).
 
     ``settings`` None = read Flower's run config (``flwr run``); given = bound (``run_simulation``,
-    whose run config is empty).
+    whose run config is empty). ``extra_mods`` run before the SecAgg+ mod (the tests' fault
+    injection, :mod:`fedproxy_secure.flower.faults`).
     """
-    app = ClientApp(mods=[secaggplus_when_asked])
+    app = ClientApp(mods=[*extra_mods, secaggplus_when_asked])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

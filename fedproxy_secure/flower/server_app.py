@@ -49,13 +49,13 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.server_config import ServerConfig
 from flwr.server.strategy import Strategy
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid, ServerApp
 
 from fedproxy_secure.errors import ConfigError, FedProxyError
 from fedproxy_secure.flower.client_app import JOIN, REVEAL, REVEAL_SUM
+from fedproxy_secure.flower.secaggplus import DropTolerantSecAggPlus
 from fedproxy_secure.flower.settings import FlowerSettings, lora_fingerprint
 
 log = logging.getLogger("fedproxy.flower")
@@ -123,9 +123,9 @@ class _Round:
         lctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             ndarrays_to_parameters(arrays), keep_input=True)
         s = self.settings
-        wf = SecAggPlusWorkflow(num_shares=s.shares_arg(), reconstruction_threshold=s.threshold_arg(),
-                                max_weight=max_weight, clipping_range=s.clipping_range,
-                                quantization_range=s.quantization_range, timeout=s.timeout_s)
+        wf = DropTolerantSecAggPlus(num_shares=s.shares_arg(), reconstruction_threshold=s.threshold_arg(),
+                                    max_weight=max_weight, clipping_range=s.clipping_range,
+                                    quantization_range=s.quantization_range, timeout=s.timeout_s)
         wf(self.grid, lctx)
         if strategy.mean is None:
             raise FedProxyError(f"SecAgg+ halted in phase {fc.get('phase')!r} (too few surviving nodes or shares); "
