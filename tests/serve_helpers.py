@@ -82,19 +82,21 @@ def site_tls(ca: Path, site_dir: Path) -> ssl.SSLContext:
     return tls
 
 
-def flood(url: str, ca: str, site_dir: str, model: str, seconds: float, connections: int, max_tokens: int,
-          prompt: str, out: str) -> None:
+def flood(url: str, ca: str, site_dir: str, model: str, connections: int, max_tokens: int, prompt: str,
+          stop_file: str, out: str, seconds: float = 600.0) -> None:
     """The load test's flooding site: ``connections`` keep-alive connections, each sending the next
-    completion as soon as the last answer (or refusal) came back, for ``seconds``; writes its counts to ``out``."""
+    completion as soon as the last answer (or refusal) came back, until ``stop_file`` exists (or
+    ``seconds`` passed); writes its counts to ``out``."""
     import httpx
 
     counts = {"ok": 0, "refused": 0, "errors": 0}
     lock = threading.Lock()
-    stop = time.monotonic() + seconds
+    deadline = time.monotonic() + seconds
+    stop = Path(stop_file)
 
     def one() -> None:
         with httpx.Client(verify=site_tls(Path(ca), Path(site_dir)), timeout=120) as http:
-            while time.monotonic() < stop:
+            while time.monotonic() < deadline and not stop.exists():
                 try:
                     r = http.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt,
                                                                   "max_tokens": max_tokens})
