@@ -361,6 +361,16 @@ class ClientProtocol:
         self._u2: frozenset[int] = frozenset()
         self._u3: tuple[int, ...] = ()
 
+    @property
+    def neighbours(self) -> frozenset[int]:
+        """The peers this client shares its secrets with (fixed at the key broadcast; empty before)."""
+        return self._neighbours
+
+    @property
+    def holders_threshold(self) -> int:
+        """Shares needed to rebuild this client's secrets (0 before the key broadcast)."""
+        return self._holders_t
+
     # ------------------------------------------------------------------ helpers
     def _abort(self, why: str) -> ProtocolAbort:
         self.state = ClientState.ABORTED
