@@ -27,7 +27,8 @@ def test_quality_benchmark_tiny_all_methods_resume_and_recompute(tmp_path: Path)
     args = _args(tmp_path, seeds=[0, 1])
     res = q.run_quality(q.QualityArgs(**args))
     s = res["settings"]["hetero"]
-    assert set(s["methods"]) == set(q.ALL_METHODS)
+    proxies = {f"{m}@proxy" for m in (*q.FEDERATED, "centralized_proxy")}  # each tuned proxy also scored alone
+    assert set(s["methods"]) == set(q.ALL_METHODS) | proxies
     assert s["n_per_task"] == {"navigate": 6, "strategyqa": 6, "social_support": 6}
     for m, row in s["methods"].items():
         assert 0.0 <= row["headline"] <= 1.0 and set(row["per_task"]) == set(args["tasks"])
@@ -44,6 +45,10 @@ def test_quality_benchmark_tiny_all_methods_resume_and_recompute(tmp_path: Path)
     out = tmp_path / "out"
     for f in ("results.json", "results.md", "quality.png", "predictions.jsonl"):
         assert (out / f).stat().st_size > 0
+    dec = res["decomposition"]["hetero"]
+    assert set(dec["methods"]) == set(q.FEDERATED)
+    assert "missing" not in dec["stage_iii_transfer"]  # every input of the ratio was run
+    assert "Stage decomposition" in (out / "results.md").read_text()
     # every number in results.json is recomputed from predictions.jsonl alone
     stored = json.loads((out / "results.json").read_text())["settings"]
     recomputed = json.loads(json.dumps(summaries_from_jsonl(out / "predictions.jsonl", reference="zs_llm",
@@ -86,3 +91,38 @@ def test_headline_reuses_the_train_size_runs_identical_centralized_cell(tmp_path
     q.run_quality(q.QualityArgs(**(base | {"out": tmp_path / "out2", "methods": ["centralized"],
                                            "centralized_lr": 1e-3, "log": logs2.append})))
     assert not any("same training" in m for m in logs2) and any("centralized/seed 0: running" in m for m in logs2)
+
+
+def test_label_skew_setting_with_validation_curves(tmp_path: Path) -> None:
+    """dir<alpha>: label skew over clients; with --val-per-task every round scores the global proxy on
+    held-out training data, and each federated cell writes its curve PNG; the decomposition is filled."""
+    q = load_benchmark("quality")
+    args = _args(tmp_path, settings=["dir0.5"], methods=["zs_proxy", "fedavg", "centralized_proxy", "centralized"],
+                 limit_train=10, val_per_task=3, server_optimizer={"name": "avgm", "lr": 1.0, "beta1": 0.5})
+    res = q.run_quality(q.QualityArgs(**args))
+    cell = next(c for c in res["cells"] if c["method"] == "fedavg")
+    assert [c["round"] for c in cell["curve"]] == [1, 2]
+    assert all(0.0 <= c["val_balanced_accuracy"] <= 1.0 and len(c["pre_clip_norms"]) == 3 for c in cell["curve"])
+    assert cell["curve"][0]["server_step"]["optimizer"] == "avgm"
+    assert (tmp_path / "out" / "curves" / "dir0.5__fedavg__s0.png").stat().st_size > 0
+    d = res["decomposition"]["dir0.5"]
+    for key in ("stage_ii_efficiency", "recovery"):
+        r = d["methods"]["fedavg"][key]
+        assert r.get("missing") is None and (r["value"] is None or r["ci"] is not None)
+    assert d["stage_iii_transfer"].get("missing") is None
+
+
+def test_label_skew_partition_is_deterministic_and_covers_every_example_once() -> None:
+    q = load_benchmark("quality")
+    from fedproxy_secure.data import load_task, split_task
+
+    train = {t: split_task(load_task(DATA, t, prompt_format="reference"), 10, 6, seed=0)[0]
+             for t in ("navigate", "social_support")}
+    a, _ = q.client_partition(train, "dir0.5", 4, seed=3)
+    b, _ = q.client_partition(train, "dir0.5", 4, seed=3)
+    c, _ = q.client_partition(train, "dir0.5", 4, seed=4)
+    key = lambda parts: [[(ex.task, ex.uid) for ex in p] for p in parts]  # noqa: E731
+    assert key(a) == key(b) and key(a) != key(c)
+    flat = [k for p in key(a) for k in p]
+    assert sorted(flat) == sorted((ex.task, ex.uid) for exs in train.values() for ex in exs)  # each example once
+    assert all(len(p) >= 1 for p in a)

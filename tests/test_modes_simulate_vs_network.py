@@ -1,6 +1,6 @@
 """``simulate`` and the networked round engine give the same global update on the same inputs.
 
-simulate's aggregation path (``pipelines.simulate._secure_sum_fn`` + ``_make_aggregator``, whose secure
+simulate's aggregation path (``pipelines.simulate._secure_sum_fn`` + ``round_driver.run_aggregator``, whose secure
 sums run the network's stage machines through ``pipelines.stage_sum.StageMachineSummer``) against one
 round of the real :class:`RoundEngine` with the real client stage machines, signed round configs and
 the canonical-JSON wire form (``pipelines.inmemory``: everything of a network round but HTTP, which
@@ -16,7 +16,8 @@ import pytest
 from fedproxy_secure.aggregate import AggState
 from fedproxy_secure.config import parse_run_config
 from fedproxy_secure.pipelines.inmemory import InMemoryFederation
-from fedproxy_secure.pipelines.simulate import _make_aggregator, _secure_sum_fn
+from fedproxy_secure.pipelines.round_driver import run_aggregator
+from fedproxy_secure.pipelines.simulate import _secure_sum_fn
 from fedproxy_secure.protocol.settings import FederationSettings
 
 DIM, N, CLIP = 10, 4, 1.0
@@ -41,10 +42,10 @@ def _simulate_step(mode: str, aggregator: str, ups: list[np.ndarray], threshold:
                             "aggregator": {"name": aggregator},
                             "secagg": {"mode": "none" if mode == "plain" else mode, "threshold": threshold}})
     record: dict = {}
-    agg = _make_aggregator(cfg, _secure_sum_fn(cfg, list(range(N)), set(), 0, record))
+    agg = run_aggregator(cfg, _secure_sum_fn(cfg, list(range(N)), set(), 0, record))
     res = agg.aggregate([u / CLIP for u in ups], counts or [16] * N, AggState(round=0))
     assert all(s["mode"] == ("plain" if mode == "plain" else mode) for s in record["secure_sum"])
-    return cfg.aggregator.server_lr * CLIP * res.delta
+    return CLIP * res.delta  # the global step at the default server optimizer (sgd, lr 1): θ + Δ
 
 
 def _network_step(tmp_path, mode: str, aggregator: str, ups: list[np.ndarray], threshold: int,

@@ -39,15 +39,19 @@ import numpy as np
 import torch
 
 ALL_METHODS = ("zs_llm", "zs_proxy", "prior_only", "chance", "ot", "fedavg", "fedproxy", "sa_hties", "fedproxy_dp",
-               "centralized")
+               "centralized_proxy", "centralized")
 BASELINES = ("prior_only", "chance")
-SETTINGS = ("hetero", "iid")
+FEDERATED = ("ot", "fedavg", "fedproxy", "sa_hties", "fedproxy_dp")
+#: hetero = one task per client (the paper's setting); iid = pooled and dealt; dir<alpha> = label skew:
+#: each (task, gold label) class spread over the clients with Dirichlet(alpha) proportions
+SETTINGS = ("hetero", "iid", "dir<alpha>")
 # server calibration text no client holds: the vendored skill tasks (vendored:bigbench-skill), for a dev-task federation
 DEFAULT_CALIB_TASKS = ("discourse_marker_prediction", "implicatures", "reasoning_about_colored_objects", "ruin_names",
                        "salient_translation_error_detection", "temporal_sequences")
 LABELS = {"zs_llm": "zero-shot LLM", "zs_proxy": "proxy (untuned)", "prior_only": "prior-only", "chance": "chance",
           "ot": "Offsite-Tuning", "fedavg": "FedAvg", "fedproxy": "FedProxy", "sa_hties": "SA-H-TIES",
-          "fedproxy_dp": "FedProxy+DP", "centralized": "centralized LoRA"}
+          "fedproxy_dp": "FedProxy+DP", "centralized_proxy": "centralized LoRA on the proxy, plugged in",
+          "centralized": "centralized LoRA"}
 
 
 def _portable_args(a: "QualityArgs") -> dict:
@@ -76,6 +80,10 @@ class QualityArgs:
     local_steps: int = 8
     batch_size: int = 8
     lr: float = 1e-3
+    update_clip_norm: float = 1.0
+    lr_schedule: str = "constant"
+    server_optimizer: dict = field(default_factory=dict)
+    val_per_task: int = 0  # > 0: held out of each task's training split; the global proxy is scored on it every round
     centralized_lr: float = 2e-4
     centralized_epochs: int | None = None  # None: match the federation's example budget
     limit_train: int = 100
@@ -113,13 +121,15 @@ def _run_config(a: QualityArgs, setting: str, method: str, seed: int):
                      "distill": a.distill and method != "ot", "distill_steps": a.distill_steps, "calib_examples": 32},
         "data": {"dir": str(a.data_dir), "tasks": list(a.tasks) if a.tasks else None,
                  "calib_dir": str(a.calib_dir) if a.calib_dir else None, "calib_tasks": list(a.calib_tasks),
-                 "partition": "task" if setting == "hetero" else "iid", "limit_train": a.limit_train,
+                 "partition": "task" if setting == "hetero" else "iid" if setting == "iid" else "dirichlet",
+                 **({"dirichlet_alpha": dirichlet_alpha(setting)} if setting.startswith("dir") else {}),
+                 "limit_train": a.limit_train,
                  "limit_test": a.limit_test, "max_length": a.max_length},
         "clients": {"count": a.clients}, "rounds": a.rounds,
-        "train": {"lr": a.lr, "local_steps": a.local_steps, "batch_size": a.batch_size, "update_clip_norm": 1.0,
-                  "device": a.device},
+        "train": {"lr": a.lr, "local_steps": a.local_steps, "batch_size": a.batch_size,
+                  "update_clip_norm": a.update_clip_norm, "lr_schedule": a.lr_schedule, "device": a.device},
         "lora": {"r": a.lora_r, "alpha": 2.0 * a.lora_r, "ffa": True},
-        "aggregator": {"name": aggregator},
+        "aggregator": {"name": aggregator, "server_optimizer": dict(a.server_optimizer)},
         "secagg": {"mode": "masking" if method == "sa_hties" else "none",
                    **({"threshold": max(2, math.ceil(2 * a.clients / 3))} if method == "sa_hties" else {})},
         "dp": {"enabled": method == "fedproxy_dp", "epsilon": 8.0, "delta": 1e-5},
@@ -139,16 +149,50 @@ def load_split(a: QualityArgs, tasks: Sequence[str], limit_train: int | None = N
     return train, test
 
 
+def hold_out_validation(train: dict, val_per_task: int) -> tuple[dict, dict]:
+    """``(train, val)``: the last ``val_per_task`` examples of each task's training split become its
+    validation set (clients never train on them; model selection reads only them, never the test split)."""
+    if val_per_task <= 0:
+        return train, {}
+    for t, exs in train.items():
+        if len(exs) <= val_per_task:
+            from fedproxy_secure.errors import ConfigError
+
+            raise ConfigError(f"--val-per-task {val_per_task}: task {t!r} has only {len(exs)} training examples; "
+                              "lower it or raise --limit-train")
+    return {t: exs[:-val_per_task] for t, exs in train.items()}, {t: exs[-val_per_task:] for t, exs in train.items()}
+
+
+def dirichlet_alpha(setting: str) -> float:
+    """The α of a ``dir<alpha>`` setting (ConfigError naming --settings otherwise)."""
+    from fedproxy_secure.errors import ConfigError
+
+    try:
+        alpha = float(setting[3:])
+    except ValueError:
+        alpha = -1.0
+    if not setting.startswith("dir") or not alpha > 0:
+        raise ConfigError(f"--settings: {setting!r} is unknown; use hetero, iid or dir<alpha> such as dir0.5")
+    return alpha
+
+
 def client_partition(train: dict, setting: str, n_clients: int, seed: int):
-    """Client data and client task names: one task group per client (hetero) or pooled and dealt (iid)."""
+    """Client data and client task names: one task group per client (hetero), pooled and dealt (iid), or
+    label skew (``dir<alpha>``: every (task, gold answer) class split over the clients by Dirichlet(α))."""
     from fedproxy_secure.data import partition_by_task, partition_iid
+    from fedproxy_secure.data.partition import partition_dirichlet
 
     tasks = list(train)
     if setting == "hetero":
         client_tasks = partition_by_task(tasks, n_clients)
         return [[ex for t in ts for ex in train[t]] for ts in client_tasks], client_tasks
     pool = [ex for t in tasks for ex in train[t]]
-    data = partition_iid(pool, n_clients, seed=seed)
+    if setting == "iid":
+        data = partition_iid(pool, n_clients, seed=seed)
+    else:
+        parts = partition_dirichlet([f"{ex.task}:{ex.response}" for ex in pool], n_clients, dirichlet_alpha(setting),
+                                    seed=seed, min_per_client=1)
+        data = [[pool[i] for i in p] for p in parts]
     return data, [sorted({ex.task for ex in part}) for part in data]
 
 
@@ -164,8 +208,10 @@ class _Shared:
         self.a, self.setting = a, setting
         self.llm, self.tok, self.llm_hash = load_llm(_run_config(a, setting, "fedavg", 0))
         self.llm.requires_grad_(False)
-        self.train, self.test = load_split(a, tasks)
+        train, self.test = load_split(a, tasks)
+        self.train, self.val = hold_out_validation(train, a.val_per_task)
         self.test_list = [ex for t in tasks for ex in self.test[t]]
+        self.val_list = [ex for t in tasks for ex in self.val.get(t, [])]
         self.calib = [ex.prompt for t in a.calib_tasks
                       for ex in _load_calib(a, t)[:32]]
         self.cache = ScoreCache(a.score_cache or Path(a.out) / "score_cache.jsonl", log=a.log)
@@ -198,11 +244,21 @@ class _Shared:
                                  batch_size=self.a.eval_batch_size, max_length=self.a.max_length,
                                  device=self.a.device, label=name)
 
-    def scores(self, logits_fn, label: str) -> list[list[float]]:
+    def scores(self, logits_fn, label: str, examples: Sequence | None = None) -> list[list[float]]:
+        """Option scores of ``examples`` (default: the test split) under ``logits_fn``."""
         from fedproxy_secure.eval.score_cache import timed_scores
 
-        return timed_scores(logits_fn, self.tok, self.test_list, log=self.a.log, label=label,
-                            batch_size=self.a.eval_batch_size, max_length=self.a.max_length, device=self.a.device)
+        return timed_scores(logits_fn, self.tok, self.test_list if examples is None else examples, log=self.a.log,
+                            label=label, batch_size=self.a.eval_batch_size, max_length=self.a.max_length,
+                            device=self.a.device)
+
+    def val_score(self, model) -> float:
+        """Macro balanced accuracy of ``model`` alone on the validation split (never the test split)."""
+        from fedproxy_secure.eval import model_logits_fn
+        from fedproxy_secure.eval.predictions import rows_for, summarise_predictions
+
+        rows = rows_for("val", 0, self.val_list, self.scores(model_logits_fn(model.eval()), "validation", self.val_list))
+        return summarise_predictions(rows, reference="none", upper=None)["methods"]["val"]["headline"]
 
 
 def _load_calib(a: QualityArgs, task: str):
@@ -252,16 +308,30 @@ def _federated_cell(sh: _Shared, method: str, seed: int, out: Path) -> dict:
         targets = _ot_lora_targets(prep.proxy.model, cfg.compress.ot_adapter_blocks)
         cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": targets}),
                                      "fusion": cfg.fusion.model_copy(update={"method": "weight"})})
-    outcome = federate(cfg, prep, out / "work" / f"{sh.setting}__{method}__s{seed}", log=sh.a.log)
+    on_round = (lambda r, model: {"val_balanced_accuracy": sh.val_score(model)}) if sh.val_list else None
+    outcome = federate(cfg, prep, out / "work" / f"{sh.setting}__{method}__s{seed}", log=sh.a.log, on_round=on_round)
     fused = fuse_outcome(cfg, prep, outcome)
     if cfg.fusion.method == "logit":  # same sum as the plug-in, scored with each prompt's KV cache shared by its options
         b = cfg.fusion.logit_beta
         fused.logits_fn.parts = [(prep.llm, 1.0), (outcome.peft_proxy.eval(), b), (prep.proxy.model, -b)]
     eps = [c.get("epsilon") for r in outcome.rounds for c in r["clients"] if c.get("epsilon") is not None]
+    from fedproxy_secure.eval import model_logits_fn
+
     return {"scores": sh.scores(fused.logits_fn, f"{method} seed {seed}"), "fusion": cfg.fusion.method,
+            "proxy_scores": sh.scores(model_logits_fn(outcome.peft_proxy.eval()), f"{method} proxy alone seed {seed}"),
             "fusion_info": fused.info, "train_loss": [r["train_loss"] for r in outcome.rounds],
-            "epsilon_max": max(eps) if eps else None,
+            "curve": round_curve(outcome.rounds), "epsilon_max": max(eps) if eps else None,
             "secure_sum_modes": sorted({s.get("mode") for r in outcome.rounds for s in r.get("secure_sum", [])} - {None})}
+
+
+def round_curve(rounds: Sequence[dict]) -> list[dict]:
+    """Per round: mean training loss, validation balanced accuracy of the global proxy (when measured),
+    every client's update norm before clipping, the global norm and the server step."""
+    return [{"round": r["round"], "train_loss": r.get("train_loss"),
+             "val_balanced_accuracy": (r.get("eval") or {}).get("val_balanced_accuracy"),
+             "pre_clip_norms": [c.get("pre_clip_norm") for c in r["clients"] if c.get("pre_clip_norm") is not None],
+             "global_norm": r.get("global_norm"), "server_step": r.get("server_step"), "seconds": r.get("seconds")}
+            for r in rounds]
 
 
 def centralized_budget_epochs(a: QualityArgs, n_pooled: int) -> int:
@@ -287,6 +357,31 @@ def _centralized_cell(sh: _Shared, seed: int, train: dict | None = None) -> dict
     return {"scores": sh.scores(model_logits_fn(res["model"]), f"centralized seed {seed}"), "epochs": epochs,
             "steps": res["steps"], "train_loss": res["train_loss"], "train_seconds": round(res["seconds"], 1),
             "n_train": len(pooled), "lr": a.centralized_lr, "batch_size": a.batch_size, "lora_r": a.lora_r}
+
+
+def _centralized_proxy_cell(sh: _Shared, seed: int) -> dict:
+    """LoRA on the proxy with every client's data pooled (the federation's budget), scored alone and
+    through the logit plug-in: the stage-ii upper bound and the stage-iii transfer without federation."""
+    from fedproxy_secure.client.trainer import train_centralized
+    from fedproxy_secure.config import LoraConfig
+    from fedproxy_secure.eval import model_logits_fn
+    from fedproxy_secure.fuse.logit import logit_plugin_fn
+
+    a = sh.a
+    pooled = [ex for exs in sh.train.values() for ex in exs]
+    epochs = centralized_budget_epochs(a, len(pooled))
+    base = sh.proxy("fedavg").model
+    res = train_centralized(copy.deepcopy(base).requires_grad_(False), sh.tok, pooled, epochs=epochs,
+                            lr=a.centralized_lr, batch_size=a.batch_size, max_length=a.max_length,
+                            device=a.device, lora_cfg=LoraConfig(r=a.lora_r, alpha=2.0 * a.lora_r, ffa=False), seed=seed)
+    a.log(f"centralized on the proxy: {res['steps']} steps on {len(pooled)} examples in {res['seconds']:.0f} s")
+    tuned = res["model"].eval()
+    fn = logit_plugin_fn(sh.llm, tuned, base, beta=1.0)
+    fn.parts = [(sh.llm, 1.0), (tuned, 1.0), (base, -1.0)]
+    return {"scores": sh.scores(fn, f"centralized_proxy seed {seed}"),
+            "proxy_scores": sh.scores(model_logits_fn(tuned), f"centralized_proxy alone seed {seed}"),
+            "epochs": epochs, "steps": res["steps"], "train_loss": res["train_loss"],
+            "train_seconds": round(res["seconds"], 1), "n_train": len(pooled), "lr": a.centralized_lr}
 
 
 def _train_size_cell(a: QualityArgs, out: Path, seed: int) -> dict | None:
@@ -324,9 +419,15 @@ def run_cell(sh: _Shared, method: str, seed: int, out: Path) -> dict:
         res = {"scores": baseline_scores(method, sh.train, sh.test)}
     elif method == "centralized":
         res = _centralized_cell(sh, seed)
+    elif method == "centralized_proxy":
+        res = _centralized_proxy_cell(sh, seed)
     else:
         res = _federated_cell(sh, method, seed, out)
     rows = rows_for(method, seed, sh.test_list, res.pop("scores"))
+    if "proxy_scores" in res:  # the tuned proxy alone: the stage decomposition's stage-ii numerator
+        from fedproxy_secure.eval.decomposition import proxy_name
+
+        rows += rows_for(proxy_name(method), seed, sh.test_list, res.pop("proxy_scores"))
     return {"setting": sh.setting, "method": method, "seed": seed, "seconds": round(time.time() - t0, 1), **res,
             "rows": rows}
 
@@ -436,6 +537,9 @@ def _check(a: QualityArgs) -> None:
         raise ConfigError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
     if a.prompt_format not in PROMPT_FORMATS:
         raise ConfigError(f"--prompt-format: {a.prompt_format!r} is unknown; choose {' or '.join(PROMPT_FORMATS)}")
+    for st in a.settings:
+        if st not in ("hetero", "iid"):
+            dirichlet_alpha(st)
 
 
 def run_quality(a: QualityArgs) -> dict:
@@ -445,6 +549,7 @@ def run_quality(a: QualityArgs) -> dict:
     recomputable from predictions.jsonl with :func:`fedproxy_secure.eval.summarise_predictions`.
     """
     from fedproxy_secure.data import list_tasks
+    from fedproxy_secure.eval.decomposition import stage_decomposition
     from fedproxy_secure.eval.predictions import summarise_predictions, write_jsonl
 
     _check(a)
@@ -483,13 +588,79 @@ def run_quality(a: QualityArgs) -> dict:
     write_jsonl([r | {"setting": s} for s, rows in rows_by_setting.items() for r in rows], out / "predictions.jsonl")
     summaries = {s: summarise_predictions(rows, reference="zs_llm", upper="centralized", n_boot=a.n_boot, seed=0)
                  for s, rows in rows_by_setting.items()}
-    result = {"settings": summaries,
+    federated = [m for m in FEDERATED if m in methods]
+    decomposition = {s: stage_decomposition(rows, federated, n_boot=a.n_boot, seed=0) for s, rows in rows_by_setting.items()}
+    result = {"settings": summaries, "decomposition": decomposition,
               "cells": [{"setting": k[0], "method": k[1], "seed": k[2], **v} for k, v in info.items()],
               "args": _portable_args(a)}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=_json_default))
     write_markdown(a, summaries, out / "results.md", info)
+    with (out / "results.md").open("a") as f:
+        f.write(decomposition_markdown(decomposition))
     plot(summaries, out)
+    for (setting, method, seed), cell in info.items():
+        if cell.get("curve"):
+            plot_curve(cell["curve"], out / "curves" / f"{setting}__{method}__s{seed}.png",
+                       f"{LABELS.get(method, method)}, {setting}, seed {seed}")
     return result
+
+
+def decomposition_markdown(decomposition: dict[str, dict]) -> str:
+    """The stage decomposition as markdown tables, one per setting (values with 95% CIs)."""
+    def cell(r: dict) -> str:
+        if r.get("value") is None:
+            return "-" if not r.get("missing") else f"- (needs {', '.join(r['missing'])})"
+        return f"{r['value']:.2f}{fmt_ci(r.get('ci'), 1.0, 2)}"
+
+    lines = ["", "## Stage decomposition", "",
+             "stage-ii efficiency = (m@proxy − zs_proxy)/(centralized_proxy@proxy − zs_proxy); stage-iii transfer = "
+             "(centralized_proxy − zs_llm)/(centralized − zs_llm); recovery = (m − zs_llm)/(centralized − zs_llm); "
+             "paired bootstrap 95% CIs.", ""]
+    for setting, d in decomposition.items():
+        lines += [f"### {setting}", "", f"stage-iii transfer (centrally tuned proxy, plugged in): "
+                  f"{cell(d['stage_iii_transfer'])}", "",
+                  "| method | proxy alone | fused LLM | stage-ii efficiency | recovery |", "|---|---|---|---|---|"]
+        heads = d["headlines"]
+        for m, r in d["methods"].items():
+            lines.append(f"| {LABELS.get(m, m)} | {fmt_pct(heads.get(m + '@proxy'))} | {fmt_pct(heads.get(m))} | "
+                         f"{cell(r['stage_ii_efficiency'])} | {cell(r['recovery'])} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(curve: Sequence[dict], path: Path, title: str) -> Path:
+    """One PNG: validation balanced accuracy of the global proxy and mean training loss per round (left),
+    every client's update norm before clipping per round (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rounds = [c["round"] for c in curve]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    val = [c.get("val_balanced_accuracy") for c in curve]
+    if any(v is not None for v in val):
+        ax.plot(rounds, [100 * v if v is not None else np.nan for v in val], "o-", label="val balanced acc. (%)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation balanced accuracy (%)")
+    ax2 = ax.twinx()
+    ax2.plot(rounds, [c.get("train_loss") if c.get("train_loss") is not None else np.nan for c in curve], "s--",
+             color="tab:grey", label="train loss")
+    ax2.set_ylabel("mean train loss")
+    ax.set_title("global proxy")
+    for c in curve:
+        bx.scatter([c["round"]] * len(c["pre_clip_norms"]), c["pre_clip_norms"], s=12, color="tab:blue", alpha=0.6)
+    bx.plot(rounds, [np.median(c["pre_clip_norms"]) if c["pre_clip_norms"] else np.nan for c in curve], "-",
+            color="tab:blue", label="median")
+    bx.set_xlabel("round")
+    bx.set_ylabel("client update L2 norm (before clipping)")
+    bx.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def run_train_size(a: QualityArgs, sizes: Sequence[int]) -> dict:

@@ -12,9 +12,10 @@ from typing import Mapping
 import numpy as np
 
 
-def _resampled_headlines(credit_by_method: Mapping[str, Mapping[str, np.ndarray]],
+def resampled_headlines(credit_by_method: Mapping[str, Mapping[str, np.ndarray]],
                          groups: Mapping[str, np.ndarray], n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """``{method: (n_boot,) macro balanced accuracy}`` over paired stratified resamples."""
+    """``{method: (n_boot,) macro balanced accuracy}`` over paired stratified resamples (the same draw for
+    every method, so any function of several methods' headlines is computed replicate by replicate)."""
     rng = np.random.default_rng(seed)
     tasks = sorted(groups)
     out = {m: np.zeros(n_boot) for m in credit_by_method}
@@ -29,7 +30,8 @@ def _resampled_headlines(credit_by_method: Mapping[str, Mapping[str, np.ndarray]
     return out
 
 
-def _interval(x: np.ndarray, level: float) -> list[float]:
+def percentile_interval(x: np.ndarray, level: float) -> list[float]:
+    """The central ``level`` percentile interval of the finite values of ``x`` ([nan, nan] if none)."""
     x = x[np.isfinite(x)]
     if len(x) == 0:
         return [float("nan"), float("nan")]
@@ -50,16 +52,16 @@ def paired_bootstrap(credit_by_method: Mapping[str, Mapping[str, np.ndarray]], g
     """
     if reference not in credit_by_method:
         raise KeyError(f"reference: method {reference!r} has no predictions")
-    boot = _resampled_headlines(credit_by_method, groups, n_boot, seed)
+    boot = resampled_headlines(credit_by_method, groups, n_boot, seed)
     ref = boot[reference]
     out: dict[str, dict] = {}
     for m, b in boot.items():
-        row = {"headline_ci": _interval(b, level), "diff_ci": _interval(b - ref, level)}
+        row = {"headline_ci": percentile_interval(b, level), "diff_ci": percentile_interval(b - ref, level)}
         if upper is not None and upper in boot:
             den = boot[upper] - ref
             ok = np.abs(den) > 1e-12
             ratio = np.where(ok, (b - ref) / np.where(ok, den, 1.0), np.nan)
-            row["ratio_ci"] = _interval(ratio, level)
+            row["ratio_ci"] = percentile_interval(ratio, level)
             row["ratio_undefined"] = int((~ok).sum())
         out[m] = row
     return out

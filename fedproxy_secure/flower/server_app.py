@@ -19,7 +19,8 @@ One run (:func:`run_fedproxy`), in protocol order:
    * ``secure = "none"``: the server receives each clipped update and runs the SDK aggregator the
      run config names (``simulate``'s choice of aggregator), ordered by partition id;
 
-   then ``θ ← θ + server_lr · c · Δ*`` exactly as ``simulate`` does;
+   then the global step with the server optimizer on ``c · Δ*``, the same
+   :class:`~fedproxy_secure.pipelines.round_driver.GlobalStepper` as ``simulate``;
 4. stage iii on the server: the SDK writes the proxy + global adapter, fuses them into the LLM
    (signed fused folder, loaded back through the verifying loader) and evaluates the fused LLM.
 
@@ -30,7 +31,6 @@ Outputs under ``out``: ``theta_round{r}.npy`` (θ after round r), ``results.json
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import tempfile
@@ -185,14 +185,10 @@ def join(rnd: _Round, blobs: dict[str, bytes]) -> tuple[list[int], list[dict]]:
 
 def _round_config(cfg, r: int, a_seed: int, has_conflict: bool, secure: str) -> dict[str, Any]:
     """The per-round instructions (scalars only): exactly the fields ``simulate`` puts in ClientRoundSpec."""
-    a = cfg.aggregator
-    return {
-        "round_id": r, "a_seed": a_seed, "has_conflict": has_conflict,
-        "pcr_lambda": a.pcr_lambda if a.name in ("hties", "sa_hties") else 0.0,
-        "lr": cfg.train.lr, "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size,
-        "max_length": cfg.data.max_length, "clip_norm": cfg.train.update_clip_norm, "planned_rounds": cfg.rounds,
-        "fedprox_mu": a.fedprox_mu if a.name == "fedprox" else 0.0, "secure": secure, "lora_hash": lora_fingerprint(cfg),
-    }
+    from fedproxy_secure.pipelines.round_driver import client_round_fields
+
+    return {"round_id": r, "a_seed": a_seed, "has_conflict": has_conflict, **client_round_fields(cfg, r),
+            "secure": secure, "lora_hash": lora_fingerprint(cfg)}
 
 
 def _aggregate_secure(rnd: _Round, cfg, settings: FlowerSettings, arrays: list[np.ndarray], fc: dict, record: dict):
@@ -241,7 +237,8 @@ def run_fedproxy(grid: Grid, context: Context, settings: FlowerSettings, say: Ca
     from fedproxy_secure.config import load_run_config
     from fedproxy_secure.flower.bundle_wire import bundle_blobs, issue_proxy_bundle
     from fedproxy_secure.lora import attach_lora, get_lora_vector, set_lora_vector
-    from fedproxy_secure.pipelines.simulate import _make_aggregator, json_default, prepare
+    from fedproxy_secure.pipelines.round_driver import GlobalStepper, federation_a_seed, run_aggregator
+    from fedproxy_secure.pipelines.simulate import json_default, prepare
 
     import torch
 
@@ -271,11 +268,12 @@ def run_fedproxy(grid: Grid, context: Context, settings: FlowerSettings, say: Ca
         raise FedProxyError(f"only {len(accepted)} nodes accepted the signed proxy bundle; min-clients is "
                             f"{settings.min_clients}")
     rnd = _Round(grid, context, settings, accepted)
-    a_seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/lora-A".encode()).digest()[:8], "big") % (2**63)
+    a_seed = federation_a_seed(cfg.seed)
     model = attach_lora(copy.deepcopy(prep.proxy.model), cfg.lora, a_seed)
     theta = get_lora_vector(model)
     state = AggState(round=0, conflict=None)
     clip = cfg.train.update_clip_norm
+    stepper = GlobalStepper(cfg)
     rounds = []
     for r in range(cfg.rounds):
         t0 = time.time()
@@ -289,9 +287,9 @@ def run_fedproxy(grid: Grid, context: Context, settings: FlowerSettings, say: Ca
             if not replies:
                 raise FedProxyError(f"round {r + 1}: no node returned an update")
             record.update(survivors=len(replies), clients=[m for *_, m in replies])
-            agg = _make_aggregator(cfg, plain_sum)
+            agg = run_aggregator(cfg, plain_sum)
             res = agg.aggregate([u for _, u, _, _ in replies], [n for _, _, n, _ in replies], state)
-        theta = theta + cfg.aggregator.server_lr * clip * res.delta
+        theta, record["server_step"] = stepper.step(theta, clip * res.delta, r)
         state = AggState(round=r + 1, conflict=res.conflict)
         np.save(out / f"theta_round{r + 1}.npy", theta, allow_pickle=False)
         losses = [c["train_loss"] for c in record.get("clients", []) if "train_loss" in c]
@@ -321,7 +319,7 @@ def _fuse_and_evaluate(cfg, prep, peft_proxy, out: Path, say: Callable[[str], No
     from fedproxy_secure.compress.proxy_io import save_proxy
     from fedproxy_secure.eval import model_logits_fn
     from fedproxy_secure.pipelines.demo_eval import Evaluation, fused_logits_fn, train_by_task, write_and_load_fused
-    from fedproxy_secure.pipelines.simulate import _llm_folder
+    from fedproxy_secure.pipelines.simulate import llm_folder
     from fedproxy_secure.server.export import save_adapter_on_proxy
 
     import shutil
@@ -333,7 +331,7 @@ def _fuse_and_evaluate(cfg, prep, peft_proxy, out: Path, say: Callable[[str], No
     save_proxy(prep.proxy, prep.tokenizer, proxy_dir, base_model_hash=prep.llm_hash)
     save_adapter_on_proxy(peft_proxy, adapter_dir, proxy_dir)
     with tempfile.TemporaryDirectory(prefix="fedproxy-flower-llm-") as w:
-        llm_dir = _llm_folder(cfg, prep, Path(w))
+        llm_dir = llm_folder(cfg, prep, Path(w))
         fused, meta, _ = write_and_load_fused(llm_dir, proxy_dir, adapter_dir, out / "fused", method=cfg.fusion.method,
                                               beta=cfg.fusion.logit_beta, scale=cfg.fusion.scale,
                                               source_round=cfg.rounds, aggregator=cfg.aggregator.name)

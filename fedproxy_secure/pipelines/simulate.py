@@ -20,12 +20,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedproxy_secure.aggregate import AggState, make_aggregator
+from fedproxy_secure.aggregate import AggState
 from fedproxy_secure.config import RunConfig, dump_config
 from fedproxy_secure.data import MCExample, list_tasks, load_task, partition_by_task, partition_iid, split_task
 from fedproxy_secure.data.partition import partition_dirichlet
 from fedproxy_secure.errors import ConfigError, FedProxyError
 from fedproxy_secure.eval import model_logits_fn
+from fedproxy_secure.pipelines.round_driver import GlobalStepper, client_round_fields, federation_a_seed, run_aggregator
 from fedproxy_secure.pipelines.stage_sum import StageMachineSummer
 from fedproxy_secure.secagg import DropoutPlan
 
@@ -170,25 +171,6 @@ def _secure_sum_fn(cfg: RunConfig, cohort: list[int], dropped: set[int], round_i
     return fn
 
 
-def _make_aggregator(cfg: RunConfig, secure_sum):
-    a = cfg.aggregator
-    hparams = dict(r0=a.r0, delta=a.delta, rho=a.rho)
-    if a.name == "fedavg":
-        return make_aggregator("fedavg", secure_sum=secure_sum)
-    if a.name == "fedprox":
-        return make_aggregator("fedprox", mu=a.fedprox_mu, secure_sum=secure_sum)
-    if a.name == "sa_hties":
-        return make_aggregator("sa_hties", secure_sum=secure_sum, **hparams)
-    if cfg.secagg.mode != "none":
-        raise ConfigError(
-            f"aggregator.name = {a.name!r} needs every client's update in the clear, but secagg.mode = "
-            f"{cfg.secagg.mode!r} (fix: use sa_hties or fedavg with secure aggregation, or secagg.mode: none)"
-        )
-    if a.name == "ties":
-        return make_aggregator("ties", density=a.ties_density)
-    return make_aggregator("hties", **hparams)
-
-
 def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progress=None,
              on_round: Callable[[int, object], dict] | None = None,
              round_done: Callable[[], None] | None = None) -> FederationOutcome:
@@ -203,7 +185,7 @@ def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progre
     from fedproxy_secure.lora import attach_lora, get_lora_vector
     from fedproxy_secure.privacy import PrivacyBudget
 
-    a_seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}/lora-A".encode()).digest()[:8], "big") % (2**63)
+    a_seed = federation_a_seed(cfg.seed)
     model = attach_lora(copy.deepcopy(prep.proxy.model), cfg.lora, a_seed)
     theta = get_lora_vector(model)
     state = AggState(round=0, conflict=None)
@@ -217,19 +199,14 @@ def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progre
             budgets.append(None)
     outcome = FederationOutcome(theta=theta)
     clip = cfg.train.update_clip_norm
+    stepper = GlobalStepper(cfg)
     for r in range(cfg.rounds):
         t0 = time.time()
         record: dict = {"round": r + 1, "clients": []}  # numbered from 1, as over the network
         updates, counts, ids = [], [], []
         for k in range(n):
-            spec = ClientRoundSpec(
-                round_id=r, a_seed=a_seed, theta_global=theta, conflict=state.conflict,
-                pcr_lambda=cfg.aggregator.pcr_lambda if cfg.aggregator.name in ("hties", "sa_hties") else 0.0,
-                lr=cfg.train.lr, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
-                max_length=cfg.data.max_length, clip_norm=clip, dp=cfg.dp if cfg.dp.enabled else None,
-                planned_rounds=cfg.rounds,
-                fedprox_mu=cfg.aggregator.fedprox_mu if cfg.aggregator.name == "fedprox" else 0.0,
-            )
+            spec = ClientRoundSpec(round_id=r, a_seed=a_seed, theta_global=theta, conflict=state.conflict,
+                                   dp=cfg.dp if cfg.dp.enabled else None, **client_round_fields(cfg, r))
             try:
                 upd = train_round(model, prep.tokenizer, prep.client_data[k], spec, budget=budgets[k],
                                   device=cfg.train.device)
@@ -247,13 +224,15 @@ def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progre
         dropped = set(rng.choice(ids, size=n_drop, replace=False).tolist()) if n_drop else set()
         keep = [i for i, k in enumerate(ids) if k not in dropped]
         record["dropped"] = sorted(dropped)
-        agg = _make_aggregator(cfg, _secure_sum_fn(cfg, ids, dropped, r, record))
+        agg = run_aggregator(cfg, _secure_sum_fn(cfg, ids, dropped, r, record))
         res = agg.aggregate([updates[i] for i in keep], [counts[i] for i in keep], state)
-        theta = theta + cfg.aggregator.server_lr * clip * res.delta
+        theta, record["server_step"] = stepper.step(theta, clip * res.delta, r)
         state = AggState(round=r + 1, conflict=res.conflict)
         losses = [c["train_loss"] for c in record["clients"] if "train_loss" in c]
+        norms = [c["pre_clip_norm"] for c in record["clients"] if "pre_clip_norm" in c]
         record.update({
             "train_loss": float(np.mean(losses)) if losses else None,
+            "update_norm_median": float(np.median(norms)) if norms else None,
             "aggregator": res.info,
             "mean_conflict": float(np.mean(res.conflict)) if res.conflict is not None else None,
             "global_norm": float(np.linalg.norm(theta)),
@@ -302,7 +281,7 @@ def fuse_outcome(cfg: RunConfig, prep: Prepared, outcome: FederationOutcome) -> 
                                                  "modules_fused": len(deltas)})
 
 
-def _llm_folder(cfg: RunConfig, prep: Prepared, work: Path) -> Path:
+def llm_folder(cfg: RunConfig, prep: Prepared, work: Path) -> Path:
     """The LLM as a HF folder: ``model.llm`` itself, or the tiny model written under ``work``."""
     if cfg.model.llm is not None:
         return Path(cfg.model.llm)
@@ -351,7 +330,7 @@ def run_simulation(cfg: RunConfig, out: str | Path, log: Log = print, *, quiet: 
         save_proxy(prep.proxy, prep.tokenizer, proxy_dir, base_model_hash=prep.llm_hash)
         save_adapter_on_proxy(outcome.peft_proxy, adapter_dir, proxy_dir)
         with tempfile.TemporaryDirectory(prefix="fedproxy-sim-") as work, bars.task("fusion", 1) as adv:
-            llm_dir = _llm_folder(cfg, prep, Path(work))
+            llm_dir = llm_folder(cfg, prep, Path(work))
             fused, fused_meta, ks_path = write_and_load_fused(
                 llm_dir, proxy_dir, adapter_dir, out / "fused", method=cfg.fusion.method, beta=cfg.fusion.logit_beta,
                 scale=cfg.fusion.scale, source_round=cfg.rounds, aggregator=cfg.aggregator.name)

@@ -46,6 +46,8 @@ class _Fields:
     #: set it near the largest site's count: the sum's noise (HE flooding, fixed point) is divided by Σ w_i)
     weighting: Literal["uniform", "examples"] = "uniform"
     max_examples: int = 10_000
+    #: how the server applies each round's aggregate (aggregate.server_opt.ServerOptimizerConfig; {} = plain θ + Δ)
+    server_optimizer: dict = field(default_factory=dict)
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
@@ -105,6 +107,7 @@ class FederationSettings:
             raise ConfigError(f"federation.a_seed={self.a_seed!r}: use an integer in [0, 2**63)")
         if self.max_examples < 1:
             raise ConfigError(f"federation.max_examples={self.max_examples}: must be >= 1")
+        self.optimizer()
         mode = resolve(self.mode, self.aggregator)
         owners = {m.settings_section: m.name for m in (mode, getattr(mode, "base", None)) if m is not None}
         for sec in _SECTIONS:
@@ -115,6 +118,27 @@ class FederationSettings:
                                   f"{what} {sec}")
         mode.validate_settings(self)
         return self
+
+    def optimizer(self):
+        """The validated server optimizer (``ConfigError`` naming ``federation.server_optimizer.<field>``)."""
+        from fedproxy_secure.aggregate.server_opt import ServerOptimizerConfig
+
+        try:
+            return ServerOptimizerConfig.model_validate(self.server_optimizer or {})
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(x) for x in e["loc"])
+            raise ConfigError(f"federation.server_optimizer.{where} = {e.get('input')!r}: {e['msg']} "
+                              "(fix: see ServerOptimizerConfig in docs/operator-guide.md)") from None
+
+    def client_lr(self, round_index: int) -> float:
+        """The client lr of the 0-based ``round_index``-th completed round: ``train.lr`` under ``train.lr_schedule``
+        (the same rule as ``simulate``: ``aggregate.server_opt.scheduled_lr``)."""
+        from fedproxy_secure.aggregate.server_opt import scheduled_lr
+
+        t = self.train or {}
+        return scheduled_lr(float(t.get("lr", 2e-4)), str(t.get("lr_schedule", "constant")), round_index, self.rounds,
+                            float(t.get("min_lr_ratio", 0.0)))
 
     def wire_dim(self) -> int:
         """Values each client secure-sums: ``dim``, plus its weight with ``weighting: examples``."""

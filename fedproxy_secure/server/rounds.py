@@ -24,7 +24,9 @@ from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
+from safetensors.numpy import save as safetensors_save
 
+from fedproxy_secure.aggregate.server_opt import global_step, state_arrays, state_from_arrays
 from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.errors import DataError, ProtocolAbort, SecurityError
 from fedproxy_secure.protocol.canonical import canonical_json
@@ -257,7 +259,8 @@ class RoundEngine:
             "round_id": row.round_id, "session_id": row.session_id, "cohort": cohort,
             "state_round": gs[0], "state_sha256": hashlib.sha256(gs[1]).hexdigest(),
             "aggregator": self.s.aggregator, "mode": self.s.mode, "threshold": t, "dim": self.s.dim,
-            "clip_norm": self.s.clip_norm, "train": self.s.train, "deadlines": self.s.deadlines,
+            "clip_norm": self.s.clip_norm, "deadlines": self.s.deadlines,
+            "train": {**self.s.train, "lr": self.s.client_lr(self.completed_rounds())} if self.s.train else self.s.train,
             **({"weighting": {"by": "examples", "max_examples": self.s.max_examples}}
                if self.s.weighting == "examples" else {}),
             "a_seed": self.a_seed(),
@@ -356,19 +359,26 @@ class RoundEngine:
                                     "dropped": dropped})
 
     def _finish(self, row: RoundRow, proto: ServerStages, dropped: list[str]) -> None:
-        """Close the round with the mode's global step (θ += Δ, conflict state kept), or abort it."""
+        """Close the round with the mode's aggregate and the server optimizer's global step
+        (:func:`fedproxy_secure.aggregate.server_opt.global_step`, conflict state kept), or abort it."""
         rid = row.round_id
         by_sid = {i: c for c, i in self._cohort(row).items()}
         theta = state_from_bytes(self.store.global_state()[1])["theta"]
         try:
             fin = self.mode.finish(proto, theta, self.s, by_sid)
+            stored = self.store.optimizer_state()
+            opt_state = state_from_arrays(state_from_bytes(stored[1])) if stored else None
+            new_theta, opt_state, step_info = global_step(theta, fin.delta, opt_state, self.s.optimizer(),
+                                                          self.completed_rounds(), self.s.rounds)
         except (ProtocolAbort, DataError, ValueError) as exc:
             self.abort(rid, str(exc) if isinstance(exc, ProtocolAbort) else f"finish failed: {exc}")
             return
         surv_ids = [by_sid[i] for i in fin.survivors]
-        result = {"survivors": surv_ids, "dropped_last_stage": dropped, **fin.result}
-        blob = state_to_bytes(theta + fin.delta, fin.conflict)
-        gone = self.store.close_round(rid, "done", "ok", result, blob)
+        result = {"survivors": surv_ids, "dropped_last_stage": dropped, **fin.result, "server_step": step_info}
+        blob = state_to_bytes(new_theta, fin.conflict)
+        stateful = self.s.optimizer().name != "sgd"  # plain SGD keeps no state between rounds
+        gone = self.store.close_round(rid, "done", "ok", result, blob,
+                                      optimizer_blob=safetensors_save(state_arrays(opt_state)) if stateful else None)
         self._audit_discarded(gone, "round closed")
         self.audit.append("round_close", {"round": rid, "survivors": surv_ids,
                                           "state_sha256": hashlib.sha256(blob).hexdigest(), **fin.audit})

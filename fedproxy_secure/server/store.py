@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS submissions (round_id INTEGER NOT NULL, stage TEXT NO
   PRIMARY KEY (round_id, stage, client_id));
 CREATE TABLE IF NOT EXISTS global_state (round_id INTEGER PRIMARY KEY, blob BLOB NOT NULL,
   sha256 TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS optimizer_state (round_id INTEGER PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS client_reports (round_id INTEGER NOT NULL, client_id TEXT NOT NULL,
   report TEXT NOT NULL, PRIMARY KEY (round_id, client_id));
 CREATE TABLE IF NOT EXISTS uploads (round_id INTEGER NOT NULL, stage TEXT NOT NULL, client_id TEXT NOT NULL,
@@ -115,7 +116,8 @@ class Storage(Protocol):
     def advance_stage(self, round_id: int, stage: str, deadline: float, data: dict,
                       outbox: dict[str, bytes] | None = None, config: dict | None = None) -> list[dict]: ...
     def close_round(self, round_id: int, status: str, reason: str, result: dict | None,
-                    state_blob: bytes | None) -> list[dict]: ...
+                    state_blob: bytes | None, optimizer_blob: bytes | None = None) -> list[dict]: ...
+    def optimizer_state(self) -> tuple[int, bytes] | None: ...
     def get_round(self, round_id: int) -> RoundRow | None: ...
     def latest_round(self) -> RoundRow | None: ...
     def rounds(self) -> list[RoundRow]: ...
@@ -318,8 +320,9 @@ class SQLiteStore:
             return _discard_uploads(c, "round_id=? AND stage<>? AND status='open'", (round_id, stage))
 
     def close_round(self, round_id: int, status: str, reason: str, result: dict | None,
-                    state_blob: bytes | None) -> list[dict]:
-        """Close a round as ``done`` (storing the new global state atomically) or ``aborted``.
+                    state_blob: bytes | None, optimizer_blob: bytes | None = None) -> list[dict]:
+        """Close a round as ``done`` (storing the new global state, and the server optimizer's state
+        when given, atomically) or ``aborted``.
 
         The round's uncommitted uploads are discarded in the same transaction and returned
         (a committed upload keeps its row, without chunks, so a repeated commit is answered).
@@ -332,7 +335,15 @@ class SQLiteStore:
                       (round_id, status, now, json.dumps({"reason": reason})))
             if state_blob is not None:
                 c.execute("INSERT OR REPLACE INTO global_state VALUES(?,?,?,?)", (round_id, state_blob, _sha(state_blob), now))
+            if optimizer_blob is not None:
+                c.execute("INSERT OR REPLACE INTO optimizer_state VALUES(?,?)", (round_id, optimizer_blob))
+                c.execute("DELETE FROM optimizer_state WHERE round_id<?", (round_id,))  # only the latest is ever read
             return _discard_uploads(c, "round_id=? AND status='open'", (round_id,))
+
+    def optimizer_state(self) -> tuple[int, bytes] | None:
+        """``(round_id, blob)`` of the server optimizer's state stored with the latest done round, if any."""
+        rows = self._q("SELECT round_id, blob FROM optimizer_state ORDER BY round_id DESC LIMIT 1")
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
 
     def _row(self, r: tuple) -> RoundRow:
         return RoundRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8],
