@@ -40,6 +40,7 @@ from fedproxy_secure.protocol.binding import graph_seed, length_prefixed
 from fedproxy_secure.protocol.threshold import neighbourhood_threshold, secagg_plus_degree
 from fedproxy_secure.secagg import messages as M
 from fedproxy_secure.secagg.base import STAGES, DropoutPlan, SecureSumResult
+from fedproxy_secure.secagg.idset import decode_ids, encode_ids
 from fedproxy_secure.secagg.encoding import FixedPointEncoder
 from fedproxy_secure.secagg.prg import (
     DOMAIN,
@@ -246,7 +247,7 @@ def _consistency_payload(session_id: bytes, context: bytes, u3: Iterable[int]) -
 
 
 def session_graph_key(session_id: bytes, graph_commits: Mapping[int, bytes] | None,
-                      keys: Iterable[M.PeerKeys]) -> bytes | None:
+                      keys: Iterable[M.PeerKeys] | Mapping[int, bytes]) -> bytes | None:
     """The key of this session's SecAgg+ graph, or None for the complete graph.
 
     ``graph_commits`` None (in-process simulation, honest-but-curious server only): the session id,
@@ -257,7 +258,29 @@ def session_graph_key(session_id: bytes, graph_commits: Mapping[int, bytes] | No
     """
     if graph_commits is None:
         return session_id
-    return graph_seed(session_id, graph_commits, {k.client_id: k.graph_nonce for k in keys})
+    reveals = dict(keys) if isinstance(keys, Mapping) else {k.client_id: k.graph_nonce for k in keys}
+    return graph_seed(session_id, graph_commits, reveals)
+
+
+#: bytes of one graph nonce in a compact KeyBroadcast's ``nonces`` (protocol.binding.NONCE_BYTES)
+_NONCE_BYTES = 32
+
+
+def key_broadcasts(session_id: bytes, u1: tuple[int, ...], keys: Mapping[int, M.PeerKeys],
+                   graph: Mapping[int, frozenset[int]], with_nonces: bool) -> dict[int, M.KeyBroadcast]:
+    """Round-1 messages: on the complete graph every key to everyone (as before); on a SecAgg+ graph
+    each client gets only its own and its k neighbours' keys, U1 as a compact id set and, with a
+    commit-reveal graph seed (``with_nonces``), every member's nonce so it can check the seed.
+
+    Guarantees: O(n k) keys in all instead of O(n^2); one shared encoding of U1 and of the nonces.
+    """
+    everyone = tuple(keys[u] for u in u1)
+    if all(len(graph[u]) == len(u1) - 1 for u in u1):
+        return {u: M.KeyBroadcast(session_id, u, everyone) for u in u1}
+    members = encode_ids(u1)
+    nonces = b"".join(keys[u].graph_nonce for u in u1) if with_nonces else b""
+    return {u: M.KeyBroadcast(session_id, u, tuple(keys[v] for v in sorted(graph[u] | {u})), members, nonces)
+            for u in u1}
 
 
 def _complete(ids: Iterable[int]) -> dict[int, frozenset[int]]:
@@ -353,7 +376,8 @@ class ClientProtocol:
         self._enc_sk = X25519PrivateKey.generate()
         self._mask_sk = X25519PrivateKey.generate()
         self._seed = os.urandom(KEY_BYTES)
-        self._peers: dict[int, M.PeerKeys] = {}
+        self._peers: dict[int, M.PeerKeys] = {}  # own and neighbours' keys
+        self._u1: frozenset[int] = frozenset()
         self._neighbours: frozenset[int] = frozenset()
         self._holders_t = 0
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (b-share, sk-share) I hold
@@ -441,6 +465,17 @@ class ClientProtocol:
         self._expect(ClientState.SHARE_KEYS, msg, M.KeyBroadcast)
         ids = self._check_ids([k.client_id for k in msg.keys], "key broadcast")
         peers = {k.client_id: k for k in msg.keys}
+        u1 = ids
+        if msg.members:  # SecAgg+ form: U1 as a compact set, keys of this client's neighbourhood only
+            try:
+                members = decode_ids(msg.members, "key broadcast members", self.config.encoder.max_clients)
+                u1 = self._check_ids(members, "key broadcast")
+            except ProtocolAbort as exc:
+                raise self._abort(str(exc)) from None
+            if not set(ids) <= set(u1):
+                raise self._abort("key broadcast carries keys of clients outside U1")
+        elif msg.nonces:
+            raise self._abort("key broadcast carries graph nonces without the member set")
         if peers.get(self.id) != self._own_keys:
             raise self._abort("key broadcast omits or alters this client's own keys")
         wrong = [k.client_id for k in msg.keys if len(k.enc_pk) != KEY_BYTES or len(k.mask_pk) != KEY_BYTES]
@@ -456,17 +491,30 @@ class ClientProtocol:
         if self._peer_ids is not None:
             for k in msg.keys:
                 self._verify_advertise(k)
-        if len(ids) < self.config.threshold:
-            raise self._abort(f"only {len(ids)} clients in U1, threshold is {self.config.threshold}")
-        self.config.encoder.check_cohort(len(ids))
+        if len(u1) < self.config.threshold:
+            raise self._abort(f"only {len(u1)} clients in U1, threshold is {self.config.threshold}")
+        self.config.encoder.check_cohort(len(u1))
         self._peers = peers
-        gkey = session_graph_key(self.session_id, self._graph_commits, msg.keys)
-        if gkey is None:
-            self._neighbours = frozenset(ids) - {self.id}
+        self._u1 = frozenset(u1)
+        if msg.members and msg.nonces:
+            if len(msg.nonces) != _NONCE_BYTES * len(u1):
+                raise self._abort("key broadcast: graph nonces do not match the member set")
+            reveals = {u: msg.nonces[_NONCE_BYTES * i:_NONCE_BYTES * (i + 1)] for i, u in enumerate(sorted(u1))}
+            if any(not hmac.compare_digest(reveals[u], peers[u].graph_nonce) for u in ids):
+                raise self._abort("key broadcast: a member's graph nonce differs from its signed advertised keys")
+            gkey = session_graph_key(self.session_id, self._graph_commits, reveals)
+        elif msg.members:
+            gkey = session_graph_key(self.session_id, self._graph_commits, {u: b"" for u in u1})
         else:
-            self._neighbours = self.config.neighbours_of(gkey, ids, self.id)
-        self.graph_sparse = len(self._neighbours) < len(ids) - 1
-        complete = len(self._neighbours) == len(ids) - 1
+            gkey = session_graph_key(self.session_id, self._graph_commits, msg.keys)
+        if gkey is None:
+            self._neighbours = frozenset(u1) - {self.id}
+        else:
+            self._neighbours = self.config.neighbours_of(gkey, u1, self.id)
+        if msg.members and set(ids) != self._neighbours | {self.id}:
+            raise self._abort("key broadcast does not carry exactly this client's neighbours' keys")
+        self.graph_sparse = len(self._neighbours) < len(u1) - 1
+        complete = len(self._neighbours) == len(u1) - 1
         holders = sorted(self._neighbours | {self.id})
         self._holders_t = self.config.share_threshold(len(holders), complete)
         if len(holders) < self._holders_t:
@@ -539,7 +587,7 @@ class ClientProtocol:
     def on_consistency_check(self, msg: M.ConsistencyCheck) -> M.ConsistencyAck:
         """Round 3: check U3 (subset of U2 as I know it, includes me, >= t) and sign it."""
         self._expect(ClientState.CONSISTENCY, msg, M.ConsistencyCheck)
-        u3 = self._check_ids(msg.survivors, "consistency check", self._peers)
+        u3 = self._check_ids(msg.survivors, "consistency check", self._u1)
         if self.id not in u3:
             raise self._abort("consistency check omits this client although it sent its input")
         stray = (set(u3) & self._neighbours) - self._u2
@@ -558,8 +606,8 @@ class ClientProtocol:
     def on_unmask_request(self, msg: M.UnmaskRequest) -> M.UnmaskResponse:
         """Round 4: reveal b-shares of survivors and sk-shares of dropped peers, never both for one."""
         self._expect(ClientState.UNMASK, msg, M.UnmaskRequest)
-        alive = self._check_ids(msg.survivors, "unmask survivors", self._peers)
-        dropped = self._check_ids(msg.dropped, "unmask dropped", self._peers)
+        alive = self._check_ids(msg.survivors, "unmask survivors", self._u1)
+        dropped = self._check_ids(msg.dropped, "unmask dropped", self._u1)
         both = set(alive) & set(dropped)
         if both:
             raise self._abort(f"clients {sorted(both)} listed both alive and dropped")
@@ -779,7 +827,7 @@ class ServerProtocol:
             self._graph = _complete(self.u1) if gkey is None else self.config.graph(gkey, self.u1)
             check_graph(self._graph)
             self.state = ServerState.COLLECT_SHARES
-            return {u: M.KeyBroadcast(sid, u, keys) for u in self.u1}
+            return key_broadcasts(sid, self.u1, self._keys, self._graph, self._graph_commits is not None)
         if self.state is ServerState.COLLECT_SHARES:
             self.u2 = self._need(self._shares, "share keys")
             inbox: dict[int, list[M.Ciphertext]] = {v: [] for v in self.u2}

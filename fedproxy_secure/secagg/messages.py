@@ -164,13 +164,22 @@ class AdvertiseKeys(_Wire):
 
 @dataclass(frozen=True)
 class KeyBroadcast(_Wire):
-    """Server -> client: every client's advertised keys (the set U1)."""
+    """Server -> client: the advertised keys a client needs, and the set U1.
+
+    Complete graph: ``keys`` holds every member of U1 (``members`` and ``nonces`` empty). SecAgg+
+    graph: ``keys`` holds only the recipient's and its k neighbours' keys, ``members`` is U1 in the
+    compact :mod:`fedproxy_secure.secagg.idset` form, and ``nonces`` (commit-reveal graph seed only)
+    is every member's 32-byte graph nonce in U1 order: O(k) keys instead of O(n).
+    """
 
     session_id: bytes
     recipient: int
     keys: tuple[PeerKeys, ...]
+    members: bytes = b""
+    nonces: bytes = b""
     TYPE: ClassVar[str] = "key_broadcast"
-    SCHEMA: ClassVar[dict] = {"session_id": "bytes", "recipient": "id", "keys": PeerKeys}
+    SCHEMA: ClassVar[dict] = {"session_id": "bytes", "recipient": "id", "keys": PeerKeys, "members": "bytes",
+                              "nonces": "bytes"}
 
 
 # ---------------------------------------------------------------- round 1: share keys
