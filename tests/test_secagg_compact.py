@@ -156,3 +156,20 @@ def test_withheld_or_altered_graph_nonces_make_the_client_abort():
     pos = last - 1
     _abort(clients[5], dataclasses.replace(m, members=encode_ids(set(range(1, N + 1)) - {last}),
                                            nonces=m.nonces[:32 * pos] + m.nonces[32 * (pos + 1):]), "neighbours' keys")
+
+
+def test_survivor_and_dropped_lists_travel_as_compact_sets():
+    sid = os.urandom(32)
+    cc = M.ConsistencyCheck(sid, 7, tuple(range(1, 1001)))
+    d = cc.to_dict()
+    assert isinstance(d["survivors"], str) and len(d["survivors"]) < 200  # ~1 bit per member, base64
+    assert M.ConsistencyCheck.from_dict(d) == cc
+    ur = M.UnmaskRequest(sid, 7, tuple(range(1, 900)), (), ())
+    assert M.UnmaskRequest.from_dict(ur.to_dict()) == ur and ur.to_dict()["dropped"] == ""
+    import base64
+
+    longer = base64.b64encode(b"\x01" + b"\x01" * 100).decode()  # 1..100 in the non-canonical varint form
+    with pytest.raises(ProtocolAbort, match="canonical"):
+        M.ConsistencyCheck.from_dict(dict(d, survivors=longer))
+    with pytest.raises(ProtocolAbort):
+        M.ConsistencyCheck.from_dict(dict(d, survivors=list(range(1, 1001))))  # the old list form is refused

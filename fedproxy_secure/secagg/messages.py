@@ -20,9 +20,11 @@ import numpy as np
 
 from fedproxy_secure.errors import ProtocolAbort
 from fedproxy_secure.protocol.codec import b64d, b64e, u64_from_b64, u64_to_b64
+from fedproxy_secure.secagg.idset import decode_ids, encode_ids
 
 MAX_ID = (1 << 63) - 1
 MAX_BYTES = 1 << 34  # refuse absurd payloads before decoding them
+MAX_SET = 1 << 20  # members of one id set ("idset" fields: U3 and the dropped clients)
 
 
 def _b64d(s: Any, what: str) -> bytes:
@@ -42,6 +44,8 @@ def _encode(kind: Any, v: Any) -> Any:
         return int(v)
     if kind == "ids":
         return [int(i) for i in v]
+    if kind == "idset":  # compact canonical set (secagg.idset); "" for the empty set
+        return b64e(encode_ids(v)) if len(v) else ""
     if kind == "vector":
         return u64_to_b64(v)
     return [x.to_dict() for x in v]  # tuple of sub-messages
@@ -56,6 +60,10 @@ def _decode(kind: Any, v: Any, what: str) -> Any:
         if not isinstance(v, list):
             raise ProtocolAbort(f"message field {what}: expected a list of ids")
         return tuple(_id(i, what) for i in v)
+    if kind == "idset":
+        if v == "":
+            return ()
+        return decode_ids(b64d(v, f"message field {what}", 16 * MAX_SET), f"message field {what}", MAX_SET)
     if kind == "vector":
         return u64_from_b64(v, f"message field {what}", MAX_BYTES)
     if not isinstance(v, list):
@@ -220,13 +228,13 @@ class MaskedInput(_Wire):
 # ---------------------------------------------------------------- round 3: consistency check
 @dataclass(frozen=True)
 class ConsistencyCheck(_Wire):
-    """Server -> client: the clients whose masked inputs the server holds (U3)."""
+    """Server -> client: the clients whose masked inputs the server holds (U3; a compact id set on the wire)."""
 
     session_id: bytes
     recipient: int
     survivors: tuple[int, ...]
     TYPE: ClassVar[str] = "consistency_check"
-    SCHEMA: ClassVar[dict] = {"session_id": "bytes", "recipient": "id", "survivors": "ids"}
+    SCHEMA: ClassVar[dict] = {"session_id": "bytes", "recipient": "id", "survivors": "idset"}
 
 
 @dataclass(frozen=True)
@@ -243,7 +251,8 @@ class ConsistencyAck(_Wire):
 # ---------------------------------------------------------------- round 4: unmasking
 @dataclass(frozen=True)
 class UnmaskRequest(_Wire):
-    """Server -> client: survivors (want self-mask shares) and dropped (want mask-key shares)."""
+    """Server -> client: survivors (want self-mask shares) and dropped (want mask-key shares), compact id sets
+    on the wire."""
 
     session_id: bytes
     recipient: int
@@ -252,7 +261,7 @@ class UnmaskRequest(_Wire):
     signatures: tuple[Signature, ...]
     TYPE: ClassVar[str] = "unmask_request"
     SCHEMA: ClassVar[dict] = {
-        "session_id": "bytes", "recipient": "id", "survivors": "ids", "dropped": "ids", "signatures": Signature,
+        "session_id": "bytes", "recipient": "id", "survivors": "idset", "dropped": "idset", "signatures": Signature,
     }
 
 
