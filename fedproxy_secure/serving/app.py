@@ -24,6 +24,7 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -61,6 +62,8 @@ class ServeContext:
     #: serialises tokenizer calls (request threads encode, the decoding worker decodes)
     tok_lock: threading.Lock = field(default_factory=threading.Lock)
     access: Callable[[str, int], Optional[str]] | None = None
+    #: runs what follows a decoding that no request handler waits for (settle, audit), off the decoding thread
+    after: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "fedproxy-serve-after"))
     #: ``--exit-after N``: called once N completions (status 200) have been served and audited
     on_completions: tuple[int, Callable[[], None]] | None = None
     completions_done: int = 0
@@ -190,7 +193,10 @@ def create_serve_app(ctx: ServeContext) -> FastAPI:
             return _error(exc)
         try:
             gen = await asyncio.wrap_future(fut)
-        except BaseException as exc:  # noqa: BLE001 (report, audit and give the tokens back)
+        except asyncio.CancelledError:  # the client went away: the decoding still ends, is settled and audited
+            fut.add_done_callback(lambda f: ctx.after.submit(settle_and_audit, f, held, site, endpoint, t0))
+            raise
+        except Exception as exc:  # noqa: BLE001 (report, audit and give the tokens back)
             ctx.quota.settle(held, 0)
             err = _http_error(exc)
             await run_in_threadpool(audit, site, endpoint, err.status, t0)
@@ -207,6 +213,14 @@ def create_serve_app(ctx: ServeContext) -> FastAPI:
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": ctx.model_id, "choices": [choice], "usage": usage})
 
+    def settle_and_audit(f, held: Reservation, site: str, endpoint: str, t0: float) -> Generation | None:
+        """After a decoding no handler waits for has ended: give back its unused tokens and audit it."""
+        exc = f.exception()
+        gen = None if exc is not None else f.result()
+        ctx.quota.settle(held, 0 if gen is None else gen.prompt_tokens + gen.completion_tokens)
+        audit(site, endpoint, 200 if exc is None else _http_error(exc).status, t0, gen)
+        return gen
+
     def start_stream(rid: str, site: str, endpoint: str, chat: bool, ids: list[int], max_new: int,
                      stops: list[str], t0: float, held: Reservation) -> StreamingResponse:
         """Queue the decoding now (QueueFull propagates to the caller) and stream its deltas.
@@ -222,13 +236,10 @@ def create_serve_app(ctx: ServeContext) -> FastAPI:
 
         def finished(f) -> None:
             exc = f.exception()
-            gen = None if exc is not None else f.result()
-            ctx.quota.settle(held, 0 if gen is None else gen.prompt_tokens + gen.completion_tokens)
-            status = 200 if exc is None else _http_error(exc).status
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", gen.finish_reason) if exc is None
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", f.result().finish_reason) if exc is None
                                           else ("error", _http_error(exc)))
-                loop.call_soon_threadsafe(loop.run_in_executor, None, audit, site, endpoint, status, t0, gen)
+            ctx.after.submit(settle_and_audit, f, held, site, endpoint, t0)  # the fsync off the decoding thread
 
         fut.add_done_callback(finished)
         return StreamingResponse(stream(rid, chat, queue), media_type="text/event-stream",
