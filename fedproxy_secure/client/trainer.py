@@ -58,7 +58,7 @@ class ClientRoundSpec:
     dp: Optional[DPConfig]
     planned_rounds: int
     fedprox_mu: float = 0.0
-    shuffle_seed: Optional[int] = None  # non-DP batch order only (tests); None = OS entropy
+    shuffle_seed: Optional[int] = None  # non-DP batch order only (simulate's seeded runs, tests); None = OS entropy
 
 
 @dataclass

@@ -205,8 +205,11 @@ def federate(cfg: RunConfig, prep: Prepared, out: Path, log: Log = print, progre
         record: dict = {"round": r + 1, "clients": []}  # numbered from 1, as over the network
         updates, counts, ids = [], [], []
         for k in range(n):
+            # without DP the batch order follows the run seed (reproducible research runs); DP keeps OS entropy
+            order = None if cfg.dp.enabled else int.from_bytes(
+                hashlib.sha256(f"{cfg.seed}/round{r}/client{k}/batches".encode()).digest()[:8], "big") % (2**63)
             spec = ClientRoundSpec(round_id=r, a_seed=a_seed, theta_global=theta, conflict=state.conflict,
-                                   dp=cfg.dp if cfg.dp.enabled else None, **client_round_fields(cfg, r))
+                                   dp=cfg.dp if cfg.dp.enabled else None, shuffle_seed=order, **client_round_fields(cfg, r))
             try:
                 upd = train_round(model, prep.tokenizer, prep.client_data[k], spec, budget=budgets[k],
                                   device=cfg.train.device)
