@@ -45,3 +45,17 @@ def test_bench_scale_command_writes_table_json_and_plots(tmp_path):
     assert pngs == sorted(["masking_client_seconds.png", "masking_server_seconds.png", "masking_bytes_per_client.png",
                            "masking_client_over_prg_limit.png", "he_encrypt_us_per_value.png"])
     assert "client/PRG" in r.output
+    assert "growth in n" in r.output and "70" in next(iter(data["log_growth"]["exponent_bytes_per_client"]))
+
+
+def test_growth_exponent_and_issue_28_targets():
+    from fedproxy_secure.bench.scale import compute_targets, growth_exponent
+
+    pts = [{"n": 10, "lin": 1.0, "flat": 5.0}, {"n": 100, "lin": 10.0, "flat": 5.0}, {"n": 1000, "lin": 100.0, "flat": 5.0}]
+    assert growth_exponent(pts, "lin") == {"10->100": 1.0, "100->1000": 1.0}
+    assert growth_exponent(pts, "flat") == {"10->100": 0.0, "100->1000": 0.0}
+    masking = [{"n": 100, "values": 1000, "bytes_per_client": 35_000, "server_s": 0.1},
+               {"n": 1000, "values": 1000, "bytes_per_client": 56_000, "server_s": 1.6}]
+    t = compute_targets({"masking": masking})
+    assert t["bytes_per_site_1000_over_100"] == {"measured": 1.6, "target": 1.5, "met": False}
+    assert t["server_s_at_1000"]["met"] is False and t["server_s_at_1000"]["measured"] == 1.6

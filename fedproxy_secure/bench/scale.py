@@ -18,6 +18,7 @@ Timings are medians over ``repeats`` interleaved runs on whatever else the machi
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -30,10 +31,12 @@ from fedproxy_secure.protocol.threshold import effective_threshold, secagg_plus_
 from fedproxy_secure.secagg.masking import MaskingSummer, derive_session_id
 from fedproxy_secure.secagg.prg import MaskExpander
 
-#: targets of issue 19 for this machine
+#: targets of issues 19 and 28 for this machine
 TARGET_CLIENT_OVER_PRG_AT_10 = 1.2
 TARGET_HE_US_PER_VALUE = 1.0
 TARGET_HE_BYTES_PER_VALUE = 35.0
+TARGET_BYTES_RATIO_1000_OVER_100 = 1.5  # bytes per site at n = 1,000 over n = 100
+TARGET_SERVER_S_AT_1000 = 1.5  # server seconds per round at n = 1,000 (P = 1,000)
 #: the complete graph costs O(n^2) Shamir work in pure Python: compared only up to this size
 COMPLETE_GRAPH_MAX_N = 200
 
@@ -243,6 +246,15 @@ def compute_targets(result: dict) -> dict:
         targets["he_bytes_per_value"] = {
             "measured": best_he["bytes_per_value"], "target": TARGET_HE_BYTES_PER_VALUE,
             "met": best_he["bytes_per_value"] <= TARGET_HE_BYTES_PER_VALUE}
+    by_n = {p["n"]: p for p in result.get("masking") or []}
+    if 100 in by_n and 1000 in by_n and by_n[100].get("bytes_per_client") and by_n[1000].get("bytes_per_client"):
+        ratio = by_n[1000]["bytes_per_client"] / by_n[100]["bytes_per_client"]
+        targets["bytes_per_site_1000_over_100"] = {"measured": ratio, "target": TARGET_BYTES_RATIO_1000_OVER_100,
+                                                   "met": ratio <= TARGET_BYTES_RATIO_1000_OVER_100}
+    if 1000 in by_n and by_n[1000]["values"] == 1000:
+        srv = by_n[1000]["server_s"]
+        targets["server_s_at_1000"] = {"measured": srv, "target": TARGET_SERVER_S_AT_1000,
+                                       "met": srv <= TARGET_SERVER_S_AT_1000}
     mem = result.get("client_memory")
     if mem:
         targets["client_peak_rss_proxy_over_llm"] = dict(mem["target"])
@@ -272,13 +284,25 @@ def merge_previous(result: dict, previous: dict) -> dict:
     return merged
 
 
+def growth_exponent(points: list[dict], key: str) -> dict:
+    """The exponent ``a`` of ``y ~ n^a`` between consecutive points (log-log slope), by ``"n1->n2"``.
+
+    1 = linear in n, 0 = flat; O(k) with k ~ log n shows as a small exponent that falls as n grows.
+    """
+    pts = [p for p in points if p.get(key) is not None and p[key] > 0]
+    return {f"{a['n']}->{b['n']}": math.log(b[key] / a[key]) / math.log(b["n"] / a["n"]) for a, b in zip(pts, pts[1:])}
+
+
 def _log_growth(points: list[dict]) -> dict:
-    """Client seconds and degree per log2(n) between consecutive sparse points (flat = log n)."""
+    """Growth in n of the default graph's curves: exponents of bytes, client and server time; degree."""
     sparse = [p for p in points if p["graph"] == "secagg+"]
     return {
         "degree_by_n": {p["n"]: p["degree"] for p in points},
         "client_s_by_n": {p["n"]: p["client_s"] for p in points},
         "client_s_per_neighbour": {p["n"]: p["client_s"] / (p["degree"] + 1) for p in points},
+        "exponent_bytes_per_client": growth_exponent(points, "bytes_per_client"),
+        "exponent_client_s": growth_exponent(points, "client_s"),
+        "exponent_server_s": growth_exponent(points, "server_s"),
         "sparse_client_ratio_last_over_first": (sparse[-1]["client_s"] / sparse[0]["client_s"]) if len(sparse) > 1 else None,
         "sparse_n_ratio_last_over_first": (sparse[-1]["n"] / sparse[0]["n"]) if len(sparse) > 1 else None,
     }
@@ -388,7 +412,16 @@ def print_table(result: dict, console=None) -> None:
         from fedproxy_secure.bench.scale_memory import print_table as print_mem
 
         print_mem(result["client_memory"], console, result.get("projection_7b"))
-    tg = Table(title="issue 19 targets")
+    growth = result.get("log_growth") or {}
+    if growth.get("exponent_bytes_per_client"):
+        gt = Table(title="growth in n (exponent a of y ~ n^a between consecutive cohort sizes; 1 = linear)")
+        for col in ("n", "bytes/site", "client s", "server s"):
+            gt.add_column(col, justify="right")
+        for span, a in growth["exponent_bytes_per_client"].items():
+            gt.add_row(span, f"{a:.3f}", f"{growth['exponent_client_s'].get(span, float('nan')):.3f}",
+                       f"{growth['exponent_server_s'].get(span, float('nan')):.3f}")
+        console.print(gt)
+    tg = Table(title="issue 19 and 28 targets")
     for col in ("target", "measured", "goal", "met"):
         tg.add_column(col, justify="right")
     for name, v in result["targets"].items():
