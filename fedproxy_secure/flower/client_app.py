@@ -10,7 +10,10 @@ Messages it handles (content layouts in :mod:`fedproxy_secure.flower.server_app`
   phase ``train`` returns the clipped update ``Δ/c`` with weight = example count (FedAvg and the
   plaintext rules); phase ``sa_a`` trains, keeps ``Δ/c`` in the node's state and returns the
   SA-H-TIES phase-A vector; phase ``sa_b`` returns the phase-B vector from the broadcast sum.
-* ``query`` ``fedproxy.sa_reveal``: SA-H-TIES ``h_norm="reveal"``: the scalar ``h_i`` in the clear.
+* ``query`` ``fedproxy.sa_reveal``: SA-H-TIES ``h_norm="reveal"``: the scalar ``h_i`` in the clear,
+  at most once per phase-A update (a second query, for any T, is refused) and only for a T that is
+  this node's phase-A vector plus K − 1 unit vectors (``‖T − x̂‖ ≤ K − 1``); phase ``sa_b`` must then
+  carry the same T and K it revealed h for.
 
 Training is :func:`fedproxy_secure.client.trainer.train_round` (FFA-LoRA with the run's A seed,
 PCR with the broadcast conflict vector, DP-SGD charged to the node's on-disk privacy budget before
@@ -42,6 +45,14 @@ JOIN = "fedproxy.join"
 REVEAL = "fedproxy.sa_reveal"
 REVEAL_SUM = "fedproxy.sa_reveal.sum"
 STATE_DELTA = "fedproxy.delta"
+#: the T (SHA-256) and K this node revealed h for, this round (one reveal per phase-A update)
+STATE_REVEAL = "fedproxy.sa_reveal.done"
+
+
+def _coord_error(settings: FlowerSettings) -> float:
+    """Flower's SecAgg+ quantisation error per coordinate and node (stochastic rounding onto
+    ``quantization_range`` levels over ``[-clipping_range, clipping_range]``), with a factor 2 of margin."""
+    return 4.0 * float(settings.clipping_range) / float(settings.quantization_range)
 STATE_BUNDLE = "fedproxy.bundle"
 
 
@@ -238,20 +249,49 @@ def handle_train(msg: Message, context: Context, bound: FlowerSettings | None = 
             from flwr.app import ArrayRecord
 
             context.state.array_records[STATE_DELTA] = ArrayRecord([x])  # for phase B of this round only
+            context.state.config_records.pop(STATE_REVEAL, None)  # a fresh phase-A update: h not revealed yet
             out, weight = [pack(sa_phase_a_client(x))], 1
     elif phase == "sa_b":
         x = _kept_delta(context)
         a = cfg.aggregator
         prm = HTiesParams(r0=a.r0, delta=a.delta, rho=a.rho)
         h_range = (float(fc["h_min"]), float(fc["h_max"])) if "h_min" in fc else None
+        _check_round_t(context, x, arrays[0], int(fc["num_clients"]), revealed=h_range is not None,
+                       coord_error=_coord_error(settings))
         b = sa_phase_b_client(x, arrays[0], None, prm, num_clients=int(fc["num_clients"]), h_range=h_range)
         del context.state.array_records[STATE_DELTA]
+        context.state.config_records.pop(STATE_REVEAL, None)
         out, weight = [pack(b.vectors)], 1
     else:
         raise ConfigError(f"unknown FedProxy phase {phase!r}")
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.asarray(v, dtype=np.float64) for v in out]),
                  weight, metrics)
     return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def _t_sha256(t: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(t, dtype="<f8").tobytes()).hexdigest()
+
+
+def _check_round_t(context: Context, x: np.ndarray, t: np.ndarray, k: int, *, revealed: bool,
+                   coord_error: float) -> None:
+    """Phase B: T within its bound for this node's x̂, and (reveal mode) the very T and K h was revealed for."""
+    import hmac
+
+    from fedproxy_secure.aggregate.sa_hties import sa_phase_a_client
+    from fedproxy_secure.errors import ProtocolAbort
+    from fedproxy_secure.protocol.sa_hties_wire import check_t_values
+
+    try:
+        check_t_values(t, k, own=sa_phase_a_client(x)[0], coord_error=coord_error)
+    except ProtocolAbort as exc:
+        raise SecurityError(f"SA-H-TIES phase B: {exc}") from None
+    if revealed:
+        rec = context.state.config_records.get(STATE_REVEAL)
+        if rec is None or int(rec["k"]) != k or not hmac.compare_digest(str(rec["t_sha256"]), _t_sha256(t)):
+            raise SecurityError("SA-H-TIES phase B: T or K differ from those this node revealed h for; refused")
 
 
 def _kept_delta(context: Context) -> np.ndarray:
@@ -266,13 +306,33 @@ def handle_query(msg: Message, context: Context, bound: FlowerSettings | None = 
     if JOIN in msg.content.config_records:
         return handle_join(msg, context, bound)
     if REVEAL in msg.content.config_records:
-        from fedproxy_secure.aggregate.sa_hties import sa_client_h
-
-        t = next(iter(msg.content.array_records[REVEAL_SUM].values())).numpy()
-        k = int(msg.content.config_records[REVEAL]["num_clients"])
-        h = sa_client_h(_kept_delta(context), t, k)
-        return Message(RecordDict({REVEAL: ConfigRecord({"h": float(h)})}), reply_to=msg)
+        return handle_reveal(msg, context, _coord_error(_settings(context, bound)))
     raise ConfigError("unknown FedProxy query")
+
+
+def handle_reveal(msg: Message, context: Context, coord_error: float = 2.0 ** -19) -> Message:
+    """``fedproxy.sa_reveal``: this node's ``h_i`` for the broadcast T, once per phase-A update.
+
+    Guarantees: refused (``SecurityError``, nothing revealed) when h was already revealed for the kept
+    phase-A update (a server asking again with another T would learn h as a function of T), or when
+    T is not this node's x̂ plus K − 1 unit vectors; the T and K answered are kept for phase B.
+    """
+    from fedproxy_secure.aggregate.sa_hties import sa_client_h, sa_phase_a_client
+    from fedproxy_secure.errors import ProtocolAbort
+    from fedproxy_secure.protocol.sa_hties_wire import check_t_values
+
+    x = _kept_delta(context)
+    if STATE_REVEAL in context.state.config_records:
+        raise SecurityError("SA-H-TIES: h was already revealed for this round's update; a second reveal is refused")
+    t = next(iter(msg.content.array_records[REVEAL_SUM].values())).numpy()
+    k = int(msg.content.config_records[REVEAL]["num_clients"])
+    try:
+        check_t_values(t, k, own=sa_phase_a_client(x)[0], coord_error=coord_error)
+    except ProtocolAbort as exc:
+        raise SecurityError(f"SA-H-TIES reveal: {exc}") from None
+    context.state.config_records[STATE_REVEAL] = ConfigRecord({"t_sha256": _t_sha256(t), "k": k})
+    h = sa_client_h(x, t, k)
+    return Message(RecordDict({REVEAL: ConfigRecord({"h": float(h)})}), reply_to=msg)
 
 
 def secaggplus_when_asked(msg: Message, ctxt: Context, call_next) -> Message:

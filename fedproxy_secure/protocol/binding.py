@@ -112,11 +112,12 @@ def graph_seed(session_id: bytes, commits: Mapping[int, bytes], reveals: Mapping
     its commitment (constant-time comparison). Otherwise SHA-256 over a domain label, the session
     id and every (id, nonce) in id order. Pure function: every honest party computes the same.
     """
-    if not commits or set(reveals) != set(commits):
+    if not commits:
         return None
-    for i, c in commits.items():
-        nonce = reveals[i]
-        if len(nonce) != NONCE_BYTES or not hmac.compare_digest(graph_commit(nonce), c):
+    if set(reveals) != set(commits):  # a member left out of (or added to) U1: no re-keying by choosing U1
+        return None
+    for i, nonce in reveals.items():  # each nonce must open the commitment signed before any reveal
+        if len(nonce) != NONCE_BYTES or not hmac.compare_digest(graph_commit(nonce), commits.get(i, b"")):
             return None
     h = hashlib.sha256(GRAPH_SEED_LABEL + length_prefixed(bytes(session_id)))
     for i in sorted(reveals):

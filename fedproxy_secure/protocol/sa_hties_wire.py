@@ -34,7 +34,7 @@ from fedproxy_secure.protocol.threshold import SA_HTIES_MIN as MIN_COHORT
 
 __all__ = ["B_PREFIX", "PHASE_DOMAIN", "REVEAL_STAGE", "MIN_COHORT", "PHASE_A_PARTS", "PHASE_B_PARTS", "PHASE_CLIP",
            "SAHTiesOptions", "sa_options", "round_stages", "base_stage", "h_message", "check_h_message",
-           "check_sums", "check_public_t", "phase_a_message", "phase_b_message", "check_phase_a_message",
+           "check_sums", "check_public_t", "check_t_values", "phase_a_message", "phase_b_message", "check_phase_a_message",
            "check_phase_b_message", "reference_step"]
 
 #: every phase value lies in [-1, 1] once the update is divided by clip_norm
@@ -116,12 +116,35 @@ def check_sums(sums: list[np.ndarray], bound: float, what: str) -> None:
                                 "outside the phase's range): refusing the round")
 
 
-def check_public_t(t_b64: object, dim: int, k: int) -> np.ndarray:
-    """Decode the broadcast ``T``: ``dim`` finite values with ``|T_p| ≤ K`` and ``‖T‖ ≤ K``."""
+def check_public_t(t_b64: object, dim: int, k: int, own: np.ndarray | None = None) -> np.ndarray:
+    """Decode the broadcast ``T``: ``dim`` finite values with ``|T_p| ≤ K`` and ``‖T‖ ≤ K``; with ``own``
+    (this site's own phase-A unit vector x̂, or 0 for a zero update) also ``‖T − x̂‖ ≤ K − 1``.
+
+    Why the tighter bound: ``‖T‖ ≤ K`` admits ``T = K·e`` for any unit ``e``. Sent to a site whose
+    update is orthogonal to ``e`` it reads as K − 1 peers that all point along ``e``: ``s_i = -1`` and
+    the shift ``m = K − 1``, so the site's weight ``w_i = exp(s_i − m)`` falls to ``e^{−K}`` while a
+    target's stays near 1 (the phase-B sum is then nearly the target's trimmed update). But T is x̂
+    plus K − 1 unit vectors, so ``‖T − x̂‖ ≤ K − 1`` for every honest T, and ``T = K·e`` fails it unless
+    ``e = x̂``. Slack: the fixed-point error of K encoded unit vectors (2^-30 per coordinate and site).
+    """
     t = vec_from_b64(t_b64, dim)
+    check_t_values(t, k, own)
+    return t
+
+
+def check_t_values(t: np.ndarray, k: int, own: np.ndarray | None = None, coord_error: float = 2.0 ** -30) -> None:
+    """The bounds of :func:`check_public_t` on a decoded T (``ProtocolAbort``); ``coord_error``: the
+    encoding error per coordinate and site (2^-30 for our masking; Flower's SecAgg+ quantises coarser)."""
+    t = np.asarray(t, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(t)):
+        raise ProtocolAbort("phase-A sum T has non-finite values")
     if float(np.max(np.abs(t), initial=0.0)) > k * (1 + SUM_SLACK) or np.linalg.norm(t) > k * (1 + SUM_SLACK):
         raise ProtocolAbort(f"phase-A sum T exceeds its bound K = {k}")
-    return t
+    if own is not None:
+        slack = (k - 1) * SUM_SLACK + k * math.sqrt(t.size) * coord_error
+        if float(np.linalg.norm(t - np.asarray(own, dtype=np.float64).ravel())) > (k - 1) + slack:
+            raise ProtocolAbort(f"phase-A sum T is not this site's vector plus K - 1 = {k - 1} unit vectors "
+                                "(‖T − x̂‖ > K - 1): refusing the round")
 
 
 def phase_a_message(round_id: int, session_a: bytes, survivors: list[int], alive: list[int],
@@ -144,7 +167,7 @@ def phase_b_message(round_id: int, session_a: bytes, session_b: bytes, survivors
 
 
 def _check_common(msg: dict, *, kind: str, round_id: int, sid: int, dim: int, cohort_size: int,
-                  threshold: int) -> tuple[np.ndarray, int, list[int]]:
+                  threshold: int, own: np.ndarray | None = None) -> tuple[np.ndarray, int, list[int]]:
     if not isinstance(msg, dict) or msg.get("type") != kind:
         raise ProtocolAbort(f"expected a signed {kind} message, got {msg.get('type') if isinstance(msg, dict) else msg!r}")
     if msg.get("round_id") != round_id:
@@ -155,7 +178,7 @@ def _check_common(msg: dict, *, kind: str, round_id: int, sid: int, dim: int, co
     surv = _ids(msg.get("survivors"), f"{kind} survivors")
     if len(surv) != k:
         raise ProtocolAbort(f"{kind}: {len(surv)} survivors listed but K = {k}")
-    t = check_public_t(msg.get("T"), dim, k)
+    t = check_public_t(msg.get("T"), dim, k, own)
     m = msg.get("m")
     if not isinstance(m, (int, float)) or isinstance(m, bool) or abs(float(m) - sa_weight_shift(t)) > 1e-9:
         raise ProtocolAbort(f"{kind}: shift m = {m!r} does not match max(‖T‖ - 1, 0) = {sa_weight_shift(t)!r}")
@@ -163,14 +186,15 @@ def _check_common(msg: dict, *, kind: str, round_id: int, sid: int, dim: int, co
 
 
 def check_phase_a_message(msg: dict, *, round_id: int, session_a: bytes, sid: int, dim: int, cohort_size: int,
-                          threshold: int) -> tuple[np.ndarray, int]:
+                          threshold: int, own: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Client: ``(T, K)`` from a *signature-verified* ``sa_phase_a`` message, or ``ProtocolAbort``.
 
     Checks round, session, K within [max(t, 3), cohort size], the survivor list (distinct, K of
-    them, us among them), T (``dim`` finite values, ``‖T‖ ≤ K``) and that m is the shift of T.
+    them, us among them), T (``dim`` finite values, ``‖T‖ ≤ K``, and ``‖T − own‖ ≤ K − 1`` with
+    ``own`` = our phase-A unit vector) and that m is the shift of T.
     """
     t, k, surv = _check_common(msg, kind="sa_phase_a", round_id=round_id, sid=sid, dim=dim,
-                               cohort_size=cohort_size, threshold=threshold)
+                               cohort_size=cohort_size, threshold=threshold, own=own)
     if msg.get("session_id") != session_a.hex():
         raise ProtocolAbort("sa_phase_a carries another session id than the round's")
     rec = _ids(msg.get("recipients"), "sa_phase_a recipients")
@@ -181,7 +205,8 @@ def check_phase_a_message(msg: dict, *, round_id: int, session_a: bytes, sid: in
 
 def check_phase_b_message(msg: dict, *, round_id: int, session_a: bytes, session_b: bytes, sid: int, dim: int,
                           cohort_size: int, threshold: int, opts: SAHTiesOptions, own_h: float | None = None,
-                          phase_a: dict | None = None) -> tuple[np.ndarray, int, list[int], tuple[float, float] | None]:
+                          phase_a: dict | None = None, own: np.ndarray | None = None,
+                          ) -> tuple[np.ndarray, int, list[int], tuple[float, float] | None]:
     """Client: ``(T, K, phase-B cohort, h_range)`` from a *signature-verified* ``sa_phase_b`` config.
 
     Checks everything :func:`check_phase_a_message` checks, plus: both session ids (phase B's is
@@ -191,7 +216,7 @@ def check_phase_b_message(msg: dict, *, round_id: int, session_a: bytes, session
     survivors as the phase-A message.
     """
     t, k, surv = _check_common(msg, kind="sa_phase_b", round_id=round_id, sid=sid, dim=dim,
-                               cohort_size=cohort_size, threshold=threshold)
+                               cohort_size=cohort_size, threshold=threshold, own=own)
     if msg.get("session_id_a") != session_a.hex() or msg.get("session_id") != session_b.hex():
         raise ProtocolAbort("sa_phase_b: session ids differ from the signed round config's")
     if msg.get("options") != opts.model_dump():

@@ -277,6 +277,7 @@ class SAHTiesClientStages:
         if u.shape != (self.dim,) or not np.all(np.isfinite(u)):
             raise ProtocolAbort(f"SA-H-TIES: update must be {self.dim} finite values")
         self.x = np.clip(u / self.clip, -1.0, 1.0)  # the caller clipped ‖u‖ <= clip_norm
+        self.x_hat = sa_phase_a_client(self.x)[0]  # our phase-A unit vector: T must be it plus K - 1 units
         self.stages = round_stages(self.base, self.opts.h_norm)
         self.a = self._phase(pack(sa_phase_a_client(self.x)), self.session_a, [i for _, i in cfg["cohort"]],
                              used_sessions, self.context)
@@ -314,7 +315,7 @@ class SAHTiesClientStages:
             body = self._verified(server_msg, "sa_phase_a")
             self.T, self.K = check_phase_a_message(body, round_id=self.cfg["round_id"], session_a=self.session_a,
                                                    sid=self.sid, dim=self.dim, cohort_size=self.cohort_size,
-                                                   threshold=self.t)
+                                                   threshold=self.t, own=self.x_hat)
             self.phase_a = body
             self.h = sa_client_h(self.x, self.T, self.K)
             return h_message(self.sid, self.h)
@@ -336,7 +337,7 @@ class SAHTiesClientStages:
         t, k, cohort_b, h_range = check_phase_b_message(
             body, round_id=self.cfg["round_id"], session_a=self.session_a, session_b=self.session_b, sid=self.sid,
             dim=self.dim, cohort_size=self.cohort_size, threshold=self.t, opts=self.opts, own_h=self.h,
-            phase_a=self.phase_a)
+            phase_a=self.phase_a, own=self.x_hat)
         self.T, self.K, self.phase_b = t, k, body
         msg = sa_phase_b_client(self.x, t, None, self.opts.params(), num_clients=k, h_range=h_range)
         v = pack(msg.vectors)
