@@ -162,7 +162,7 @@ class SecAggConfig(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="simulated fraction of clients that drop")
 
     def threshold_for(self, n: int) -> int:
-        """The threshold t for a cohort of ``n`` clients: the one rule, ``protocol.threshold.effective_threshold``."""
+        """The threshold t for a cohort of ``n`` clients: the one rule, ``wire.threshold.effective_threshold``."""
         from fedproxy_secure.protocol.threshold import effective_threshold
 
         return effective_threshold(self.mode, n, self.threshold)

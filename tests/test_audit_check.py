@@ -118,7 +118,7 @@ def test_network_threshold_is_raised_like_the_round_engine(tmp_path: Path) -> No
 
 
 def test_simulate_threshold_is_raised_by_the_same_rule(tmp_path: Path) -> None:
-    """simulate, the round engine and the auditor share protocol.threshold.effective_threshold: a
+    """simulate, the round engine and the auditor share wire.threshold.effective_threshold: a
     masking config asking for t=3 of 10 runs (and is audited) with a strict majority, t=6."""
     from fedproxy_secure.protocol.threshold import effective_threshold
 

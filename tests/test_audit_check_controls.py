@@ -93,7 +93,7 @@ def test_nothing_networked_passes_unverified() -> None:
 
 
 def test_threshold_floor_is_the_round_engines_rule() -> None:
-    from fedproxy_secure.protocol.threshold import MODE_FLOORS
+    from fedproxy_secure.wire.threshold import MODE_FLOORS
 
     for n in range(2, 12):
         floor = MODE_FLOORS["masking"](n)

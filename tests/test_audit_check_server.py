@@ -155,7 +155,7 @@ def test_settings_come_from_federation_json(tmp_path: Path, monkeypatch) -> None
 
 def test_threshold_uses_the_enrolled_cohort(tmp_path: Path, monkeypatch) -> None:
     """n is the larger of min_clients and the active enrolments; t is raised by the one threshold rule."""
-    from fedproxy_secure.protocol.threshold import effective_threshold
+    from fedproxy_secure.wire.threshold import effective_threshold
 
     d = _init(tmp_path, monkeypatch, threshold=2)
     dep = deployment_from_server_dir(d)

@@ -27,7 +27,7 @@ from fedproxy_secure.artifacts.keys import generate_key, load_private_key
 from fedproxy_secure.client.join import clip_update
 from fedproxy_secure.client.policy import ClientPolicy, PolicyViolation, check_round_policy
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
-from fedproxy_secure.protocol.binding import graph_commit, graph_seed
+from fedproxy_secure.wire.binding import graph_commit, graph_seed
 from fedproxy_secure.protocol.modes import make_client_stages
 from fedproxy_secure.protocol.modes.masking import MaskingServerStages
 from fedproxy_secure.protocol.roster import identity_fingerprint
@@ -153,7 +153,7 @@ def test_he_key_holder_refuses_a_contribution_signed_over_another_config():
     st = {1: co.stages(1, signed, np.full(DIM, 0.1)), 2: co.stages(2, signed, np.full(DIM, 0.1)),
           3: co.stages(3, odd, np.full(DIM, 0.1))}
     # a server that checks nothing against the config: it builds its stages over the key holder's config
-    from fedproxy_secure.protocol.binding import round_config_digest
+    from fedproxy_secure.wire.binding import round_config_digest
 
     srv = HEServerStages(cohort=[1, 2, 3], dim=DIM, threshold=2, session_id=SESSION, clip_norm=1.0,
                          options=base["secagg_options"], signing_key=st_key,
@@ -168,7 +168,7 @@ def test_he_key_holder_refuses_a_contribution_signed_over_another_config():
     assert 3 not in inputs  # site 3 refused the key holder's descriptor (signed over another config)
     # the server smuggles site 3's earlier-signed envelope in anyway: make one signed over site 3's config
     from fedproxy_secure.artifacts.keys import sign
-    from fedproxy_secure.protocol.codec import b64e
+    from fedproxy_secure.wire.codec import b64e
     from fedproxy_secure.protocol.he_wire import INPUT_DOMAIN, signed_payload
     from fedproxy_secure.secagg.he import ClientEncryptor
 
@@ -185,7 +185,7 @@ def test_he_key_holder_refuses_a_contribution_signed_over_another_config():
 
 def _forged_aggregate(srv, st_key, inputs: dict) -> dict:
     """The he_aggregate a malicious server sends: its own statement over every envelope, no checks."""
-    from fedproxy_secure.protocol.codec import b64e
+    from fedproxy_secure.wire.codec import b64e
     from fedproxy_secure.secagg.he import ServerAggregatorHE
 
     desc = base64.b64decode(srv._context_msg["descriptor"])
@@ -449,7 +449,7 @@ def test_sa_hties_t_of_norm_k_pointing_away_from_the_site_is_refused():
     """‖T‖ ≤ K alone admits T = K·e for any unit e: sent to one site, it reads as K − 1 peers identical to e,
     which drives that site's h (and its weight) to an extreme. The site knows its own x̂: the other K − 1
     unit vectors sum to T − x̂, so ‖T − x̂‖ ≤ K − 1."""
-    from fedproxy_secure.protocol.codec import vec_to_b64
+    from fedproxy_secure.wire.codec import vec_to_b64
     from fedproxy_secure.protocol.sa_hties_wire import check_public_t
 
     rng = np.random.default_rng(0)

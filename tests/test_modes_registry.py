@@ -13,7 +13,7 @@ import pytest
 from fedproxy_secure.aggregate.fedavg import fedavg
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
 from fedproxy_secure.pipelines.inmemory import InMemoryFederation
-from fedproxy_secure.protocol.codec import vec_from_b64, vec_to_b64
+from fedproxy_secure.wire.codec import vec_from_b64, vec_to_b64
 from fedproxy_secure.protocol.modes import Finish, Mode, RoundContext, register_mode, resolve, unregister
 from fedproxy_secure.protocol.settings import FederationSettings
 

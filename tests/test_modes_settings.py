@@ -9,7 +9,7 @@ import pytest
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.protocol.names import DEFAULT_DEADLINES
 from fedproxy_secure.protocol.settings import FederationSettings
-from fedproxy_secure.protocol.threshold import effective_threshold
+from fedproxy_secure.wire.threshold import effective_threshold
 
 
 @pytest.mark.parametrize("bad,needle", [

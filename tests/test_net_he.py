@@ -100,9 +100,9 @@ def _tamperer(d, tmp, site: int, log: list):
     from fedproxy_secure.client.join import ClientSession
     from fedproxy_secure.client.stages import make_client_stages
     from fedproxy_secure.secagg.he import KeyHolder
-    from fedproxy_secure.protocol.codec import b64e
+    from fedproxy_secure.wire.codec import b64e
     from fedproxy_secure.protocol.he_wire import INPUT_DOMAIN, signed_payload
-    from fedproxy_secure.protocol.binding import round_config_digest
+    from fedproxy_secure.wire.binding import round_config_digest
     from fedproxy_secure.protocol.roundcfg import verify_round_config
 
     s = ClientSession(d / "enrol" / f"site{site}", tmp / f"client{site}", retry_s=20)

@@ -19,7 +19,7 @@ from fedproxy_secure.audit.log import canonical_json
 from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
 from fedproxy_secure.secagg.he import FloodingPolicy, KeyHolder, PublicContext
 from fedproxy_secure.secagg.he_params import validate_params
-from fedproxy_secure.protocol.codec import b64e, vec_from_b64
+from fedproxy_secure.wire.codec import b64e, vec_from_b64
 from fedproxy_secure.protocol.he_wire import (HE_STAGES, INPUT_DOMAIN, KEYS_DOMAIN, he_settings, key_holder_for,
                                               signed_payload)
 from fedproxy_secure.protocol.modes.he import HEClientStages, HEServerStages

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from fedproxy_secure.errors import ProtocolAbort
-from fedproxy_secure.protocol.binding import graph_commit, new_graph_nonce
-from fedproxy_secure.protocol.threshold import effective_threshold, secagg_plus_degree
+from fedproxy_secure.wire.binding import graph_commit, new_graph_nonce
+from fedproxy_secure.wire.threshold import effective_threshold, secagg_plus_degree
 from fedproxy_secure.secagg import messages as M
 from fedproxy_secure.secagg.encoding import FixedPointEncoder
 from fedproxy_secure.secagg.idset import decode_ids, encode_ids

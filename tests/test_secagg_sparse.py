@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
-from fedproxy_secure.protocol.threshold import (
+from fedproxy_secure.wire.threshold import (
     SPARSE_CUTOFF,
     effective_threshold,
     neighbourhood_threshold,

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import fedproxy_secure.cli.bench_scale  # noqa: F401  (registers the command)
 from fedproxy_secure.bench.scale import masking_point, prg_limit_seconds
 from fedproxy_secure.cli.app import app
-from fedproxy_secure.protocol.threshold import secagg_plus_degree
+from fedproxy_secure.wire.threshold import secagg_plus_degree
 
 
 def test_share_bytes_per_client_follow_the_degree_not_the_cohort():

@@ -1,8 +1,8 @@
 """Strict canonical JSON for signed artifacts (no floats); the implementation and its float policy
-live in :mod:`fedproxy_secure.protocol.canonical`."""
+live in :mod:`fedproxy_secure.wire.canonical`."""
 
 from __future__ import annotations
 
-from fedproxy_secure.protocol.canonical import canonical_dumps, canonical_loads
+from fedproxy_secure.wire.canonical import canonical_dumps, canonical_loads
 
 __all__ = ["canonical_dumps", "canonical_loads"]

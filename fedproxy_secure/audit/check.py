@@ -125,11 +125,11 @@ def deployment_from_network(data: dict, source: str) -> tuple[Deployment, tuple[
 
 def _settings_view(settings, n: int, source: str) -> Deployment:
     """The deployment fields that follow from validated ``FederationSettings`` for a cohort of ``n``:
-    mode, the threshold the round engine enforces (the one rule in ``protocol.threshold``), HE
+    mode, the threshold the round engine enforces (the one rule in ``wire.threshold``), HE
     flooding / ``verify_aggregate`` as ``he_settings`` normalises them, SA-H-TIES ``h_norm``, and the
     client-report keys the server code accepts."""
     from fedproxy_secure.client.report import SENT_REPORT_KEYS
-    from fedproxy_secure.protocol.threshold import effective_threshold
+    from fedproxy_secure.wire.threshold import effective_threshold
     from fedproxy_secure.server.store import CLIENT_REPORT_KEYS
 
     mode = "none" if settings.mode == "plain" else settings.mode

@@ -136,9 +136,9 @@ def secagg_mode(d: Deployment, p: Policy) -> Finding:
 
 def secagg_threshold(d: Deployment, p: Policy) -> Finding:
     """FAIL when the enforced t is below the mode's floor of the one threshold rule
-    (``protocol.threshold``: masking a strict majority and >= 2, HE >= 2, SA-H-TIES >= 3);
+    (``wire.threshold``: masking a strict majority and >= 2, HE >= 2, SA-H-TIES >= 3);
     WARN when t < 3 (an aggregate of 2 reveals each update to the other client)."""
-    from fedproxy_secure.protocol.threshold import MODE_FLOORS, SA_HTIES_MIN
+    from fedproxy_secure.wire.threshold import MODE_FLOORS, SA_HTIES_MIN
 
     th = ("T01", "T07", "T19", "T20")
     if d.mode not in ("masking", "he"):

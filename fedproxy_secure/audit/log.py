@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
-from fedproxy_secure.protocol.canonical import canonical_json
-from fedproxy_secure.protocol.codec import b64d, b64e
+from fedproxy_secure.wire.canonical import canonical_json
+from fedproxy_secure.wire.codec import b64d, b64e
 
 GENESIS = "0" * 64
 _FIELDS = ("seq", "ts", "event", "data", "prev_hash", "hash")

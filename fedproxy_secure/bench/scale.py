@@ -27,7 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
-from fedproxy_secure.protocol.threshold import effective_threshold, secagg_plus_degree
+from fedproxy_secure.wire.threshold import effective_threshold, secagg_plus_degree
 from fedproxy_secure.secagg.masking import MaskingSummer, derive_session_id
 from fedproxy_secure.secagg.prg import MaskExpander
 

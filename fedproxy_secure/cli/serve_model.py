@@ -138,8 +138,9 @@ def read_prompt(prompt_file: Optional[str], stdin=None) -> str:
     return text
 
 
-@client_app.command("ask")
+@client_app.command("ask", context_settings={"allow_extra_args": True})
 def ask_cmd(
+    ctx: typer.Context,
     dir: Path = typer.Option(..., "--dir", help="the site folder: ca.pem from the kit, client.pem/client.key from "
                              "the first 'client join'"),
     url: str = typer.Option(..., "--url", help="the operator's serve-model address, e.g. https://fed.example.org:8445"),
@@ -147,7 +148,6 @@ def ask_cmd(
                                               "user message); - or left out: read it from standard input"),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1),
     wait: float = typer.Option(0.0, "--wait", min=0.0, help="seconds to keep retrying while the server is not up yet"),
-    prompt: Optional[str] = typer.Argument(None, hidden=True, show_default=False),
 ) -> None:
     """Ask the federation's served model one question over mTLS; print the answer (exit 1 if refused).
 
@@ -160,7 +160,7 @@ def ask_cmd(
     from fedproxy_secure.transport.tls import client_ssl_context
 
     with exit_codes():
-        if prompt is not None:
+        if ctx.args:  # a question on the command line: refused without echoing it
             raise ConfigError("the question was given on the command line, where ps and the shell history show it; "
                               "put it in a file and pass --prompt-file FILE, or pipe it in (--prompt-file -)")
         for f in ("ca.pem", "client.pem", "client.key"):

@@ -2,7 +2,7 @@
 
 Why. The server holds the round-config key, so it can sign two different configs for one round
 and send each to different sites (equivocation). The key agreement makes the sites abort
-(:mod:`fedproxy_secure.protocol.binding`), but proving *who* did it needs the signed configs
+(:mod:`fedproxy_secure.wire.binding`), but proving *who* did it needs the signed configs
 themselves: two operator-signed configs with the same round id and different contents are proof,
 because only the holder of the round-config key can make them.
 
@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from fedproxy_secure.errors import SecurityError
-from fedproxy_secure.protocol.canonical import canonical_json
-from fedproxy_secure.protocol.codec import b64d, b64e
+from fedproxy_secure.wire.canonical import canonical_json
+from fedproxy_secure.wire.codec import b64d, b64e
 
 __all__ = ["EVIDENCE_FILE", "EXPORT_FORMAT", "EXPORT_DOMAIN", "MAX_INLINE", "EvidenceLog", "verify_chain",
            "export_evidence", "verify_export", "find_equivocation"]
@@ -115,7 +115,7 @@ class EvidenceLog:
 
     def round_config(self, round_id: int, signed: Any, outcome: str) -> None:
         """Keep a signed round config as received, and what the site did with it."""
-        from fedproxy_secure.protocol.binding import round_config_digest
+        from fedproxy_secure.wire.binding import round_config_digest
 
         digest = None
         if isinstance(signed, dict):
@@ -217,7 +217,7 @@ def find_equivocation(exports: Iterable[dict]) -> list[dict]:
     """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from fedproxy_secure.protocol.binding import round_config_digest
+    from fedproxy_secure.wire.binding import round_config_digest
     from fedproxy_secure.protocol.roundcfg import verify_round_config
 
     seen: dict[int, dict[str, dict]] = {}

@@ -191,10 +191,10 @@ class ClientSession:
         """Take part in round ``rid`` (already at its ``join`` stage); the report, or None if dropped.
 
         The ``join`` carries a commitment to a fresh nonce (the SecAgg+ graph seed's commit-reveal,
-        :mod:`fedproxy_secure.protocol.binding`); the nonce is revealed only in the signed
+        :mod:`fedproxy_secure.wire.binding`); the nonce is revealed only in the signed
         advertised keys, after the signed round config fixed every commitment.
         """
-        from fedproxy_secure.protocol.binding import graph_commit, new_graph_nonce
+        from fedproxy_secure.wire.binding import graph_commit, new_graph_nonce
 
         nonce = new_graph_nonce()
         r = self.http.post_json(f"/v1/round/{rid}/join", {"type": "join", "graph_commit": graph_commit(nonce).hex()},

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedproxy_secure.client.policy import PolicyViolation
 from fedproxy_secure.errors import SecurityError
-from fedproxy_secure.protocol.canonical import canonical_json
+from fedproxy_secure.wire.canonical import canonical_json
 
 __all__ = ["PINS_FILE", "PINNED_FIELDS", "check_and_pin", "load_pins"]
 

@@ -34,7 +34,7 @@ Defaults are the safe ones:
 
 What no single-config policy can see (two sites sent two different configs) is caught by the key
 agreement: every site signs the signed config's digest into its keys
-(:mod:`fedproxy_secure.protocol.binding`).
+(:mod:`fedproxy_secure.wire.binding`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
-from fedproxy_secure.protocol.codec import b64d
+from fedproxy_secure.wire.codec import b64d
 from fedproxy_secure.protocol.roster import identity_fingerprint, normalise_fingerprint
 
 Mode = Literal["masking", "he", "plain"]
@@ -244,7 +244,7 @@ def _number(v: Any) -> bool:
 
 def _check_bounds(policy: ClientPolicy, cfg: dict, mode: Any, n: int, rid: Any) -> None:
     """Fields that change what leaves the site: clip norm, lr, SecAgg+ degree, fixed-point precision."""
-    from fedproxy_secure.protocol.threshold import secagg_plus_degree
+    from fedproxy_secure.wire.threshold import secagg_plus_degree
 
     if "clip_norm" in cfg:  # absent: the client cannot clip and stops before anything is sent
         clip = cfg["clip_norm"]

@@ -19,7 +19,7 @@ import numpy as np
 
 from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
-from fedproxy_secure.protocol.canonical import canonical_json
+from fedproxy_secure.wire.canonical import canonical_json
 from fedproxy_secure.protocol.modes import make_client_stages
 from fedproxy_secure.protocol.names import JOIN_STAGE, ROUND_CONFIG_DOMAIN
 from fedproxy_secure.protocol.roundcfg import sign_round_config, state_from_bytes, verify_round_config
@@ -91,7 +91,7 @@ class InMemoryFederation:
         """Run the open round: every client joins, then each stage; ``silent_from`` = {client: stage it
         stops answering at}. Returns the closed round and the new global state (None if aborted)."""
         silent_from = silent_from or {}
-        from fedproxy_secure.protocol.binding import graph_commit, new_graph_nonce
+        from fedproxy_secure.wire.binding import graph_commit, new_graph_nonce
 
         rid = self.engine.current().round_id
         nonces = {c: new_graph_nonce() for c in self.clients}  # commit at join, reveal in the advertised keys

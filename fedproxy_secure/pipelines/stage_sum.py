@@ -16,8 +16,8 @@ from typing import Mapping
 import numpy as np
 
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
-from fedproxy_secure.protocol.canonical import canonical_json
-from fedproxy_secure.protocol.codec import b64e
+from fedproxy_secure.wire.canonical import canonical_json
+from fedproxy_secure.wire.codec import b64e
 from fedproxy_secure.protocol.modes import RoundContext, resolve
 from fedproxy_secure.protocol.settings import FederationSettings
 from fedproxy_secure.secagg.base import STAGES, DropoutPlan, SecureSumResult

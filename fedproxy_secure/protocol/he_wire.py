@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
-from fedproxy_secure.protocol.codec import b64d, b64e
+from fedproxy_secure.wire.codec import b64d, b64e
 from fedproxy_secure.protocol.names import HE_INPUT_DOMAIN as INPUT_DOMAIN
 from fedproxy_secure.protocol.names import HE_KEYS_DOMAIN as KEYS_DOMAIN
 from fedproxy_secure.protocol.names import HE_STAGES
@@ -80,13 +80,13 @@ def key_holder_for(round_id: int, n: int) -> int:
 
 def signed_payload(session_id: bytes, sid: int, blob: bytes, context: bytes = b"") -> bytes:
     """What a client signs for a descriptor or envelope: session id, the round's binding context (the
-    signed round config's digest, :mod:`fedproxy_secure.protocol.binding`), secagg id, SHA-256 of the blob."""
+    signed round config's digest, :mod:`fedproxy_secure.wire.binding`), secagg id, SHA-256 of the blob."""
     return signed_digest_payload(session_id, sid, hashlib.sha256(blob).digest(), context)
 
 
 def signed_digest_payload(session_id: bytes, sid: int, blob_sha256: bytes, context: bytes = b"") -> bytes:
     """:func:`signed_payload` from the blob's SHA-256 (the key holder checks contributions by digest)."""
-    from fedproxy_secure.protocol.binding import length_prefixed
+    from fedproxy_secure.wire.binding import length_prefixed
 
     return bytes(session_id) + length_prefixed(bytes(context)) + int(sid).to_bytes(8, "big") + bytes(blob_sha256)
 

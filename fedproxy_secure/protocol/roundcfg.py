@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
-from fedproxy_secure.protocol.canonical import canonical_json
-from fedproxy_secure.protocol.codec import b64d, b64e
+from fedproxy_secure.wire.canonical import canonical_json
+from fedproxy_secure.wire.codec import b64d, b64e
 from fedproxy_secure.protocol.names import ROUND_CONFIG_DOMAIN
 
 __all__ = ["sign_round_config", "verify_round_config", "state_to_bytes", "state_from_bytes", "ROUND_CONFIG_DOMAIN"]

@@ -26,11 +26,11 @@ from fedproxy_secure.aggregate.sa_hties import (
     sa_weight_shift,
 )
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
-from fedproxy_secure.protocol.codec import vec_from_b64, vec_to_b64
+from fedproxy_secure.wire.codec import vec_from_b64, vec_to_b64
 from fedproxy_secure.protocol.names import SA_B_PREFIX as B_PREFIX
 from fedproxy_secure.protocol.names import SA_PHASE_DOMAIN as PHASE_DOMAIN
 from fedproxy_secure.protocol.names import SA_REVEAL_STAGE as REVEAL_STAGE
-from fedproxy_secure.protocol.threshold import SA_HTIES_MIN as MIN_COHORT
+from fedproxy_secure.wire.threshold import SA_HTIES_MIN as MIN_COHORT
 
 __all__ = ["B_PREFIX", "PHASE_DOMAIN", "REVEAL_STAGE", "MIN_COHORT", "PHASE_A_PARTS", "PHASE_B_PARTS", "PHASE_CLIP",
            "SAHTiesOptions", "sa_options", "round_stages", "base_stage", "h_message", "check_h_message",

@@ -77,10 +77,10 @@ class MaskingConfig:
     ``threshold`` (t): minimum number of clients at every stage; also the Shamir threshold of each
     client's secrets on the complete graph. ``neighbours``: SecAgg+ degree k (odd k is rounded up
     to even); None = automatic: the complete graph for cohorts of at most ``SPARSE_CUTOFF``
-    clients, above it the degree of ``protocol.threshold.secagg_plus_degree`` (about 2*log2 n plus
+    clients, above it the degree of ``wire.threshold.secagg_plus_degree`` (about 2*log2 n plus
     a margin); ``complete_graph=True`` forces the complete graph at any size. With a sparse graph,
     each client's secrets are shared among its k neighbours plus itself with threshold
-    ``neighbour_threshold`` (default ``protocol.threshold.neighbourhood_threshold``: a strict
+    ``neighbour_threshold`` (default ``wire.threshold.neighbourhood_threshold``: a strict
     majority of the k + 1 holders).
     """
 
@@ -262,7 +262,7 @@ def session_graph_key(session_id: bytes, graph_commits: Mapping[int, bytes] | No
     return graph_seed(session_id, graph_commits, reveals)
 
 
-#: bytes of one graph nonce in a compact KeyBroadcast's ``nonces`` (protocol.binding.NONCE_BYTES)
+#: bytes of one graph nonce in a compact KeyBroadcast's ``nonces`` (wire.binding.NONCE_BYTES)
 _NONCE_BYTES = 32
 
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedproxy_secure.errors import ProtocolAbort
-from fedproxy_secure.protocol.codec import b64d, b64e, u64_from_b64, u64_to_b64
+from fedproxy_secure.wire.codec import b64d, b64e, u64_from_b64, u64_to_b64
 from fedproxy_secure.secagg.idset import decode_ids, encode_ids
 
 MAX_ID = (1 << 63) - 1
@@ -104,7 +104,7 @@ class _Wire:
 class PeerKeys(_Wire):
     """One client's advertised public keys (X25519, 32 bytes each), optional Ed25519 signature, and the
     nonce it committed to at ``join`` for the SecAgg+ graph seed (empty when there is none;
-    :mod:`fedproxy_secure.protocol.binding`)."""
+    :mod:`fedproxy_secure.wire.binding`)."""
 
     client_id: int
     enc_pk: bytes

@@ -29,8 +29,8 @@ from safetensors.numpy import save as safetensors_save
 from fedproxy_secure.aggregate.server_opt import global_step, state_arrays, state_from_arrays
 from fedproxy_secure.audit.log import AuditLog
 from fedproxy_secure.errors import DataError, ProtocolAbort, SecurityError
-from fedproxy_secure.protocol.canonical import canonical_json
-from fedproxy_secure.protocol.codec import b64e
+from fedproxy_secure.wire.canonical import canonical_json
+from fedproxy_secure.wire.codec import b64e
 from fedproxy_secure.protocol.modes import RoundContext, ServerStages, resolve
 from fedproxy_secure.protocol.names import JOIN_STAGE, ROUND_CONFIG_DOMAIN
 from fedproxy_secure.protocol.roundcfg import sign_round_config, state_from_bytes, state_to_bytes, verify_round_config
@@ -267,7 +267,7 @@ class RoundEngine:
             "total_rounds": self.s.rounds, "issued_at": int(self.clock()),
             "secagg_options": {"identities": {str(i): b64e(self.store.client_key(c)) for c, i in cohort},
                                "max_clients": max(n, 2),
-                               # commit-reveal SecAgg+ graph seed (protocol/binding.py): fixed before any reveal
+                               # commit-reveal SecAgg+ graph seed (wire/binding.py): fixed before any reveal
                                "graph_commits": self._graph_commits(subs, cohort)},
         }
         try:

@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedproxy_secure.errors import SecurityError
-from fedproxy_secure.protocol.codec import b64u, b64u_decode  # the one codec (re-exported for callers)
+from fedproxy_secure.wire.codec import b64u, b64u_decode  # the one codec (re-exported for callers)
 
 PREFIX = b"FEDPROXY-REQ-v1"
 H_CLIENT, H_ROUND, H_TS, H_NONCE, H_SIG = ("x-fp-client", "x-fp-round", "x-fp-timestamp",

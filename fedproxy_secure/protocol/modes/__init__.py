@@ -76,7 +76,7 @@ def make_client_stages(cfg: dict, vector, sid: int, identity_key=None, used_sess
     example-weighted FedAvg (the vector sent is then :func:`protocol.weighting.weighted_input`).
     ``graph_nonce``: the nonce this site committed to at ``join`` (SecAgg+ graph seed).
     The binding context signed into the key agreement is the digest of ``cfg`` as verified
-    (:func:`protocol.binding.round_config_digest`), taken before any local change to it.
+    (:func:`wire.binding.round_config_digest`), taken before any local change to it.
     Raises ``ProtocolAbort`` for a mode this client does not support or a missing count.
     """
     from fedproxy_secure.errors import ProtocolAbort

@@ -65,7 +65,7 @@ class RoundContext:
 
     @property
     def context_digest(self) -> bytes:
-        """What every site binds into this session's key agreement (:mod:`protocol.binding`)."""
+        """What every site binds into this session's key agreement (:mod:`wire.binding`)."""
         from fedproxy_secure.protocol.binding import round_config_digest
 
         return self.context if self.context is not None else round_config_digest(self.config)
@@ -125,7 +125,7 @@ class Mode(abc.ABC):
         return float(d.get(stage, self.deadlines.get(stage, 30.0)))
 
     def threshold(self, s, n: int) -> int:
-        """The threshold of a round of ``n`` clients (the one rule in :mod:`protocol.threshold`)."""
+        """The threshold of a round of ``n`` clients (the one rule in :mod:`wire.threshold`)."""
         return effective_threshold(s.mode, n, s.threshold, s.aggregator)
 
     def check_server(self, he_key) -> None:
@@ -150,7 +150,7 @@ class Mode(abc.ABC):
         """Fresh client stages for a verified round config.
 
         ``context``: the binding context to sign into the key agreement (default: the digest of
-        ``cfg``, :func:`protocol.binding.round_config_digest`); ``graph_nonce``: the nonce this site
+        ``cfg``, :func:`wire.binding.round_config_digest`); ``graph_nonce``: the nonce this site
         committed to at ``join`` (modes without a graph ignore it)."""
 
     def result_info(self, proto: ServerStages, names: dict[int, str]) -> dict:

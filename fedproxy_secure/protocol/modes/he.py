@@ -32,7 +32,7 @@ import hmac
 import numpy as np
 
 from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
-from fedproxy_secure.protocol.codec import b64d, b64e, vec_from_b64, vec_to_b64
+from fedproxy_secure.wire.codec import b64d, b64e, vec_from_b64, vec_to_b64
 from fedproxy_secure.protocol.he_wire import (DESCRIPTOR_MAX, HE_STAGES, INPUT_DOMAIN, KEYS_DOMAIN, STATEMENT_MAX,
                                               HERound, check_shape, he_settings, key_holder_for, parse_statement,
                                               signed_digest_payload, signed_payload)
@@ -387,7 +387,7 @@ class HEMode(Mode):
                       used_sessions: set | None = None, operator=None, context: bytes | None = None,
                       graph_nonce: bytes | None = None) -> ClientStages:
         """HE client stages for a verified round config (``context``: default its digest)."""
-        from fedproxy_secure.protocol.binding import round_config_digest
+        from fedproxy_secure.wire.binding import round_config_digest
 
         return HEClientStages(vector, sid=sid, session_id=bytes.fromhex(cfg["session_id"]), threshold=cfg["threshold"],
                               dim=cfg["dim"], clip_norm=cfg["clip_norm"], cohort=[i for _, i in cfg["cohort"]],

@@ -7,7 +7,7 @@ runs ``ServerProtocol.advance`` and yields the server's message per client for t
 Client advertised keys and consistency acks are signed with the enrolled Ed25519 identities listed
 in the operator-signed round config, over the round's binding context (the signed config's digest:
 sites given different configs abort before any masked input leaves). The SecAgg+ graph is keyed by
-the commit-reveal seed of :mod:`fedproxy_secure.protocol.binding` (``secagg_options.graph_commits``),
+the commit-reveal seed of :mod:`fedproxy_secure.wire.binding` (``secagg_options.graph_commits``),
 never by the server-drawn session id alone. A message the protocol refuses is recorded in
 ``rejections`` (the engine writes it to the audit log as ``reject``).
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedproxy_secure.errors import ProtocolAbort
-from fedproxy_secure.protocol.codec import b64d
+from fedproxy_secure.wire.codec import b64d
 from fedproxy_secure.protocol.modes.base import ClientStages, Mode, RoundContext, ServerStages
 from fedproxy_secure.protocol.names import MASKING_STAGES
 from fedproxy_secure.secagg import messages as M
@@ -67,7 +67,7 @@ class MaskingServerStages:
 
     def __init__(self, *, cohort: list[int], dim: int, threshold: int, session_id: bytes, clip_norm: float,
                  options: dict, context: bytes = b"") -> None:
-        from fedproxy_secure.protocol.binding import parse_graph_commits
+        from fedproxy_secure.wire.binding import parse_graph_commits
         from fedproxy_secure.secagg.masking import ServerProtocol
 
         self.cfg = masking_config(threshold, dim, clip_norm, options)
@@ -108,7 +108,7 @@ class MaskingClientStages:
     def __init__(self, vector: np.ndarray, *, sid: int, session_id: bytes, threshold: int, dim: int,
                  clip_norm: float, options: dict, identity_key=None, used_sessions: set | None = None,
                  context: bytes = b"", graph_nonce: bytes | None = None) -> None:
-        from fedproxy_secure.protocol.binding import parse_graph_commits
+        from fedproxy_secure.wire.binding import parse_graph_commits
         from fedproxy_secure.secagg.masking import ClientProtocol
 
         cfg = masking_config(threshold, dim, clip_norm, options)
@@ -143,7 +143,7 @@ class MaskingMode(Mode):
                       used_sessions: set | None = None, operator=None, context: bytes | None = None,
                       graph_nonce: bytes | None = None) -> ClientStages:
         """Masking client stages for a verified round config (``context``: default its digest)."""
-        from fedproxy_secure.protocol.binding import round_config_digest
+        from fedproxy_secure.wire.binding import round_config_digest
 
         return MaskingClientStages(vector, sid=sid, session_id=bytes.fromhex(cfg["session_id"]),
                                    threshold=cfg["threshold"], dim=cfg["dim"], clip_norm=cfg["clip_norm"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedproxy_secure.errors import ProtocolAbort
-from fedproxy_secure.protocol.codec import vec_from_b64, vec_to_b64
+from fedproxy_secure.wire.codec import vec_from_b64, vec_to_b64
 from fedproxy_secure.protocol.modes.base import ClientStages, Mode, RoundContext, ServerStages
 from fedproxy_secure.protocol.names import PLAIN_STAGES
 

@@ -64,7 +64,7 @@ from fedproxy_secure.protocol.sa_hties_wire import (
     round_stages,
     sa_options,
 )
-from fedproxy_secure.protocol.threshold import effective_threshold
+from fedproxy_secure.wire.threshold import effective_threshold
 
 #: base modes SA-H-TIES runs over, and the clip value each phase session gets (masking: the encoder's
 #: coordinate range, every phase value lies in [-1, 1]; plain: no norm check, sums are range-checked)
@@ -191,7 +191,7 @@ class SAHTiesServerStages:
         return self._start_b(sorted(hs), sa_h_range(list(hs.values()), len(hs)))
 
     def _start_b(self, cohort_b: list[int], h_range) -> dict[int, dict]:
-        from fedproxy_secure.protocol.binding import phase_b_context
+        from fedproxy_secure.wire.binding import phase_b_context
 
         self.cohort_b, self.h_range = list(cohort_b), h_range
         msg = self.sign(phase_b_message(self.rid, self.session_a, self.session_b, self.survivors_a, cohort_b,
@@ -248,7 +248,7 @@ class SAHTiesClientStages:
         """``cfg``: the verified round config; ``vector``: our clipped update; ``operator``: the pinned
         operator public key that must sign the phase messages; ``context``: the round config's
         digest (default: computed from ``cfg``); ``graph_nonce``: this site's committed nonce."""
-        from fedproxy_secure.protocol.binding import round_config_digest
+        from fedproxy_secure.wire.binding import round_config_digest
 
         if operator is None:
             raise ProtocolAbort("SA-H-TIES needs the operator's public key to check the phase messages")
@@ -343,7 +343,7 @@ class SAHTiesClientStages:
         v = pack(msg.vectors)
         if v.size != PHASE_B_PARTS * self.dim or float(np.max(np.abs(v), initial=0.0)) > PHASE_CLIP:
             raise ProtocolAbort("phase-B vectors outside [-1, 1]")  # cannot happen for ‖x‖_inf <= 1
-        from fedproxy_secure.protocol.binding import phase_b_context
+        from fedproxy_secure.wire.binding import phase_b_context
 
         # session_b already reserved in used_sessions; its key agreement binds this signed phase-B message
         self.b = self._phase(v, self.session_b, cohort_b, None, phase_b_context(self.context, body))
@@ -434,7 +434,7 @@ class SAHTiesMode(Mode):
         except (ProtocolAbort, DataError, ValueError) as exc:
             raise ProtocolAbort(f"SA-H-TIES finish failed: {exc}") from None
         info["phase_a_survivors"] = [names[i] for i in info["phase_a_survivors_sid"]]
-        from fedproxy_secure.protocol.codec import vec_to_b64
+        from fedproxy_secure.wire.codec import vec_to_b64
         from fedproxy_secure.protocol.modes.base import vec_sha256
 
         result = {"sa_hties": info, "delta_sha256": vec_sha256(delta), "delta_b64": vec_to_b64(delta),

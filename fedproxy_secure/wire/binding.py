@@ -32,7 +32,7 @@ import os
 from typing import Mapping
 
 from fedproxy_secure.errors import ProtocolAbort
-from fedproxy_secure.protocol.canonical import canonical_json
+from fedproxy_secure.wire.canonical import canonical_json
 
 __all__ = ["CONFIG_DIGEST_LABEL", "PHASE_B_CONTEXT_LABEL", "GRAPH_COMMIT_LABEL", "GRAPH_SEED_LABEL", "NONCE_BYTES",
            "round_config_digest", "phase_b_context", "new_graph_nonce", "graph_commit", "parse_graph_commits",
