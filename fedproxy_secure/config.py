@@ -163,7 +163,7 @@ class SecAggConfig(_Strict):
 
     def threshold_for(self, n: int) -> int:
         """The threshold t for a cohort of ``n`` clients: the one rule, ``wire.threshold.effective_threshold``."""
-        from fedproxy_secure.protocol.threshold import effective_threshold
+        from fedproxy_secure.wire.threshold import effective_threshold
 
         return effective_threshold(self.mode, n, self.threshold)
 

@@ -120,7 +120,7 @@ def test_network_threshold_is_raised_like_the_round_engine(tmp_path: Path) -> No
 def test_simulate_threshold_is_raised_by_the_same_rule(tmp_path: Path) -> None:
     """simulate, the round engine and the auditor share wire.threshold.effective_threshold: a
     masking config asking for t=3 of 10 runs (and is audited) with a strict majority, t=6."""
-    from fedproxy_secure.protocol.threshold import effective_threshold
+    from fedproxy_secure.wire.threshold import effective_threshold
 
     cfg = _merge(SAFE_SIMULATE, {"clients": {"count": 10}, "secagg": {"threshold": 3}})
     dep, _ = load_deployment(_write(tmp_path, cfg))

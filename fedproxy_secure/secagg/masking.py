@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
-from fedproxy_secure.protocol.binding import graph_seed, length_prefixed
-from fedproxy_secure.protocol.threshold import neighbourhood_threshold, secagg_plus_degree
+from fedproxy_secure.wire.binding import graph_seed, length_prefixed
+from fedproxy_secure.wire.threshold import neighbourhood_threshold, secagg_plus_degree
 from fedproxy_secure.secagg import messages as M
 from fedproxy_secure.secagg.base import STAGES, DropoutPlan, SecureSumResult
 from fedproxy_secure.secagg.idset import decode_ids, encode_ids
@@ -235,7 +235,7 @@ def _sign_payload(label: bytes, session_id: bytes, *parts: bytes) -> bytes:
 
 def _advertise_payload(session_id: bytes, context: bytes, k: M.PeerKeys) -> bytes:
     """What a client signs over its advertised keys: the session, the round's binding context (the
-    signed round config's digest, :mod:`fedproxy_secure.protocol.binding`), its id, both keys and
+    signed round config's digest, :mod:`fedproxy_secure.wire.binding`), its id, both keys and
     its revealed graph nonce."""
     return _sign_payload(_SIG_ADVERTISE, session_id, length_prefixed(context), k.client_id.to_bytes(8, "big"),
                          k.enc_pk, k.mask_pk, length_prefixed(k.graph_nonce))
@@ -251,7 +251,7 @@ def session_graph_key(session_id: bytes, graph_commits: Mapping[int, bytes] | No
     """The key of this session's SecAgg+ graph, or None for the complete graph.
 
     ``graph_commits`` None (in-process simulation, honest-but-curious server only): the session id,
-    as before. Otherwise commit-reveal (:func:`fedproxy_secure.protocol.binding.graph_seed`): a
+    as before. Otherwise commit-reveal (:func:`fedproxy_secure.wire.binding.graph_seed`): a
     seed over every committed member's revealed nonce, or None (complete graph) if U1 is not
     exactly the committed set or any nonce fails to open its commitment. Pure: the server and every
     client compute the same from the same U1.
@@ -328,7 +328,7 @@ class ClientProtocol:
     ``identity_key`` / ``peer_identities``: optional Ed25519 keys from enrolment; when
     ``peer_identities`` is given, every advertised key and the consistency round must be signed.
     ``context``: the round's binding context (the signed round config's digest, see
-    :mod:`fedproxy_secure.protocol.binding`), signed into the advertised keys and the consistency
+    :mod:`fedproxy_secure.wire.binding`), signed into the advertised keys and the consistency
     ack and checked in every peer's: peers given another config make this client abort before its
     masked input leaves. ``graph_commits`` / ``graph_nonce``: the cohort's commitments from the
     signed config and this client's own nonce (commit-reveal graph seed; None: session-keyed graph,

@@ -80,7 +80,7 @@ def make_client_stages(cfg: dict, vector, sid: int, identity_key=None, used_sess
     Raises ``ProtocolAbort`` for a mode this client does not support or a missing count.
     """
     from fedproxy_secure.errors import ProtocolAbort
-    from fedproxy_secure.protocol.binding import round_config_digest
+    from fedproxy_secure.wire.binding import round_config_digest
     from fedproxy_secure.protocol.weighting import round_weighting, weighted_input
 
     context = round_config_digest(cfg)

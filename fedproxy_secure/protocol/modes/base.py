@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
-from fedproxy_secure.protocol.threshold import effective_threshold
+from fedproxy_secure.wire.threshold import effective_threshold
 
 
 class ServerStages(Protocol):
@@ -66,7 +66,7 @@ class RoundContext:
     @property
     def context_digest(self) -> bytes:
         """What every site binds into this session's key agreement (:mod:`wire.binding`)."""
-        from fedproxy_secure.protocol.binding import round_config_digest
+        from fedproxy_secure.wire.binding import round_config_digest
 
         return self.context if self.context is not None else round_config_digest(self.config)
 
@@ -187,6 +187,6 @@ class Mode(abc.ABC):
 
 
 def _b64(v: np.ndarray) -> str:
-    from fedproxy_secure.protocol.codec import vec_to_b64
+    from fedproxy_secure.wire.codec import vec_to_b64
 
     return vec_to_b64(v)
