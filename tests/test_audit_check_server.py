@@ -186,7 +186,7 @@ def test_stored_report_with_training_statistic_fails_report_contents(tmp_path: P
 
 
 def test_audit_log_copy_of_a_full_report_fails_report_contents(tmp_path: Path, monkeypatch) -> None:
-    from fedproxy_secure.audit.log import AuditLog
+    from fedproxy_secure.auditlog import AuditLog
 
     d = _init(tmp_path, monkeypatch)
     AuditLog(d / "audit.jsonl").append("client_report", {"round": 1, "client": "c-1",

@@ -17,7 +17,7 @@ import fedproxy_secure.cli.audit_check  # noqa: F401  (registers the commands)
 import fedproxy_secure.cli.audit_log  # noqa: F401
 from fedproxy_secure.artifacts.keyfiles import OPERATOR_PASSPHRASE_ENV
 from fedproxy_secure.artifacts.keys import generate_key, load_operator_key, load_public_key
-from fedproxy_secure.audit.log import (GENESIS, AuditLog, canonical_json, entry_hash, export_head, verify_head,
+from fedproxy_secure.auditlog import (GENESIS, AuditLog, canonical_json, entry_hash, export_head, verify_head,
                                        verify_log)
 from fedproxy_secure.cli.app import app
 from fedproxy_secure.errors import SecurityError

@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from fedproxy_secure.audit import log as audit_log
-from fedproxy_secure.audit.log import AuditLog, canonical_json, sealed_segments, segment_path, verify_log
+from fedproxy_secure import auditlog as audit_log
+from fedproxy_secure.auditlog import AuditLog, canonical_json, sealed_segments, segment_path, verify_log
 from fedproxy_secure.errors import SecurityError
 
 

@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedproxy_secure.audit.log import AuditLog, verify_log
+from fedproxy_secure.auditlog import AuditLog, verify_log
 from fedproxy_secure.errors import ConfigError, SecurityError
 from fedproxy_secure.server.enrol_csr import enrol_csr, pending_kits
 from fedproxy_secure.server.setup import server_paths

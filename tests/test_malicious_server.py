@@ -23,7 +23,7 @@ import pytest
 
 import fedproxy_secure.client.join as join_mod
 from fedproxy_secure.artifacts.keys import generate_key, load_private_key
-from fedproxy_secure.audit.log import verify_log
+from fedproxy_secure.auditlog import verify_log
 from fedproxy_secure.client.join import join_federation
 from fedproxy_secure.client.policy import ClientPolicy, PolicyViolation, check_round_policy
 from fedproxy_secure.errors import SecurityError

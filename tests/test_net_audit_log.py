@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fedproxy_secure.audit.log import AuditLog, verify_log
+from fedproxy_secure.auditlog import AuditLog, verify_log
 from fedproxy_secure.errors import SecurityError
 
 

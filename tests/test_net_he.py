@@ -18,7 +18,7 @@ import msgpack
 import numpy as np
 import tenseal as ts
 
-from fedproxy_secure.audit.log import verify_log
+from fedproxy_secure.auditlog import verify_log
 from fedproxy_secure.secagg.he import PublicContext
 from tests.net_helpers import (db_rounds, expected_sum, make_server, result_sum, roster_policy, start_client,
                                start_server, stop,

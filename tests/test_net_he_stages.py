@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedproxy_secure.artifacts.keys import sign
-from fedproxy_secure.audit.log import canonical_json
+from fedproxy_secure.auditlog import canonical_json
 from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
 from fedproxy_secure.secagg.he import FloodingPolicy, KeyHolder, PublicContext
 from fedproxy_secure.secagg.he_params import validate_params
@@ -279,7 +279,7 @@ def test_client_refuses_threshold_one_and_replayed_session():
 
 def test_round_engine_he_with_restart_and_no_secret_key_in_the_store(tmp_path):
     """RoundEngine over SQLite: join, he_keys, he_input, then a 'restart' (new engine, replay), he_decrypt."""
-    from fedproxy_secure.audit.log import AuditLog
+    from fedproxy_secure.auditlog import AuditLog
     from fedproxy_secure.client.stages import make_client_stages
     from fedproxy_secure.protocol.roundcfg import state_from_bytes
     from fedproxy_secure.protocol.settings import FederationSettings

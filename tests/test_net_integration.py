@@ -11,7 +11,7 @@ import signal
 
 import numpy as np
 
-from fedproxy_secure.audit.log import verify_log
+from fedproxy_secure.auditlog import verify_log
 from tests.net_helpers import (db_rounds, expected_sum, make_server, result_sum, start_client, start_server,
                                stop, wait_for)
 

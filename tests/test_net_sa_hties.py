@@ -15,7 +15,7 @@ import sqlite3
 import numpy as np
 
 from fedproxy_secure.aggregate import AggState, make_aggregator
-from fedproxy_secure.audit.log import verify_log
+from fedproxy_secure.auditlog import verify_log
 from fedproxy_secure.client.join import clip_update, synthetic_train_fn
 from fedproxy_secure.protocol.roundcfg import state_from_bytes
 from fedproxy_secure.protocol.sa_hties_wire import SAHTiesOptions, reference_step

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from fedproxy_secure.audit.log import canonical_json, verify_log
+from fedproxy_secure.auditlog import canonical_json, verify_log
 from fedproxy_secure.client.join import ClientSession
 from fedproxy_secure.client.upload import upload
 from fedproxy_secure.server.store import SQLiteStore

@@ -12,7 +12,7 @@ import sqlite3
 
 import pytest
 
-from fedproxy_secure.audit.log import canonical_json, verify_log
+from fedproxy_secure.auditlog import canonical_json, verify_log
 from fedproxy_secure.client.join import ClientSession
 from fedproxy_secure.server.store import SQLiteStore
 from fedproxy_secure.server.uploads import UploadLimits

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import fedproxy_secure.cli.server_net  # noqa: F401  (registers the commands)
-from fedproxy_secure.audit.log import AuditLog, verify_log
+from fedproxy_secure.auditlog import AuditLog, verify_log
 from fedproxy_secure.cli.app import app
 from fedproxy_secure.client.join import ClientSession
 from fedproxy_secure.errors import ConfigError, SecurityError
@@ -92,7 +92,7 @@ def test_revoke_an_unknown_site_names_the_problem(tmp_path):
 
 def test_two_writers_of_one_audit_log_keep_one_valid_chain(tmp_path):
     """revoke-site appends to audit.jsonl while the server process holds it open: the chain must stay valid."""
-    from fedproxy_secure.audit.log import create_audit_secret
+    from fedproxy_secure.auditlog import create_audit_secret
 
     create_audit_secret(tmp_path)
     server_log, cli_log = AuditLog(tmp_path / "audit.jsonl"), None

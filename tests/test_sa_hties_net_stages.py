@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedproxy_secure.aggregate import AggState, make_aggregator
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.client.stages import make_client_stages
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
 from fedproxy_secure.protocol.names import ROUND_CONFIG_DOMAIN

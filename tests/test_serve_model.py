@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fedproxy_secure.artifacts import create_keyset, generate_key, save_keyset
-from fedproxy_secure.audit.log import verify_log
+from fedproxy_secure.auditlog import verify_log
 from fedproxy_secure.errors import ConfigError, SecurityError
 from fedproxy_secure.fuse import generate_text
 from fedproxy_secure.server.setup import server_paths

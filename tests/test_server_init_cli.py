@@ -145,7 +145,7 @@ def test_engine_signs_the_stored_a_seed_in_every_round(tmp_path, unset):
     """Round 1 aborted, round 2 opened: both round configs carry federation.json's a_seed (or, for
     settings built without one, a seed drawn once and kept in the store)."""
     from fedproxy_secure.artifacts.keys import generate_key
-    from fedproxy_secure.audit.log import AuditLog
+    from fedproxy_secure.auditlog import AuditLog
     from fedproxy_secure.server.rounds import RoundEngine, sign_round_config
     from fedproxy_secure.server.store import SQLiteStore
 

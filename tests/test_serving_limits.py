@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.serving.audit_sink import SERVE_EVENT, AuditSink, tokens_used_since
 from fedproxy_secure.serving.limits import DAY_S, QuotaExceeded, TokenQuota

@@ -123,7 +123,7 @@ def test_a_flooding_site_leaves_the_other_sites_p95_within_2x(tmp_path):
         srv.terminate()
         srv.wait(30)
 
-    from fedproxy_secure.audit.log import verify_log
+    from fedproxy_secure.auditlog import verify_log
 
     res = verify_log(server_paths(d)["audit"])
     assert res.ok, res.message()
@@ -158,7 +158,7 @@ def test_a_flooding_site_leaves_the_other_sites_p95_within_2x(tmp_path):
 def _write_log(path: Path, n: int, key: bytes, segments: int = 1) -> None:
     """A keyed audit log of ``n`` serve_request entries in ``segments`` files, written in one go (as the
     server would have, sealing segments as it went)."""
-    from fedproxy_secure.audit.log import GENESIS, canonical_json, entry_hash, entry_mac, segment_path
+    from fedproxy_secure.auditlog import GENESIS, canonical_json, entry_hash, entry_mac, segment_path
 
     prev, lines = GENESIS, []
     for i in range(n):
@@ -179,7 +179,7 @@ def _write_log(path: Path, n: int, key: bytes, segments: int = 1) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_audit_append_time_is_flat_from_100_to_10000_entries(tmp_path):
-    from fedproxy_secure.audit.log import AuditLog, create_audit_secret, derive_audit_key, verify_log
+    from fedproxy_secure.auditlog import AuditLog, create_audit_secret, derive_audit_key, verify_log
     from fedproxy_secure.artifacts.keyfiles import read_secret_file
     from fedproxy_secure.serving.audit_sink import AuditSink
 

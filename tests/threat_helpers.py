@@ -56,7 +56,7 @@ class InProcessFederation:
     def __init__(self, tmp_path, n: int = 3, **settings) -> None:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        from fedproxy_secure.audit.log import AuditLog
+        from fedproxy_secure.auditlog import AuditLog
         from fedproxy_secure.protocol.settings import FederationSettings
         from fedproxy_secure.server.store import SQLiteStore
 

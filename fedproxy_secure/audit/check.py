@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fedproxy_secure.audit.controls import Deployment, Finding, KeyValidity, Policy, evaluate
-from fedproxy_secure.audit.log import verify_log
+from fedproxy_secure.auditlog import verify_log
 from fedproxy_secure.errors import ConfigError
 
 

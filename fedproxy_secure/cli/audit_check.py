@@ -100,7 +100,7 @@ def head_finding(head: Path, server_state: Path | None, audit_log: Path | None) 
     beside the log); FAIL naming the reason otherwise. ConfigError when there is no log to check."""
     from fedproxy_secure.artifacts.keys import load_public_key
     from fedproxy_secure.audit.controls import Finding
-    from fedproxy_secure.audit.log import load_head, verify_log
+    from fedproxy_secure.auditlog import load_head, verify_log
     from fedproxy_secure.errors import ConfigError, SecurityError
 
     if audit_log is None and server_state is None:

@@ -26,7 +26,7 @@ def _operator_pub(log: Path, given: Path | None) -> Path:
 
 def _key(log: Path, key_file: Path | None):
     from fedproxy_secure.artifacts.keyfiles import read_secret_file
-    from fedproxy_secure.audit.log import AUTO, derive_audit_key
+    from fedproxy_secure.auditlog import AUTO, derive_audit_key
 
     return AUTO if key_file is None else derive_audit_key(read_secret_file(key_file))
 
@@ -43,7 +43,7 @@ def verify_log_cmd(
 ) -> None:
     """Verify the hash (and HMAC) chain of an audit log; exit 1 naming the first bad line."""
     from fedproxy_secure.artifacts.keys import load_public_key
-    from fedproxy_secure.audit.log import load_head, verify_log
+    from fedproxy_secure.auditlog import load_head, verify_log
 
     expected, signed = None, None
     if head is not None:
@@ -70,7 +70,7 @@ def export_head_cmd(
     and ``audit check --head OUT`` refuse a log rewritten or truncated before that point.
     """
     from fedproxy_secure.artifacts.keys import load_operator_key
-    from fedproxy_secure.audit.log import export_head
+    from fedproxy_secure.auditlog import export_head
     from fedproxy_secure.errors import ConfigError
 
     log = server_dir / "audit.jsonl"

@@ -139,7 +139,7 @@ class ClientSession:
 
     def audit_refusal(self, event: str, record: dict) -> None:
         """Append a refusal to the site's local audit log (``state_dir/audit.jsonl``, hash-chained)."""
-        from fedproxy_secure.audit.log import AuditLog
+        from fedproxy_secure.auditlog import AuditLog
 
         AuditLog(self.state / "audit.jsonl").append(event, record)
 

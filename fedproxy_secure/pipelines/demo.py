@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedproxy_secure.audit.log import verify_log
+from fedproxy_secure.auditlog import verify_log
 from fedproxy_secure.errors import ConfigError, FedProxyError
 from fedproxy_secure.pipelines.demo_config import DemoSpec, load_demo_spec
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
 from fedproxy_secure.wire.canonical import canonical_json
 from fedproxy_secure.protocol.modes import make_client_stages

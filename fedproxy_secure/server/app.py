@@ -38,7 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
 from fedproxy_secure.server.rounds import RoundEngine
 from fedproxy_secure.server.store import Storage, check_client_report

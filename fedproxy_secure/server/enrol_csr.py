@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
 from fedproxy_secure.server.app import BodyLimit, parse_json
 from fedproxy_secure.server.revocation import load_revoked, record_issued

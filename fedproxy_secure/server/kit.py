@@ -18,7 +18,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.protocol.kit import DATA_PLACEHOLDER, KIT_FILES, SECRET_FILES, enrol_url_for, render_client_yaml
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.server.setup import check_site_name, deployment, load_settings, server_paths

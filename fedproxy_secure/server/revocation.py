@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.errors import ConfigError, SecurityError
 from fedproxy_secure.server.setup import check_site_name, server_paths
 from fedproxy_secure.server.store import SQLiteStore

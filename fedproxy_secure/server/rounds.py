@@ -27,7 +27,7 @@ import numpy as np
 from safetensors.numpy import save as safetensors_save
 
 from fedproxy_secure.aggregate.server_opt import global_step, state_arrays, state_from_arrays
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.errors import DataError, ProtocolAbort, SecurityError
 from fedproxy_secure.wire.canonical import canonical_json
 from fedproxy_secure.wire.codec import b64e

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from fedproxy_secure.artifacts.keys import load_operator_key
-from fedproxy_secure.audit.log import AuditLog
+from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.server.app import ServerContext, create_app
 from fedproxy_secure.server.rounds import ROUND_CONFIG_DOMAIN, RoundEngine, sign_round_config
 from fedproxy_secure.server.setup import he_statement_key, load_settings, server_paths

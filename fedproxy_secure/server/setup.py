@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedproxy_secure.artifacts.keys import generate_key, save_operator_key, save_private_key, save_public_key
-from fedproxy_secure.audit.log import AuditLog, create_audit_secret
+from fedproxy_secure.auditlog import AuditLog, create_audit_secret
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.server.rounds import FederationSettings
 from fedproxy_secure.server.store import SQLiteStore

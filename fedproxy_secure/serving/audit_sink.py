@@ -1,7 +1,7 @@
 """The serve process's writer of the federation's audit log, and what the log says a site used today.
 
 :class:`AuditSink` opens the log once (which verifies every segment, and refuses a broken chain) and
-keeps that writer for the life of the process. Guarantees, from :class:`~fedproxy_secure.audit.log.AuditLog`:
+keeps that writer for the life of the process. Guarantees, from :class:`~fedproxy_secure.auditlog.AuditLog`:
 each append costs the same whatever the log's length (it reads no earlier entry, only lines other
 commands such as ``server enroll``/``revoke-site`` appended meanwhile, checked against the chain head);
 the active file is sealed into a numbered segment at ``segment_bytes``; appends are fsync'ed.
@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from fedproxy_secure.audit.log import AuditLog, log_files
+from fedproxy_secure.auditlog import AuditLog, log_files
 
 #: the audit event of one request
 SERVE_EVENT = "serve_request"

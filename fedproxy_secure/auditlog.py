@@ -1,5 +1,8 @@
 """Append-only, hash-chained, keyed and anchorable JSON-lines audit log.
 
+Written by the server, the sites (``client join``) and serving; read by ``audit verify-log`` and
+``audit check``. It sits below all of them (it imports only ``errors``, ``wire`` and ``artifacts``).
+
 Each line is one JSON object ``{seq, ts, event, data, prev_hash, hash[, mac]}``. ``hash`` is the
 SHA-256 (hex) of the canonical JSON (sorted keys, no spaces, UTF-8) of the entry without ``hash``
 and ``mac``; ``prev_hash`` is the previous line's ``hash`` (64 zeros for the first line). Editing,
