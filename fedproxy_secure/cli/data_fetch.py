@@ -50,7 +50,7 @@ def fetch_cmd(
                 names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
                 path = resolve_task_dir(names, field="--data-dir", cache=cache, progress=bar)
             elif what == "smollm2":
-                from fedproxy_secure.data.fetch import fetch_smollm2
+                from fedproxy_secure.models.fetch import fetch_smollm2
 
                 path = fetch_smollm2(cache, progress=bar)
             else:

