@@ -262,13 +262,19 @@ def compute_targets(result: dict) -> dict:
 
 
 def merge_previous(result: dict, previous: dict) -> dict:
-    """Carry the parts this run did not measure over from ``previous`` (named in ``parts_carried``)."""
+    """Carry the parts this run did not measure over from ``previous`` (named in ``parts_carried``), and
+    within a measured part the entries it did not redo (named by key, e.g. ``he_explore``)."""
     keys = {"masking": ("masking", "masking_complete_graph", "masking_target", "log_growth"),
             "he": ("he", "he_explore"), "rss": ("client_memory", "projection_7b")}
     merged = dict(result)
     carried = []
     for part, names in keys.items():
         if part in result.get("parts_measured", []):
+            # a measured part keeps what this run did not redo (e.g. he_explore without --he-explore)
+            for n in names:
+                if n not in result and n in previous:
+                    merged[n] = previous[n]
+                    carried.append(n)
             continue
         if any(n in previous for n in names):
             carried.append(part)

@@ -59,3 +59,15 @@ def test_growth_exponent_and_issue_28_targets():
     t = compute_targets({"masking": masking})
     assert t["bytes_per_site_1000_over_100"] == {"measured": 1.6, "target": 1.5, "met": False}
     assert t["server_s_at_1000"]["met"] is False and t["server_s_at_1000"]["measured"] == 1.6
+
+
+def test_merge_keeps_what_a_measured_part_did_not_redo():
+    from fedproxy_secure.bench.scale import merge_previous
+
+    new = {"parts_measured": ["he"], "he": [{"workers": 1, "encrypt_us_per_value": 2.0, "bytes_per_value": 33.0}]}
+    old = {"parts_measured": ["he", "masking"], "he": [{"threads": 1, "encrypt_us_per_value": 9.0,
+                                                        "bytes_per_value": 33.0}],
+           "he_explore": [{"variant": "vector"}], "masking": [{"n": 10}]}
+    m = merge_previous(new, old)
+    assert m["he"] == new["he"] and m["he_explore"] == old["he_explore"] and m["masking"] == old["masking"]
+    assert set(m["parts_carried"]) == {"he_explore", "masking"}
