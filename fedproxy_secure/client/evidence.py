@@ -240,6 +240,6 @@ def find_equivocation(exports: Iterable[dict]) -> list[dict]:
                 continue  # not signed by the operator key: no evidence against it
             rid, d = signed.get("round_id"), round_config_digest(signed).hex()
             seen.setdefault(rid, {})[d] = signed
-            who.setdefault(rid, {}).setdefault(d, set()).add(body.get("client_id"))
+            who.setdefault(rid, {}).setdefault(d, set()).add(body.get("client_id") or body["fingerprint"][:16])
     return [{"round": rid, "digests": {d: sorted(map(str, who[rid][d])) for d in cfgs}, "configs": cfgs}
             for rid, cfgs in sorted(seen.items(), key=lambda kv: str(kv[0])) if len(cfgs) > 1]
