@@ -17,7 +17,8 @@ Two config formats are accepted, told apart by their keys:
 log (``audit.jsonl``) found in DIR.
 
 ``--server-dir DIR`` audits the deployment a server folder (``server init``) actually runs instead
-of a YAML: ``federation.json`` (through ``FederationSettings``), the TLS context the server builds
+of a YAML, read only through the folder's documented interface, :mod:`fedproxy_secure.server.folder`
+(layout, settings, enrolments, stored reports; never the server's internals): ``federation.json`` (through ``FederationSettings``), the TLS context the server builds
 from ``pki/``, every private key's permissions, the operator key's encryption, site secrets left
 under ``enrol/``, keyset and enrolment revocations, stored client reports and the audit log.
 ``--client-config client.yaml`` adds a site's pinned policy (``client/policy.py``).
@@ -34,6 +35,7 @@ from typing import Any, Optional
 from fedproxy_secure.audit.controls import Deployment, Finding, KeyValidity, Policy, evaluate
 from fedproxy_secure.auditlog import verify_log
 from fedproxy_secure.errors import ConfigError
+from fedproxy_secure.server.folder import ENROL_SECRETS, read_client_reports, read_enrolments, read_settings, server_paths
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,10 @@ def _settings_view(settings, n: int, source: str) -> Deployment:
     """The deployment fields that follow from validated ``FederationSettings`` for a cohort of ``n``:
     mode, the threshold the round engine enforces (the one rule in ``wire.threshold``), HE
     flooding / ``verify_aggregate`` as ``he_settings`` normalises them, SA-H-TIES ``h_norm``, and the
-    client-report keys the server code accepts."""
-    from fedproxy_secure.client.report import SENT_REPORT_KEYS
+    client-report keys of the protocol's one schema (``protocol.client_report``), which the server
+    accepts and the sites send."""
+    from fedproxy_secure.protocol.client_report import CLIENT_REPORT_KEYS
     from fedproxy_secure.wire.threshold import effective_threshold
-    from fedproxy_secure.server.store import CLIENT_REPORT_KEYS
 
     mode = "none" if settings.mode == "plain" else settings.mode
     eff = effective_threshold(settings.mode, n, settings.threshold, settings.aggregator)
@@ -145,7 +147,7 @@ def _settings_view(settings, n: int, source: str) -> Deployment:
                       he_key_holders=1 if mode == "he" else None,
                       verify_aggregate=bool(he.get("verify_aggregate", True)) if mode == "he" else None,
                       h_norm=h_norm, report_keys_accepted=tuple(CLIENT_REPORT_KEYS),
-                      report_keys_minimal=tuple(SENT_REPORT_KEYS))
+                      report_keys_minimal=tuple(CLIENT_REPORT_KEYS))
 
 
 def deployment_from_run_config(data: dict, source: str, base_dir: Path | None) -> Deployment:
@@ -241,41 +243,12 @@ def audit_log_status(path: str | Path) -> dict:
 
 #: files under a server folder that hold a private key or a secret (checked for 0600)
 _SECRET_NAMES = ("*.key", "*.secret", "token")
-#: what ``enrol/<site>/`` must not hold once the folder was handed to the site
-_SITE_SECRETS = ("client.key", "identity.key", "token")
-
 
 def _secret_files(root: Path) -> list[Path]:
     out: set[Path] = set()
     for pat in _SECRET_NAMES:
         out.update(p for p in root.rglob(pat) if p.is_file() and not p.is_symlink())
     return sorted(out)
-
-
-def _read_store(db: Path) -> tuple[list[tuple[str, str]], list[dict]]:
-    """(name, status) of every enrolment and every stored client report, read-only; empty when absent."""
-    import sqlite3
-
-    if not db.is_file():
-        return [], []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        def rows(sql: str) -> list:
-            try:
-                return con.execute(sql).fetchall()
-            except sqlite3.OperationalError:  # table not there (an older or empty store)
-                return []
-        enrol = [(str(r[0]), str(r[1])) for r in rows("SELECT name, status FROM enrolments")]
-        reps = []
-        for (txt,) in rows("SELECT report FROM client_reports"):
-            try:
-                obj = json.loads(txt)
-            except ValueError:
-                obj = {"<unparsable report>": None}
-            reps.append(obj if isinstance(obj, dict) else {"<not an object>": None})
-        return enrol, reps
-    finally:
-        con.close()
 
 
 def _logged_report_keys(log: Path) -> set[str]:
@@ -305,7 +278,8 @@ def _tls_view(root: Path) -> tuple[bool, Optional[str], str]:
     from fedproxy_secure.errors import SecurityError
     from fedproxy_secure.transport.tls import server_ssl_context
 
-    ca, cert, key = root / "pki" / "ca.pem", root / "pki" / "server.pem", root / "pki" / "server.key"
+    p = server_paths(root)
+    ca, cert, key = p["ca"], p["cert"], p["key"]
     missing = [p.relative_to(root).as_posix() for p in (ca, cert, key) if not p.is_file()]
     if missing:
         return False, None, f"missing {', '.join(missing)}"
@@ -328,7 +302,8 @@ def _revocations(root: Path) -> tuple[Optional[tuple[str, ...]], Optional[bool]]
     from fedproxy_secure.artifacts.keys import key_id, load_public_key
     from fedproxy_secure.artifacts.keyset import load_keyset
 
-    ks_path, pub = root / "keys" / "keyset.json", root / "keys" / "operator.pub"
+    p = server_paths(root)
+    ks_path, pub = p["keyset"], p["op_pub"]
     if not ks_path.is_file():
         return None, None
     ks = load_keyset(ks_path)  # verifies the keyset's own signature (SecurityError otherwise)
@@ -347,30 +322,24 @@ def deployment_from_server_dir(directory: str | Path) -> Deployment:
     the stored client reports and the audit log. Reads only; ConfigError naming the file if the folder
     is not a server folder."""
     from fedproxy_secure.artifacts.keyfiles import is_encrypted_pem
-    from fedproxy_secure.protocol.settings import FederationSettings
 
     root = Path(directory)
-    fed = root / "federation.json"
-    if not fed.is_file():
-        raise ConfigError(f"--server-dir: no federation.json in {root}; give the folder made by 'server init'")
-    try:
-        raw = json.loads(fed.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{fed}: unreadable ({exc}); restore it from a backup") from None
-    settings = FederationSettings.from_dict(raw)
-    enrolments, reports = _read_store(root / "state.db")
+    paths = server_paths(root)
+    settings = read_settings(root)  # ConfigError naming the folder if it holds no federation.json
+    fed = paths["settings"]
+    enrolments, reports = read_enrolments(root), read_client_reports(root)
     active = [n for n, st in enrolments if st == "active"]
     n = max(int(settings.min_clients), len(active))
     enabled, eps, delta = _dp(_mapping((settings.train or {}).get("dp"), "federation.train.dp"), "federation.train.dp")
     mtls, tls_min, note = _tls_view(root)
     secrets_ = _secret_files(root)
     loose = tuple(p.relative_to(root).as_posix() for p in secrets_ if p.stat().st_mode & 0o077)
-    op = root / "keys" / "operator.key"
+    op = paths["op_key"]
     op_state = ("encrypted" if is_encrypted_pem(op.read_bytes()) else "unencrypted") if op.is_file() else "missing"
-    leftovers = tuple(sorted(p.relative_to(root).as_posix() for name in _SITE_SECRETS
-                             for p in (root / "enrol").glob(f"*/{name}") if p.exists()))
+    leftovers = tuple(sorted(p.relative_to(root).as_posix() for name in ENROL_SECRETS
+                             for p in paths["enrol"].glob(f"*/{name}") if p.exists()))
     revoked, op_revoked = _revocations(root)
-    stored = {str(k) for r in reports for k in r} | _logged_report_keys(root / "audit.jsonl")
+    stored = {str(k) for r in reports for k in r} | _logged_report_keys(paths["audit"])
     keys, audit = scan_server_state(root)
     return replace(_settings_view(settings, n, str(fed)), dp_enabled=enabled, epsilon=eps, delta=delta,
                    mtls=mtls, tls_min_version=tls_min, transport_note=note, report_keys_stored=tuple(sorted(stored)),

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
-#: the only keys of a report that leave the site (issue 20: a minimal client report)
-SENT_REPORT_KEYS = ("round_id", "epsilon", "delta", "accountant", "status")
+from fedproxy_secure.protocol.client_report import CLIENT_REPORT_KEYS, STATUS_TRAINED, TEXT_MAX
 
-#: status of a report posted after local training finished and the update went into secure aggregation
-STATUS_TRAINED = "trained"
+#: the only keys of a report that leave the site: the protocol's client report schema
+SENT_REPORT_KEYS = CLIENT_REPORT_KEYS
 
 _REPORTS_DIR = "reports"
 
@@ -30,8 +29,10 @@ def public_report(report: dict | None, round_id: int | None = None, status: str 
     """The report sent to the server: only :data:`SENT_REPORT_KEYS`, JSON scalars only.
 
     Guarantees: no other key of ``report`` is copied (no loss, norm, count, rate or timing); ε and δ
-    are finite floats or left out; ``accountant`` is a string of at most 32 characters; ``round_id``
-    (argument first, else the report's) is an int; ``status`` is always present.
+    are finite floats or left out; ``accountant`` is a string of at most ``TEXT_MAX`` characters;
+    ``round_id`` (argument first, else the report's) is an int; ``status`` is always present. So the
+    result passes the server's :func:`~fedproxy_secure.protocol.client_report.check_client_report`
+    whenever ε and δ are >= 0 and ``status`` is short enough.
     """
     src = report or {}
     out: dict[str, Any] = {}
@@ -44,7 +45,7 @@ def public_report(report: dict | None, round_id: int | None = None, status: str 
             out[k] = float(v)
     acc = src.get("accountant")
     if isinstance(acc, str) and acc:
-        out["accountant"] = acc[:32]
+        out["accountant"] = acc[:TEXT_MAX]
     out["status"] = status
     return out
 

@@ -1,6 +1,6 @@
 """Operator set-up: ``server init`` (CA, server certificate, operator key, store) and ``enroll``.
 
-Server folder layout::
+Server folder layout (documented, with its read-only readers, in :mod:`fedproxy_secure.server.folder`)::
 
     DIR/pki/{ca.pem,ca.key,server.pem,server.key}   DIR/keys/{operator.key,operator.pub}
     DIR/federation.json   DIR/state.db   DIR/audit.jsonl   DIR/enrol/<site>/ (handed to the site)
@@ -21,19 +21,10 @@ from pathlib import Path
 from fedproxy_secure.artifacts.keys import generate_key, save_operator_key, save_private_key, save_public_key
 from fedproxy_secure.auditlog import AuditLog, create_audit_secret
 from fedproxy_secure.errors import ConfigError
+from fedproxy_secure.server.folder import read_settings, server_paths  # the folder's layout: server/folder.py
 from fedproxy_secure.server.rounds import FederationSettings
 from fedproxy_secure.server.store import SQLiteStore
 from fedproxy_secure.transport.pki import CertPair, create_ca, issue_client_cert, issue_server_cert, write_private
-
-
-def server_paths(d: str | os.PathLike) -> dict[str, Path]:
-    """Every path of a server folder."""
-    d = Path(d)
-    return {"dir": d, "ca": d / "pki" / "ca.pem", "ca_key": d / "pki" / "ca.key", "cert": d / "pki" / "server.pem",
-            "key": d / "pki" / "server.key", "op_key": d / "keys" / "operator.key", "op_pub": d / "keys" / "operator.pub",
-            "settings": d / "federation.json", "db": d / "state.db", "audit": d / "audit.jsonl", "enrol": d / "enrol",
-            "he_key": d / "keys" / "he_statement.key", "bundle": d / "bundle", "keyset": d / "keys" / "keyset.json",
-            "deployment": d / "deployment.json", "kits": d / "kits"}
 
 
 def he_statement_key(d: str | os.PathLike):
@@ -80,10 +71,7 @@ def load_settings(d: str | os.PathLike) -> FederationSettings:
     ``federation.json`` before it is returned, so every round of the federation signs the same seed.
     """
     p = server_paths(d)["settings"]
-    try:
-        s = FederationSettings.from_dict(json.loads(p.read_text()))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {p}: {exc}; run 'fedproxy-secure server init' first") from None
+    s = read_settings(d)  # the one reader of federation.json
     if s.a_seed is None:
         s.a_seed = new_a_seed()
         tmp = p.with_suffix(".tmp")

@@ -21,40 +21,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedproxy_secure.errors import ProtocolAbort, SecurityError
+from fedproxy_secure.protocol.client_report import CLIENT_REPORT_KEYS, check_client_report  # noqa: F401  (the one schema)
 from fedproxy_secure.server.uploads import UploadLimits, UploadRow, chunk_length
-
-#: the only keys a client report may hold (issue 20: the minimal report; the client sends exactly these,
-#: see ``client/report.py``): no training loss, norm, example count, sample rate or timing is accepted
-CLIENT_REPORT_KEYS = ("round_id", "epsilon", "delta", "accountant", "status")
-
-
-def check_client_report(report: object, round_id: int | None = None) -> dict:
-    """``report`` if it is a minimal client report, else ProtocolAbort naming the offending field.
-
-    Guarantees on return: a dict whose keys are all in :data:`CLIENT_REPORT_KEYS`; ``round_id`` (if
-    present) an int equal to ``round_id`` when given; ``epsilon`` / ``delta`` finite numbers >= 0;
-    ``accountant`` / ``status`` strings of at most 32 characters. Pure.
-    """
-    import math
-
-    if not isinstance(report, dict):
-        raise ProtocolAbort("report must be a JSON object")
-    extra = sorted(set(report) - set(CLIENT_REPORT_KEYS))
-    if extra:
-        raise ProtocolAbort(f"report field {extra[0]!r} is not accepted: a client report holds only "
-                            f"{list(CLIENT_REPORT_KEYS)} (keep training statistics on the site)")
-    rid = report.get("round_id")
-    if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool) or (round_id is not None and rid != round_id)):
-        raise ProtocolAbort(f"report field 'round_id' = {rid!r}: must be the round id of the path ({round_id})")
-    for k in ("epsilon", "delta"):
-        v = report.get(k)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0):
-            raise ProtocolAbort(f"report field {k!r} = {v!r}: must be a finite number >= 0")
-    for k in ("accountant", "status"):
-        v = report.get(k)
-        if v is not None and (not isinstance(v, str) or len(v) > 32):
-            raise ProtocolAbort(f"report field {k!r}: must be a string of at most 32 characters")
-    return report
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
