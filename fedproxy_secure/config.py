@@ -14,17 +14,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedproxy_secure.aggregate.server_opt import ServerOptimizerConfig
 from fedproxy_secure.errors import ConfigError
+from fedproxy_secure.strict import StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TinyModelSpec(_Strict):
+class TinyModelSpec(StrictModel):
     """A tiny randomly initialised model built from a config (tests, demos; no download)."""
 
     arch: Literal["llama", "gpt2"] = "llama"
@@ -37,7 +34,7 @@ class TinyModelSpec(_Strict):
     seed: int = 0
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """The server's LLM: a local Hugging Face folder, or a tiny model built from a spec."""
 
     llm: Optional[Path] = None
@@ -52,7 +49,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class CompressConfig(_Strict):
+class CompressConfig(StrictModel):
     """Stage i: server-guided compression of the LLM into the proxy."""
 
     strategy: Literal["bi", "uniform"] = "bi"
@@ -64,7 +61,7 @@ class CompressConfig(_Strict):
     ot_adapter_blocks: int = Field(2, ge=0, description="Offsite-Tuning: first/last n blocks")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Client data and evaluation data (BIG-bench multiple-choice tasks or JSONL prompt/response).
 
     ``dir`` and ``calib_dir`` are folders (relative to the YAML file) or ``vendored:bigbench`` /
@@ -113,11 +110,11 @@ class DataConfig(_Strict):
         return self
 
 
-class ClientsConfig(_Strict):
+class ClientsConfig(StrictModel):
     count: int = Field(4, ge=1, le=10000)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Local training on each client (per round)."""
 
     lr: float = Field(2e-4, gt=0)
@@ -136,7 +133,7 @@ class TrainConfig(_Strict):
         return scheduled_lr(self.lr, self.lr_schedule, round_index, total_rounds, self.min_lr_ratio)
 
 
-class LoraConfig(_Strict):
+class LoraConfig(StrictModel):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -144,7 +141,7 @@ class LoraConfig(_Strict):
     ffa: bool = Field(True, description="freeze A (FFA-LoRA): exact aggregation of B")
 
 
-class AggregatorConfig(_Strict):
+class AggregatorConfig(StrictModel):
     name: Literal["fedavg", "fedprox", "ties", "hties", "sa_hties"] = "fedavg"
     pcr_lambda: float = Field(1e-5, ge=0)
     fedprox_mu: float = Field(0.01, ge=0)
@@ -156,7 +153,7 @@ class AggregatorConfig(_Strict):
         default_factory=ServerOptimizerConfig, description="how the server applies the aggregate (sgd, avgm, adam, yogi)")
 
 
-class SecAggConfig(_Strict):
+class SecAggConfig(StrictModel):
     mode: Literal["none", "masking", "he"] = "none"
     threshold: Optional[int] = Field(None, ge=2, description="t; default ceil(2n/3)")
     dropout: float = Field(0.0, ge=0, lt=1, description="simulated fraction of clients that drop")
@@ -168,7 +165,7 @@ class SecAggConfig(_Strict):
         return effective_threshold(self.mode, n, self.threshold)
 
 
-class DPConfig(_Strict):
+class DPConfig(StrictModel):
     enabled: bool = False
     epsilon: float = Field(8.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -176,7 +173,7 @@ class DPConfig(_Strict):
     accountant: Literal["prv", "rdp"] = "prv"
 
 
-class FusionConfig(_Strict):
+class FusionConfig(StrictModel):
     """Stage iii plug-in. Default ``logit`` (proxy-tuning): best transfer in every SmolLM2 measurement
     (federated: 0.78-0.89 of the centralized gain; fusion study at the reference size: 0.66 with a
     distilled proxy vs 0.53 for the dense delta plug-in). Both transfer only when the proxy was distilled
@@ -188,11 +185,11 @@ class FusionConfig(_Strict):
     logit_beta: float = Field(1.0, ge=0)
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     dir: Path = Path("runs/default")
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """A whole federation run: what ``simulate`` and ``demo`` execute."""
 
     name: str = "run"

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedproxy_secure.errors import ConfigError
+from fedproxy_secure.strict import StrictModel
 
 STRIDE = ("Spoofing", "Tampering", "Repudiation", "Information disclosure", "Denial of service",
           "Elevation of privilege")
@@ -32,11 +33,7 @@ SEVERITIES = ("low", "medium", "high", "critical")
 TEST_ID_RE = re.compile(r"^tests/[A-Za-z0-9_/]+\.py::[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Category(_Strict):
+class Category(StrictModel):
     """STRIDE and LINDDUN categories (at least one entry in total)."""
 
     stride: list[Literal[STRIDE]] = Field(default_factory=list)  # type: ignore[valid-type]
@@ -49,14 +46,14 @@ class Category(_Strict):
         return self
 
 
-class Attack(_Strict):
+class Attack(StrictModel):
     """What the adversary does, with at least one literature reference."""
 
     summary: str = Field(min_length=20)
     references: list[str] = Field(min_length=1)
 
 
-class Mitigation(_Strict):
+class Mitigation(StrictModel):
     """One mitigation: a repository file, a function/class in it (``name`` or ``Class.method``), how it helps."""
 
     file: str
@@ -64,7 +61,7 @@ class Mitigation(_Strict):
     how: str = Field(min_length=10)
 
 
-class ThreatModel(_Strict):
+class ThreatModel(StrictModel):
     """One threat: the schema every ``threat_models/*.yaml`` file must follow."""
 
     id: str = Field(pattern=r"^T\d{2}$")

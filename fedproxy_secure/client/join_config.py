@@ -40,17 +40,16 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from fedproxy_secure.client.policy import ClientPolicy
 from fedproxy_secure.config import DPConfig, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError
+from fedproxy_secure.strict import StrictModel
 
 
-class ClientJoinConfig(BaseModel):
+class ClientJoinConfig(StrictModel):
     """The validated ``client.yaml``; every path is absolute after :func:`load_join_config`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     enrolment: Path
     state_dir: Path = Path("client-state")

@@ -22,17 +22,14 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from fedproxy_secure.config import DPConfig, LoraConfig, TrainConfig, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError, DataError
+from fedproxy_secure.strict import StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ClientTrainSection(_Strict):
+class ClientTrainSection(StrictModel):
     round_id: int = Field(0, ge=0)
     a_seed: int = 0
     planned_rounds: int = Field(1, ge=1)
@@ -45,7 +42,7 @@ class ClientTrainSection(_Strict):
     dp: DPConfig = DPConfig()
 
 
-class ClientTrainFile(_Strict):
+class ClientTrainFile(StrictModel):
     client: ClientTrainSection
 
 

@@ -44,7 +44,12 @@ def save_proxy(proxy, tokenizer, out_dir: str | Path, *, base_model_hash: str) -
 
 
 def load_proxy_meta(proxy_dir: str | Path) -> dict:
-    """Read ``fedproxy.json`` of a proxy folder; raise ModelError if missing or malformed."""
+    """Read ``fedproxy.json`` of a proxy folder; raise ModelError if missing or malformed.
+
+    The one reader of a proxy folder's ``fedproxy.json`` (fusion reads its layer map through it).
+    Issuing and verifying a signed bundle (``artifacts.bundle``) check its ``base_model_hash``
+    through the bundle's own size-bounded, symlink-refusing file access (on verification, the very
+    bytes that were hashed); that is part of the bundle check, not another reader of proxy folders."""
     path = Path(proxy_dir) / META_FILE
     if not path.is_file():
         raise ModelError(f"proxy {str(proxy_dir)!r}: no {META_FILE}; build the proxy with `server compress`")

@@ -17,9 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from fedproxy_secure.errors import ConfigError, SecurityError
+from fedproxy_secure.strict import StrictModel
 
 #: run-config key (Flower style, dashes) -> FlowerSettings field
 _RUN_KEYS = {
@@ -32,7 +33,7 @@ _RUN_KEYS = {
 }
 
 
-class FlowerSettings(BaseModel):
+class FlowerSettings(StrictModel):
     """Validated settings of one FedProxy-on-Flower run.
 
     ``config``: the FedProxy run YAML (model, data, rounds, train, lora, aggregator, dp, fusion) --
@@ -43,8 +44,6 @@ class FlowerSettings(BaseModel):
     ``[-clipping_range, clipping_range]`` and stochastically rounded onto ``quantization_range``
     levels; FedAvg's client weight (its example count) must not exceed ``max_weight``.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     config: Path
     keyset: Optional[Path] = None

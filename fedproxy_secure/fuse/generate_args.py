@@ -21,9 +21,10 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
 
 from fedproxy_secure.errors import ModelError
+from fedproxy_secure.strict import StrictModel
 
 #: new tokens when neither ``max_new_tokens`` nor ``max_length`` is given
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -52,10 +53,9 @@ REFUSED: dict[str, str] = {
 }
 
 
-class GenerateOptions(BaseModel):
+class GenerateOptions(StrictModel):
     """The honoured arguments, validated (strict types: ``do_sample="yes"`` is refused, not coerced)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     max_new_tokens: Optional[StrictInt] = Field(default=None, ge=0)
     max_length: Optional[StrictInt] = Field(default=None, ge=1)
     min_new_tokens: Optional[StrictInt] = Field(default=None, ge=0)

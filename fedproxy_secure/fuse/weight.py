@@ -10,7 +10,6 @@ only the delta is added. Dropped blocks, embeddings, final norm and LM head are 
 from __future__ import annotations
 
 import copy
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from fedproxy_secure.compress.proxy_io import load_proxy_meta
 from fedproxy_secure.errors import ModelError
 from fedproxy_secure.models.blocks import decoder_blocks
 
@@ -50,15 +50,10 @@ class ProxyMapping:
 
 
 def read_proxy_mapping(proxy_dir: str | Path) -> ProxyMapping:
-    """Read ``fedproxy.json`` of a proxy folder (the compressor writes it) and return its mapping."""
-    path = Path(proxy_dir) / "fedproxy.json"
-    if not path.is_file():
-        raise ModelError(f"--proxy: {str(proxy_dir)!r} has no fedproxy.json with the layer map; build the proxy with `server compress`")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from None
-    return ProxyMapping.coerce(meta)
+    """The mapping of a proxy folder, from its ``fedproxy.json`` as the one reader,
+    :func:`fedproxy_secure.compress.proxy_io.load_proxy_meta`, reads it (ModelError if missing or
+    malformed)."""
+    return ProxyMapping.coerce(load_proxy_meta(proxy_dir))
 
 
 def _split_block_name(name: str, block_path: str, n_blocks: int) -> tuple[int, str]:

@@ -13,33 +13,30 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from fedproxy_secure.config import CompressConfig, DPConfig, LoraConfig, TinyModelSpec, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.protocol.settings import FederationSettings
+from fedproxy_secure.strict import StrictModel
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PRESETS = {"tiny": EXAMPLES / "demo-tiny.yaml", "smollm": EXAMPLES / "demo.yaml"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DemoClients(_Strict):
+class DemoClients(StrictModel):
     count: int = Field(3, ge=2)
     threads: int = Field(1, ge=1, description="torch threads per client process")
     policy: dict = Field(default_factory=dict, description="each site's client.yaml policy (client/policy.py); "
                          "default: the safe policy")
 
 
-class DemoModel(_Strict):
+class DemoModel(StrictModel):
     source: Literal["smollm2", "tiny"] = "tiny"
     tiny: TinyModelSpec = TinyModelSpec()
 
 
-class DemoData(_Strict):
+class DemoData(StrictModel):
     """The demo's tasks. ``dir`` (client and test tasks) and ``calib_dir`` (the server's calibration
     tasks) are folders relative to the file, or ``vendored:bigbench`` / ``vendored:bigbench-skill``
     (the tasks shipped in the package). Unset, each group resolves by the one order of
@@ -58,7 +55,7 @@ class DemoData(_Strict):
     seed: int = 0
 
 
-class DemoEval(_Strict):
+class DemoEval(StrictModel):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(256, ge=16)
     proxy: bool = Field(False, description="also evaluate the proxy before/after (costs time)")
@@ -71,7 +68,7 @@ class DemoEval(_Strict):
     server_restarts: int = Field(1, ge=0, description="times the demo restarts a crashed server process")
 
 
-class DemoSpec(_Strict):
+class DemoSpec(StrictModel):
     name: str = "demo"
     description: str = ""
     clients: DemoClients = DemoClients()

@@ -11,7 +11,7 @@ import math
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from fedproxy_secure.aggregate.base import AggResult
 from fedproxy_secure.aggregate.hties import HTiesParams
@@ -26,6 +26,7 @@ from fedproxy_secure.aggregate.sa_hties import (
     sa_weight_shift,
 )
 from fedproxy_secure.errors import ConfigError, ProtocolAbort
+from fedproxy_secure.strict import StrictModel
 from fedproxy_secure.wire.codec import vec_from_b64, vec_to_b64
 from fedproxy_secure.protocol.names import SA_B_PREFIX as B_PREFIX
 from fedproxy_secure.protocol.names import SA_PHASE_DOMAIN as PHASE_DOMAIN
@@ -42,10 +43,8 @@ PHASE_CLIP = 1.0
 SUM_SLACK = 1e-6
 
 
-class SAHTiesOptions(BaseModel):
+class SAHTiesOptions(StrictModel):
     """``federation.sa_hties``: the H-TIES hyper-parameters every client uses (signed in the round config)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     h_norm: Literal["reveal", "none"] = Field("reveal", description="reveal h_i in the clear for exact min-max "
                                               "normalisation, or none (nothing revealed, larger departure)")

@@ -25,21 +25,18 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from fedproxy_secure.config import DPConfig, LoraConfig, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.server.rounds import DEFAULT_DEADLINES, FederationSettings
+from fedproxy_secure.strict import StrictModel
 
 #: a real federation waits longer for its sites to check in than the demo
 DEFAULT_JOIN_DEADLINE_S = 600.0
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TrainPolicy(_Strict):
+class TrainPolicy(StrictModel):
     """Local training each round (signed into every round config, applied by every site)."""
 
     lr: float = Field(2e-4, gt=0)
@@ -50,7 +47,7 @@ class TrainPolicy(_Strict):
     fedprox_mu: float = Field(0.0, ge=0)
 
 
-class FederationFile(_Strict):
+class FederationFile(StrictModel):
     """The validated ``federation.yaml`` (see the module docstring)."""
 
     url: str = "https://127.0.0.1:8443"
