@@ -58,6 +58,8 @@ def render_client_yaml(*, data: str, dp: dict, threads: int = 1, seed: int = 0) 
         "keyset: keyset.json       # the operator's keyset, pinned: the proxy bundle must verify against it\n"
         "# DP-SGD: your own setting, never taken from the server. The federation's policy (policy.json) is the\n"
         "# loosest it accepts: a larger epsilon or delta than the policy, or DP off when it requires DP, is refused.\n"
+        "# This site's own policy requires DP too (policy.require_dp, default true): with enabled: false the client\n"
+        "# refuses to start; opt out only for a test federation without personal data (policy: {require_dp: false}).\n"
         f"dp: {dp_line}\n"
         f"threads: {int(threads)}                # torch CPU threads for local training\n"
         f"seed: {int(seed)}\n"
