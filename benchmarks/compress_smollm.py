@@ -1,6 +1,6 @@
 """Zero-shot accuracy of an LLM and its proxies on the 8 BIG-bench tasks (100 test per task, seed 0).
 
-Usage: python -m fedproxy_secure.bench.compress_smollm OUT.json DATA_DIR MODEL_DIR [MODEL_DIR ...]
+Usage: python -m fedproxy_benchmarks.compress_smollm OUT.json DATA_DIR MODEL_DIR [MODEL_DIR ...]
 Each model's result is appended to OUT.json as soon as it is measured.
 """
 

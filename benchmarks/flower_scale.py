@@ -1,6 +1,6 @@
 """Benchmark: FedProxy on Flower's simulation engine with many virtual SuperNodes (tiny proxy, SecAgg+).
 
-    .venv/flower/bin/python -m fedproxy_secure.flower.scale --nodes 1000 --out results/flower-scale-1000.json
+    .venv/flower/bin/python -m fedproxy_benchmarks.flower_scale --nodes 1000 --out results/flower-scale-1000.json
 
 One federation: the server compresses a tiny LLM built from a config (no download), signs the
 proxy bundle, every node verifies it (join), then ``--rounds`` FedAvg rounds whose sums all go
@@ -89,7 +89,7 @@ def run(nodes: int, out: Path, *, rounds: int = 1, shares: int | None = None, th
     from fedproxy_secure.flower.settings import FlowerSettings
     from fedproxy_secure.flower.simulation import run_in_simulation
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]  # the checkout (benchmarks/ sits at its top)
     data = data or root / "examples" / "data" / "bigbench-mini"
     k = shares or (2 * math.ceil(math.log2(nodes)) + 1)  # odd, ~2 log2 n (SecAgg+ wants an odd share count)
     k = min(k, nodes)

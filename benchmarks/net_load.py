@@ -1,6 +1,6 @@
 """Load run: N client processes complete one masked round over loopback mTLS; round time + server peak RSS.
 
-``python -m fedproxy_secure.bench.net_load --clients 50 --dim 64 --out runs/net_load.json``
+``python -m fedproxy_benchmarks.net_load --clients 50 --dim 64 --out runs/net_load.json``
 """
 
 from __future__ import annotations

@@ -22,12 +22,12 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedproxy_secure.bench.quality import QualityArgs, _json_default, _portable_args, _run_config, _Shared, round_curve
+from fedproxy_benchmarks.quality import QualityArgs, _json_default, _portable_args, _run_config, _Shared, round_curve
 from fedproxy_secure.errors import ConfigError
 
 
 class Candidate(BaseModel):
-    """One recipe: overrides of :class:`~fedproxy_secure.bench.quality.QualityArgs` (unset = the base run's)."""
+    """One recipe: overrides of :class:`~fedproxy_benchmarks.quality.QualityArgs` (unset = the base run's)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")

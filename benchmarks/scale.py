@@ -190,7 +190,7 @@ def run_scale_bench(
     """The curves of ``parts`` in one run: masking per n (default graph, and complete graph up to 200
     clients) with the n = 10 target row at ``target_values``; HE per thread count (``he_explore``
     adds the encodings tried for the 1 µs target); ``rss``: client peak RSS of proxy vs LLM LoRA
-    training on SmolLM2 (:func:`fedproxy_secure.bench.scale_memory.client_memory` keyword arguments).
+    training on SmolLM2 (:func:`fedproxy_benchmarks.scale_memory.client_memory` keyword arguments).
 
     Guarantees: every figure is measured in this call (``parts_measured`` says which); ``targets``
     compares them with issue 19's targets (client <= 1.2x PRG limit at n = 10, HE <= 1.0 µs/value
@@ -217,11 +217,11 @@ def run_scale_bench(
     if "he" in parts:
         out["he"] = he_point(he_values, tuple(int(w) for w in he_threads), repeats=he_repeats, seed=seed)
         if he_explore:
-            from fedproxy_secure.bench.scale_he import explore
+            from fedproxy_benchmarks.scale_he import explore
 
             out["he_explore"] = explore(values=he_values, threads=tuple(int(t) for t in he_threads))
     if "rss" in parts:
-        from fedproxy_secure.bench.scale_memory import client_memory, project
+        from fedproxy_benchmarks.scale_memory import client_memory, project
 
         out["client_memory"] = client_memory(**(rss or {}))
         out["projection_7b"] = project(out["client_memory"])
@@ -283,7 +283,7 @@ def merge_previous(result: dict, previous: dict) -> dict:
                     merged[n] = previous[n]
     merged["parts_carried"] = carried
     if merged.get("client_memory"):  # derived from the measured figures only: recomputed with the current model
-        from fedproxy_secure.bench.scale_memory import project
+        from fedproxy_benchmarks.scale_memory import project
 
         merged["projection_7b"] = project(merged["client_memory"])
     merged["targets"] = compute_targets(merged)
@@ -358,11 +358,11 @@ def write_plots(result: dict, folder: str | Path) -> list[Path]:
         plot("masking_bytes_per_client", "bytes_per_client", "bytes per client (JSON, up + down)")
         plot("masking_client_over_prg_limit", "client_over_prg_limit", "client time / PRG limit")
     if result.get("client_memory"):
-        from fedproxy_secure.bench.scale_memory import write_plot
+        from fedproxy_benchmarks.scale_memory import write_plot
 
         out.append(write_plot(result["client_memory"], folder))
     if result.get("he_explore"):
-        from fedproxy_secure.bench.scale_he import write_plot as write_he_plot
+        from fedproxy_benchmarks.scale_he import write_plot as write_he_plot
 
         out.append(write_he_plot(result["he_explore"], folder))
     if result.get("he"):
@@ -411,11 +411,11 @@ def print_table(result: dict, console=None) -> None:
                        f"{r.get('max_abs_error', float('nan')):.1e}")
         console.print(he)
     if result.get("he_explore"):
-        from fedproxy_secure.bench.scale_he import print_table as print_he
+        from fedproxy_benchmarks.scale_he import print_table as print_he
 
         print_he(result["he_explore"], console)
     if result.get("client_memory"):
-        from fedproxy_secure.bench.scale_memory import print_table as print_mem
+        from fedproxy_benchmarks.scale_memory import print_table as print_mem
 
         print_mem(result["client_memory"], console, result.get("projection_7b"))
     growth = result.get("log_growth") or {}

@@ -1,6 +1,6 @@
 """Client peak memory: proxy LoRA training against LLM LoRA training (``bench scale --rss``).
 
-Each side runs in its own fresh Python process (``python -m fedproxy_secure.bench.scale_memory
+Each side runs in its own fresh Python process (``python -m fedproxy_benchmarks.scale_memory
 train ...``) that loads the model folder with the SDK (:func:`load_causal_lm`), attaches the
 federation's LoRA (:func:`attach_lora`, FFA by default) and runs the SDK's client trainer
 (:func:`train_round`) for a few local steps on synthetic prompt/response pairs whose prompts are
@@ -202,14 +202,14 @@ def _child_main(argv: list[str]) -> None:
 
 
 def run_child(args: list[str], *, timeout: float = 3600.0, lock: str | None = LOCK_PATH) -> tuple[dict, int]:
-    """Run one child (``python -m fedproxy_secure.bench.scale_memory ARGS``) in a fresh process under the lock.
+    """Run one child (``python -m fedproxy_benchmarks.scale_memory ARGS``) in a fresh process under the lock.
 
     Returns its JSON report and its peak RSS in bytes, read by ``os.wait4`` (this child only).
     Raises RuntimeError with the child's stderr tail if it fails.
     """
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with smollm_lock(lock):
-        proc = subprocess.Popen([sys.executable, "-m", "fedproxy_secure.bench.scale_memory", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "fedproxy_benchmarks.scale_memory", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + timeout
         # drain pipes while waiting; wait4 gives this child's own rusage

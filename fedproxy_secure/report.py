@@ -3,10 +3,14 @@
 Plots: :func:`plot_accuracy` (macro balanced accuracy per method with its paired bootstrap 95% CI as
 error bars, readable names, a y-range fitted to the values) and :func:`plot_rounds` (training loss
 and per-site ε per round, integer round ticks, one marker/line style per site, budget line).
+
+matplotlib is the optional ``[plots]`` extra: without it each plot is skipped with one logged warning
+and returns ``None``; the run and every other output are unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -15,6 +19,21 @@ from rich.table import Table
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", "-.", ":")
+
+log = logging.getLogger(__name__)
+
+
+def _pyplot(path: str | Path):
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` with a logged line when the [plots] extra is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: skipping %s (pip install 'fedproxy-secure[plots]')", Path(path).name)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _pct(x: float | None) -> str:
@@ -92,14 +111,13 @@ def accuracy_bars(summary: dict) -> list[dict]:
 
 
 def plot_accuracy(path: str | Path, summary: dict, *, title: str = "macro balanced accuracy",
-                  extra: Mapping[str, dict] | None = None) -> Path:
+                  extra: Mapping[str, dict] | None = None) -> Path | None:
     """Bar chart of macro balanced accuracy per method with 95% CI error bars; ``extra`` adds more
-    summaries (e.g. the non-DP run), each method suffixed by its key. Writes ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    summaries (e.g. the non-DP run), each method suffixed by its key. Writes ``path`` (PNG); ``None``
+    (skipped, logged) without matplotlib."""
+    plt = _pyplot(path)
+    if plt is None:
+        return None
     bars = accuracy_bars(summary)
     for key, s in (extra or {}).items():
         for b in accuracy_bars(s):
@@ -120,17 +138,16 @@ def plot_accuracy(path: str | Path, summary: dict, *, title: str = "macro balanc
     return Path(path)
 
 
-def plot_rounds(path: str | Path, series: dict) -> Path:
+def plot_rounds(path: str | Path, series: dict) -> Path | None:
     """Two panels: training loss per round and cumulative ε per site per round (integer round ticks,
     a distinct marker and line style per site, the ε budget as a dashed line).
 
     ``series``: ``{"loss": {name: [(round, value)]}, "epsilon": {site: [(round, eps)]},
-    "epsilon_budget": float | None}``. Writes ``path`` (PNG).
+    "epsilon_budget": float | None}``. Writes ``path`` (PNG); ``None`` (skipped, logged) without matplotlib.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
+    if plt is None:
+        return None
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))

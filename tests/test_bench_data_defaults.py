@@ -17,7 +17,7 @@ _load_commands()
 
 
 def test_bench_quality_defaults_resolve_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network) -> None:  # noqa: F811
-    from fedproxy_secure.bench import quality
+    from fedproxy_benchmarks import quality
 
     seen = []
 
@@ -39,7 +39,7 @@ def test_bench_quality_defaults_resolve_offline(tmp_path: Path, monkeypatch: pyt
 
 
 def test_bench_fusion_defaults_resolve_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network) -> None:  # noqa: F811
-    from fedproxy_secure.bench import fusion_study
+    from fedproxy_benchmarks import fusion_study
 
     seen = []
     monkeypatch.setattr(fusion_study, "run_fusion_study", lambda cfg, log: seen.append(cfg) or {})
@@ -56,7 +56,7 @@ def test_bench_fusion_defaults_resolve_offline(tmp_path: Path, monkeypatch: pyte
 
 
 def test_fusion_study_server_texts_refuse_an_evaluation_task(tmp_path: Path) -> None:
-    from fedproxy_secure.bench.fusion_study import StudyConfig, server_texts
+    from fedproxy_benchmarks.fusion_study import StudyConfig, server_texts
     from fedproxy_secure.errors import ConfigError
 
     cfg = StudyConfig(llm="-", data_dir="-", out="-")  # defaults: vendored:bigbench-skill, every task there

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import fedproxy_secure.cli.bench_scale  # noqa: F401  (registers the command)
-from fedproxy_secure.bench import scale, scale_he, scale_memory
+from fedproxy_benchmarks import scale, scale_he, scale_memory
 from fedproxy_secure.cli.app import app
 from fedproxy_secure.models.tiny import TinyModelSpec, save_tiny_llm
 

@@ -1,6 +1,6 @@
 """Slow benchmark: 1,000 virtual SuperNodes on Flower's simulation engine (tiny proxy, FedAvg under SecAgg+).
 
-Runs ``fedproxy_secure.flower.scale`` in the Flower overlay venv and checks what it measured: every
+Runs ``fedproxy_benchmarks.flower_scale`` (benchmarks/flower_scale.py) in the Flower overlay venv and checks what it measured: every
 node verified the signed bundle and survived each SecAgg+ round, and the JSON records round time and
 peak memory. ``make test-slow`` runs it (tens of minutes on 2 cores); the committed figures are in
 results/flower-scale-1000.json and docs/flower.md.
@@ -27,7 +27,7 @@ def test_flower_1000_nodes_secaggplus_round(tmp_path):
     out = tmp_path / "flower-scale-1000.json"
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                         "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([str(FLOWER_PY), "-m", "fedproxy_secure.flower.scale", "--nodes", "1000", "--rounds", "1",
+    p = subprocess.run([str(FLOWER_PY), "-m", "fedproxy_benchmarks.flower_scale", "--nodes", "1000", "--rounds", "1",
                         "--out", str(out), "--work", str(tmp_path / "work")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3500)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]

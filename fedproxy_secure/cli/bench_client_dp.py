@@ -8,9 +8,10 @@ from typing import Optional
 import typer
 
 from fedproxy_secure.cli.app import bench_app
+from fedproxy_secure.cli.common import RESEARCH_NOTE, RESEARCH_PANEL, load_benchmark
 
 
-@bench_app.command("client-dp")
+@bench_app.command("client-dp", epilog=RESEARCH_NOTE, rich_help_panel=RESEARCH_PANEL)
 def bench_client_dp(
     model: Path = typer.Option(..., "--model", help="local HF folder of the LLM (the proxy keeps every other block)"),
     data: Path = typer.Option(..., "--data", help="folder of BIG-bench task files"),
@@ -24,12 +25,10 @@ def bench_client_dp(
     json_file: Optional[str] = typer.Option(None, "--json", help="write the figures to this JSON file"),
 ) -> None:
     """Seconds per step with and without DP (same batch size), ε after each round, refusal past the budget."""
+    mod = load_benchmark("client_dp")
     import torch
 
-    from fedproxy_secure.cli.common import load_benchmark
-
     torch.set_num_threads(threads)
-    mod = load_benchmark("client_dp")
     res = mod.run_client_dp(str(model), str(data), task=task, n_train=n_train, rounds=rounds, local_steps=local_steps,
                             batch_size=batch_size, epsilon=epsilon, json_file=json_file)
     mod.print_table(res)

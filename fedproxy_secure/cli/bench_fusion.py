@@ -8,9 +8,10 @@ from typing import List, Optional
 import typer
 
 from fedproxy_secure.cli.app import bench_app
+from fedproxy_secure.cli.common import RESEARCH_NOTE, RESEARCH_PANEL, load_benchmark
 
 
-@bench_app.command("fusion")
+@bench_app.command("fusion", epilog=RESEARCH_NOTE, rich_help_panel=RESEARCH_PANEL)
 def bench_fusion(
     llm: Path = typer.Option(..., "--llm", help="server LLM folder (HF, safetensors)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="BIG-bench task folder (the evaluation tasks) or vendored:<set>; default: vendored:bigbench (the 8 dev tasks)"),
@@ -35,7 +36,7 @@ def bench_fusion(
     from fedproxy_secure.data import list_tasks
     from fedproxy_secure.data.resolve import resolve_task_dir, server_task_dir
 
-    mod = _load()
+    mod = load_benchmark("fusion_study")
     with exit_codes():
         data_dir = resolve_task_dir(None, data_dir or "vendored:bigbench", field="--data-dir")
         server_dir, names = server_task_dir(list_tasks(data_dir), _names(server_tasks) or None, server_dir,
@@ -52,10 +53,3 @@ def bench_fusion(
 
 def _names(csv: Optional[str]) -> list[str]:
     return [t.strip() for t in (csv or "").split(",") if t.strip()]
-
-
-def _load():
-    """The ``fedproxy_secure.bench.fusion_study`` module (see cli.common.load_benchmark)."""
-    from fedproxy_secure.cli.common import load_benchmark
-
-    return load_benchmark("fusion_study")

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from fedproxy_secure.cli.app import bench_app
-from fedproxy_secure.cli.common import console, load_benchmark
+from fedproxy_secure.cli.common import RESEARCH_NOTE, RESEARCH_PANEL, console, load_benchmark
 
 
 def _csv(s: str | None) -> list[str] | None:
@@ -24,7 +24,7 @@ def _ints(s: str | None, flag: str) -> list[int] | None:
         raise ConfigError(f"{flag}: {s!r} is not a comma-separated list of integers (e.g. 0,1,2)") from None
 
 
-@bench_app.command("quality")
+@bench_app.command("quality", epilog=RESEARCH_NOTE, rich_help_panel=RESEARCH_PANEL)
 def bench_quality(
     llm: Path = typer.Option(..., "--llm", help="LLM folder (HF, safetensors), e.g. from `data fetch smollm2`"),
     data_dir: Path = typer.Option(None, "--data-dir", help="folder of BIG-bench-format task files (<task>.json) or vendored:bigbench / vendored:bigbench-skill; default: the vendored tasks (the 8 dev tasks without --tasks)"),
@@ -61,6 +61,7 @@ def bench_quality(
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)"),
 ) -> None:
     """Run every method on the same data and client budget; write predictions.jsonl, results.json, results.md, quality.png."""
+    q = load_benchmark("quality")
     import torch
 
     from fedproxy_secure.cli.common import exit_codes
@@ -70,7 +71,6 @@ def bench_quality(
     with exit_codes():
         if threads:
             torch.set_num_threads(threads)
-        q = load_benchmark("quality")
         data_dir = resolve_task_dir(_csv(tasks), data_dir, field="--data-dir")
         cal, cal_tasks = server_task_dir(_csv(tasks) or list_tasks(data_dir), None, calib_dir, field="--calib-dir")
         args = q.QualityArgs(

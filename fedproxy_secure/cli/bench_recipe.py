@@ -8,10 +8,10 @@ import typer
 
 from fedproxy_secure.cli.app import bench_app
 from fedproxy_secure.cli.bench_quality import _csv
-from fedproxy_secure.cli.common import console, load_benchmark
+from fedproxy_secure.cli.common import RESEARCH_NOTE, RESEARCH_PANEL, console, load_benchmark
 
 
-@bench_app.command("recipe")
+@bench_app.command("recipe", epilog=RESEARCH_NOTE, rich_help_panel=RESEARCH_PANEL)
 def bench_recipe(
     llm: Path = typer.Option(..., "--llm", help="LLM folder (HF, safetensors), e.g. from `data fetch smollm2`"),
     grid: Path = typer.Option(..., "--grid", help="YAML file {candidates: [{name, lr, update_clip_norm, rounds, local_steps, lr_schedule, server_optimizer, method}]} (see examples/recipe-grid.yaml)"),
@@ -32,8 +32,8 @@ def bench_recipe(
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)"),
 ) -> None:
     """Federate every candidate recipe on the same clients; score the global proxy on validation data after
-    every round; write recipe.json (curves, wall times, the choice) and recipe.png. Never scores the test split.
-    A research command: it runs from a checkout or a development install."""
+    every round; write recipe.json (curves, wall times, the choice) and recipe.png. Never scores the test split."""
+    q, rc = load_benchmark("quality"), load_benchmark("recipe")
     import torch
 
     from fedproxy_secure.cli.common import exit_codes
@@ -43,7 +43,6 @@ def bench_recipe(
     with exit_codes():
         if threads:
             torch.set_num_threads(threads)
-        q, rc = load_benchmark("quality"), load_benchmark("recipe")
         data_dir = resolve_task_dir(_csv(tasks), data_dir, field="--data-dir")
         cal, cal_tasks = server_task_dir(_csv(tasks) or list_tasks(data_dir), None, None, field="--calib-dir")
         base = q.QualityArgs(llm=llm, data_dir=data_dir, out=out, tasks=_csv(tasks), clients=clients, rounds=rounds,

@@ -10,10 +10,10 @@ from typing import List, Optional
 import typer
 
 from fedproxy_secure.cli.app import bench_app
-from fedproxy_secure.cli.common import load_benchmark
+from fedproxy_secure.cli.common import RESEARCH_NOTE, RESEARCH_PANEL, load_benchmark
 
 
-@bench_app.command("scale")
+@bench_app.command("scale", epilog=RESEARCH_NOTE, rich_help_panel=RESEARCH_PANEL)
 def bench_scale(
     sizes: Optional[List[int]] = typer.Option(None, "--clients", min=2,
                                               help="Cohort size n (repeatable). Default: 10, 100 and 1000."),
@@ -47,6 +47,7 @@ def bench_scale(
 ) -> None:
     """Masking client/server time and bytes at each n with the PRG-limit ratio, HE µs and bytes per value,
     and with --rss the client peak-RSS ratio of proxy to LLM LoRA training."""
+    mod = load_benchmark("scale")
     import torch
 
     torch.set_num_threads(1)
@@ -56,7 +57,6 @@ def bench_scale(
     parts = [p for p in ("masking", "he") if p not in set(skip or ())] + (["rss"] if rss else [])
     if not parts:
         raise typer.BadParameter("nothing left to measure; drop a --skip or add --rss", param_hint="--skip")
-    mod = load_benchmark("scale")
     rss_kw = {"llm_dir": llm, "batch": rss_batch, "seq": rss_seq, "steps": rss_steps, "threads": rss_threads,
               "dp": rss_dp, "extra_batches": tuple(rss_extra_batch or ())}
     try:

@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from fedproxy_secure.cli.app import bench_app, client_app, server_app
-from fedproxy_secure.cli.common import console, fail, load_benchmark, exit_codes
+from fedproxy_secure.cli.common import console, fail, exit_codes
 
 _PP_HELP = "file whose first line is the key passphrase (else env FEDPROXY_KEY_PASSPHRASE; else unencrypted)"
 DEFAULT_STATE = Path.home() / ".fedproxy-secure" / "state"
@@ -172,7 +172,8 @@ def bench_bundle_verify_cmd(
     out: Path = typer.Option(Path("results/bundle_verify.json"), "--out", help="JSON results"),
 ) -> None:
     """Time read-only vs read+SHA-256 vs full verify_bundle on a synthetic bundle."""
-    mod = load_benchmark("bundle_verify_bench")
+    from fedproxy_secure.bench import bundle_verify_bench as mod  # an operator's sizing tool: ships in the wheel
+
     res = mod.run_bench(size_mb=size_mb, repeats=repeats, workdir=workdir, out=out)
     mod.print_table(res, console)
     console.print(f"wrote {out}")
