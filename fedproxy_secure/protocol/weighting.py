@@ -7,8 +7,8 @@ norm at most ``w_i · clip`` (so every mode's range and norm checks hold unchang
 then gives ``Σ w_i Δ_i / √2`` and ``Σ w_i · clip / √2``, and the server's step is
 ``Σ w_i Δ_i / Σ w_i``, the example-weighted mean (in-process FedAvg, with counts capped at ``C``).
 Choose ``C`` near the largest site's count: the sum's absolute noise (HE flooding, fixed-point
-rounding) is divided by ``Σ w_i``. The server learns the sum of the weights (the example counts are already in the clients' reports);
-no single ``w_i Δ_i`` is revealed.
+rounding) is divided by ``Σ w_i``. The server learns only the survivors' total weight ``Σ w_i`` (no
+example count is in a client report: ``protocol/client_report.py``); no single ``w_i Δ_i`` is revealed.
 """
 
 from __future__ import annotations
