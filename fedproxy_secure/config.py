@@ -123,7 +123,7 @@ class TrainConfig(StrictModel):
     update_clip_norm: float = Field(1.0, gt=0, description="L2 bound of each client's update")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="client lr over rounds: constant, or cosine from lr to min_lr_ratio * lr")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule: the last round's lr as a fraction of lr")
     device: str = "cpu"
 
     def lr_for_round(self, round_index: int, total_rounds: int) -> float:

@@ -148,7 +148,9 @@ def test_flower_secaggplus_sa_hties_matches_simulate(fed):
         theta_prev = ts
 
 
-FEDAVG_CONFIG = (CONFIG.replace("aggregator: {name: sa_hties, pcr_lambda: 1.0e-5}", "aggregator: {name: fedavg}")
+# FedAvg with a stateful server optimizer (FedAvgM): the momentum must evolve identically in both engines
+FEDAVG_CONFIG = (CONFIG.replace("aggregator: {name: sa_hties, pcr_lambda: 1.0e-5}",
+                                "aggregator: {name: fedavg, server_optimizer: {name: avgm, lr: 0.5, beta1: 0.5}}")
                  .replace("tasks: [sports_understanding, navigate, metaphor_boolean, strategyqa]",
                           "tasks: [sports_understanding, navigate, metaphor_boolean, strategyqa, presuppositions_as_nli]")
                  .replace("clients: {count: 4}", "clients: {count: 3}")
@@ -187,6 +189,7 @@ def test_flower_secaggplus_fedavg_matches_simulate(fed, tmp_path):
     for rec in res["rounds"]:
         assert rec["survivors"] == 3
         assert rec["aggregator"]["aggregator"] == "fedavg" and rec["aggregator"]["secure_sum"] == "flower-secaggplus"
+        assert rec["server_step"]["optimizer"] == "avgm"
     theta_prev = None
     for r in range(1, ROUNDS + 1):
         tf = np.load(tmp_path / "flower-out" / f"theta_round{r}.npy")

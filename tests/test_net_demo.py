@@ -11,7 +11,7 @@ import sys
 from tests.net_helpers import ROOT, env, run_short_demo
 
 def test_demo_tiny_real_training_and_audit(tmp_path):
-    r, out = run_short_demo("demo-tiny.yaml", tmp_path, timeout=170)
+    r, out = run_short_demo("demo-tiny.yaml", tmp_path, timeout=300, proxy=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for f in ("report.md", "results.json", "rounds.png", "audit.jsonl", "server/state.db",
               "server/global_adapter/adapter_model.safetensors", "server/bundle/MANIFEST.sig"):
@@ -42,6 +42,13 @@ def test_demo_tiny_real_training_and_audit(tmp_path):
     assert res["fusion"]["loaded_with"] == "fedproxy_secure.fuse.load_fused_model"
     assert (out / "fused" / "MANIFEST.sig").is_file() and (out / "predictions.jsonl").is_file()
     assert "95% CI of Δ" in report and "## Server supervision" in report and res["server_crashes"] == []
+    # stage decomposition: the proxy's own gain (stage ii) and the share the plug-in carried (stage iii), DP and no-DP
+    dec = res["stage_decomposition"]
+    assert "## Stage decomposition" in report
+    for g in ("proxy_tuned - zs_proxy", "fused - zs_llm"):
+        lo, hi = dec["gains"][g]["ci"]
+        assert lo <= dec["gains"][g]["value"] <= hi
+    assert "missing" not in dec["carried"] and dec["carried_nodp"]["missing"]  # this short run has no no-DP baseline
     acfg = json.loads((out / "server" / "global_adapter" / "adapter_config.json").read_text())
     assert acfg["base_model_name_or_path"] == str((out / "proxy").resolve()) and (out / "proxy" / "fedproxy.json").is_file()
     # no private key or token left in the output

@@ -42,7 +42,7 @@ class ServerOptimizerConfig(BaseModel):
     beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay (adam, yogi)")
     tau: float = Field(1e-3, gt=0, description="adaptivity floor τ (adam, yogi)")
     schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule: final lr as a fraction of lr")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule: final lr as a fraction of lr")
 
 
 def scheduled_lr(lr: float, schedule: str, round_index: int, total_rounds: int, min_lr_ratio: float = 0.0) -> float:

@@ -52,6 +52,33 @@ def _ratio_ci(boot: Mapping[str, np.ndarray], num: tuple[str, str], den: tuple[s
     return percentile_interval(r, level), int((~ok).sum())
 
 
+def paired_ratios(rows: Sequence[Mapping], ratios: Mapping[str, tuple[tuple[str, str], tuple[str, str]]], *,
+                  n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """``{name: {"value", "ci", ...}}`` for each ``name: ((a, b), (c, d))`` = (a − b)/(c − d) of headlines,
+    plus ``"headlines"`` and ``"gains"`` (a − b and c − d with their paired CIs).
+
+    Guarantees as :func:`stage_decomposition`: recomputed from ``rows``; a ratio with a method missing
+    from ``rows`` is None with ``"missing"``; paired percentile CIs, deterministic for ``seed``.
+    """
+    _, views, cred = credit_table(rows)
+    groups = {t: v.groups() for t, v in views.items()}
+    mean_credit = {m: {t: np.mean([seeds[s][t] for s in seeds], axis=0) for t in views} for m, seeds in cred.items()}
+    heads = {m: macro_mean({t: task_metrics(views[t], c[t]) for t in views}) for m, c in mean_credit.items()}
+    boot = resampled_headlines(mean_credit, groups, n_boot, seed)
+    out: dict = {"headlines": heads, "gains": {}, "n_boot": n_boot, "bootstrap_seed": seed}
+    for name, (num, den) in ratios.items():
+        need = sorted({*num, *den} - set(heads))
+        if need:
+            out[name] = {"value": None, "ci": None, "missing": need}
+            continue
+        ci, undefined = _ratio_ci(boot, num, den, level)
+        out[name] = {"value": _ratio(heads, num, den), "ci": ci, "undefined_replicates": undefined}
+        for a, b in (num, den):
+            out["gains"][f"{a} - {b}"] = {"value": heads[a] - heads[b],
+                                          "ci": percentile_interval(boot[a] - boot[b], level)}
+    return out
+
+
 def stage_decomposition(rows: Sequence[Mapping], federated: Sequence[str], *, n_boot: int = 2000, seed: int = 0,
                         level: float = 0.95) -> dict:
     """Stage-ii efficiency and recovery of every method in ``federated`` and the stage-iii transfer.
@@ -60,24 +87,12 @@ def stage_decomposition(rows: Sequence[Mapping], federated: Sequence[str], *, n_
     a ratio whose inputs are missing from ``rows`` is reported as None with the missing method names
     under ``"missing"``; the CIs are paired percentile intervals, deterministic for a given ``seed``.
     """
-    _, views, cred = credit_table(rows)
-    groups = {t: v.groups() for t, v in views.items()}
-    mean_credit = {m: {t: np.mean([seeds[s][t] for s in seeds], axis=0) for t in views} for m, seeds in cred.items()}
-    heads = {m: macro_mean({t: task_metrics(views[t], c[t]) for t in views}) for m, c in mean_credit.items()}
-    boot = resampled_headlines(mean_credit, groups, n_boot, seed)
-
-    def ratio(num: tuple[str, str], den: tuple[str, str]) -> dict:
-        need = sorted({*num, *den} - set(heads))
-        if need:
-            return {"value": None, "ci": None, "missing": need}
-        ci, undefined = _ratio_ci(boot, num, den, level)
-        return {"value": _ratio(heads, num, den), "ci": ci, "undefined_replicates": undefined}
-
-    out = {"headlines": heads, "n_boot": n_boot, "bootstrap_seed": seed,
-           "stage_iii_transfer": ratio((CENTRAL_PROXY, "zs_llm"), ("centralized", "zs_llm")), "methods": {}}
+    specs = {"stage_iii_transfer": ((CENTRAL_PROXY, "zs_llm"), ("centralized", "zs_llm"))}
     for m in federated:
-        out["methods"][m] = {
-            "stage_ii_efficiency": ratio((proxy_name(m), "zs_proxy"), (proxy_name(CENTRAL_PROXY), "zs_proxy")),
-            "recovery": ratio((m, "zs_llm"), ("centralized", "zs_llm")),
-        }
-    return out
+        specs[f"{m}/stage_ii_efficiency"] = ((proxy_name(m), "zs_proxy"), (proxy_name(CENTRAL_PROXY), "zs_proxy"))
+        specs[f"{m}/recovery"] = ((m, "zs_llm"), ("centralized", "zs_llm"))
+    r = paired_ratios(rows, specs, n_boot=n_boot, seed=seed, level=level)
+    return {"headlines": r["headlines"], "n_boot": n_boot, "bootstrap_seed": seed,
+            "stage_iii_transfer": r["stage_iii_transfer"],
+            "methods": {m: {"stage_ii_efficiency": r[f"{m}/stage_ii_efficiency"], "recovery": r[f"{m}/recovery"]}
+                        for m in federated}}

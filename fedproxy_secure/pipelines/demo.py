@@ -218,6 +218,18 @@ def _federate(server_dir: Path, bundle: Path, client_yamls: list[Path], logs: Pa
     return out, sup.crashes
 
 
+def demo_decomposition(predictions: Path) -> dict:
+    """Stage ii (what the federation taught the proxy: tuned − untuned proxy) and stage iii (the share of that
+    gain the plug-in carried into the LLM: (fused − LLM)/(tuned − untuned proxy)), DP and no-DP runs, with
+    paired bootstrap 95% CIs, from the demo's predictions.jsonl alone."""
+    from fedproxy_secure.eval import read_jsonl
+    from fedproxy_secure.eval.decomposition import paired_ratios
+
+    rows = read_jsonl(predictions)
+    return paired_ratios(rows, {"carried": (("fused", "zs_llm"), ("proxy_tuned", "zs_proxy")),
+                                "carried_nodp": (("fused_nodp", "zs_llm"), ("proxy_tuned_nodp", "zs_proxy"))})
+
+
 def _scrub_secrets(server_dir: Path, clients_dir: Path) -> None:
     """Remove every private key and token from the output folder."""
     for secret in (server_dir / "pki" / "ca.key", server_dir / "pki" / "server.key", server_dir / "keys" / "operator.key",
@@ -398,6 +410,8 @@ def run_demo(out: str | os.PathLike, spec: DemoSpec, log=print, config_path: Pat
                 ev.score("proxy_tuned", model_logits_fn(fed.server_pm), adv)
             if fed_nodp is not None:
                 ev.score("fused_nodp", fused_logits_fn(fused_nodp), adv)
+                if spec.eval.proxy:
+                    ev.score("proxy_tuned_nodp", model_logits_fn(fed_nodp.server_pm), adv)
             ev.add_baselines()
     finally:
         bars.__exit__(None, None, None)
@@ -428,6 +442,7 @@ def run_demo(out: str | os.PathLike, spec: DemoSpec, log=print, config_path: Pat
         "rounds_done": fed.done, "rounds": round_rows, "client_summaries": fed.client_summaries,
         "server_crashes": fed.crashes,
         "evaluation": evaluation,
+        "stage_decomposition": demo_decomposition(out / "predictions.jsonl") if spec.eval.proxy else None,
         "fusion": {"method": spec.eval.fusion, "beta": spec.eval.beta, "folder": "fused", "keyset": ks.name,
                    "loaded_with": "fedproxy_secure.fuse.load_fused_model",
                    **{k: fused_meta.get(k) for k in ("layer_map", "modules_fused", "proxy_shares_llm_blocks")}},

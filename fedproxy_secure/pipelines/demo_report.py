@@ -88,6 +88,7 @@ def write_report(path: Path, res: dict) -> None:
           "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {k} | {v:.1f} |" for k, v in res["stage_seconds"].items()]
     L += _evaluation_section(res)
+    L += _decomposition_section(res)
     L += _crash_section(res)
     sig = next((rep.get("noise_multiplier") for c in res.get("client_summaries", []) for rep in c.get("reports", [])
                 if rep.get("noise_multiplier")), None)
@@ -162,6 +163,35 @@ def _evaluation_section(res: dict) -> list[str]:
         L.append(f"| {t} ({n}) | " + " | ".join(_pct(ev["methods"][m]["per_task"][t]["balanced_accuracy"])
                                                for m in methods) + " |")
     L.append("| **mean** | " + " | ".join(f"**{_pct(ev['methods'][m]['headline'])}**" for m in methods) + " |")
+    return L
+
+
+def _decomposition_section(res: dict) -> list[str]:
+    """Stage ii (gain of the tuned proxy alone) and stage iii (share of it the plug-in carried into the LLM)."""
+    d = res.get("stage_decomposition")
+    if not d:
+        return []
+
+    def ci(r: dict | None, scale: float = 100.0, sign: str = "+") -> str:
+        if not r or r.get("value") is None:
+            return "-"
+        lo, hi = r["ci"]
+        return f"{scale * r['value']:{sign}.{1 if scale == 100 else 2}f} [{scale * lo:{sign}.{1 if scale == 100 else 2}f}, " \
+               f"{scale * hi:{sign}.{1 if scale == 100 else 2}f}]"
+
+    L = ["", "## Stage decomposition (where the gain is made or lost)", "",
+         "Stage ii = what the federation taught the proxy (tuned − untuned proxy, points); stage iii = the share of "
+         "that gain the plug-in carried into the LLM ((fused − LLM) / (tuned − untuned proxy)); paired bootstrap 95% "
+         "CIs. A ratio is unstable when the proxy's own gain is near 0.", "",
+         "| run | stage ii: proxy gain | fused LLM gain | stage iii: carried |", "|---|---|---|---|"]
+    for run, key, tuned, fused in (("DP", "carried", "proxy_tuned", "fused"),
+                                   ("no DP", "carried_nodp", "proxy_tuned_nodp", "fused_nodp")):
+        r = d.get(key) or {}
+        if r.get("value") is None and r.get("missing"):
+            continue
+        g = d["gains"]
+        L.append(f"| {run} | {ci(g.get(f'{tuned} - zs_proxy'))} | {ci(g.get(f'{fused} - zs_llm'))} | "
+                 f"{ci(r, 1.0, '')} |")
     return L
 
 

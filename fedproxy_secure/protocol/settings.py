@@ -138,7 +138,7 @@ class FederationSettings:
 
         t = self.train or {}
         return scheduled_lr(float(t.get("lr", 2e-4)), str(t.get("lr_schedule", "constant")), round_index, self.rounds,
-                            float(t.get("min_lr_ratio", 0.0)))
+                            float(t.get("min_lr_ratio", 0.1)))
 
     def wire_dim(self) -> int:
         """Values each client secure-sums: ``dim``, plus its weight with ``weighting: examples``."""

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator
 
+from fedproxy_secure.aggregate.server_opt import ServerOptimizerConfig
 from fedproxy_secure.config import DPConfig, LoraConfig, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.server.rounds import DEFAULT_DEADLINES, FederationSettings
@@ -45,6 +46,8 @@ class TrainPolicy(StrictModel):
     max_length: int = Field(256, ge=8)
     pcr_lambda: float = Field(1e-5, ge=0)
     fedprox_mu: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="client lr over rounds")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: the last round's lr as a fraction of lr")
 
 
 class FederationFile(StrictModel):
@@ -66,6 +69,8 @@ class FederationFile(StrictModel):
     dp: DPConfig = DPConfig(enabled=True)
     he: dict = Field(default_factory=dict)
     sa_hties: dict = Field(default_factory=dict)
+    server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig,
+                                                    description="how the server applies each round's aggregate")
 
     @field_validator("url")
     @classmethod
@@ -104,7 +109,8 @@ class FederationFile(StrictModel):
             "rounds": self.rounds, "min_clients": self.min_clients, "threshold": self.threshold, "mode": self.mode,
             "dim": int(dim), "clip_norm": self.clip_norm, "aggregator": self.aggregator, "deadlines": deadlines,
             "train": train, "max_aborts": self.max_aborts, "on_restart": self.on_restart, "a_seed": int(a_seed),
-            "he": dict(self.he), "sa_hties": dict(self.sa_hties)})
+            "he": dict(self.he), "sa_hties": dict(self.sa_hties),
+            "server_optimizer": self.server_optimizer.model_dump(mode="json")})
 
 
 def load_federation_yaml(path: str | Path) -> FederationFile:
