@@ -24,17 +24,16 @@ import math
 from typing import Literal, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedproxy_secure.errors import ConfigError
+from fedproxy_secure.strict import StrictModel
 
 OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 
 
-class ServerOptimizerConfig(BaseModel):
+class ServerOptimizerConfig(StrictModel):
     """How the server applies the aggregate (validated at every boundary that carries it)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["sgd", "avgm", "adam", "yogi"] = "sgd"
     lr: float = Field(1.0, gt=0, description="server learning rate η (sgd/avgm: 1.0 = plain FedAvg)")
