@@ -308,3 +308,50 @@ def export_cmd(
     console.print(f"[green]exported[/] round {rec['round']} ({rec['lora_dim']} LoRA values, state "
                   f"{rec['state_sha256'][:12]}): adapter {out / 'adapter'}, proxy {out / 'proxy'}",
                   highlight=False, soft_wrap=True)
+
+
+@server_app.command("forget-site")
+def forget_site_cmd(
+    name: str = typer.Argument(..., help="site name to forget (see 'server status')"),
+    dir: Path = typer.Option(Path("fedserver"), "--dir"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would be deleted and kept; change nothing"),
+    ca_key: Optional[Path] = typer.Option(None, "--ca-key", help="CA key to sign the CRL when the site is not revoked "
+                                          "yet (default: DIR/pki/ca.key)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Delete what the server stores about one site (revoking it first); audited as site_forgotten.
+
+    Deletes the site's enrolment and token rows, its protocol messages and the server's messages to it,
+    its uploads, its client reports, its nonces, its kit record, its issued-certificate record and any
+    handover folder. Keeps what integrity needs: the audit log, the signed round configs and transitions
+    (pseudonymous client ids), the global states (aggregates), the revocation entry and the CRL.
+    Refused while the site is in an open round's cohort. Running it again changes nothing.
+    """
+    from fedproxy_secure.server.forget import forget_site
+
+    r = forget_site(dir, name, dry_run=dry_run, ca_key=ca_key)
+    if as_json:
+        console.print_json(json.dumps(r))
+        return
+    rows = ", ".join(f"{k} {v}" for k, v in r["rows"].items() if v) or "no rows"
+    files = ", ".join(r["files"]) or "no files"
+    if r["noop"]:
+        console.print(f"site {name!r} was already forgotten: nothing is left to delete", highlight=False)
+        return
+    if dry_run:
+        console.print(f"[bold]dry run[/]: forget-site {name!r} (client {r['client_id'] or 'never enrolled'}) would "
+                      f"{'revoke it, then ' if r['revoked_now'] else ''}delete {rows}; files {files}",
+                      highlight=False, soft_wrap=True)
+        for b in r["blocked_by"]:
+            console.print(f"[yellow]refused now:[/] the site is in the cohort of open round {b['round']} "
+                          f"(stage {b['stage']!r}); run it once that round is done or aborted", highlight=False)
+    else:
+        console.print(f"[green]forgotten[/] site {name!r} (client {r['client_id'] or 'never enrolled'}"
+                      f"{', revoked now' if r['revoked_now'] else ''}): deleted {rows}; files {files}; audited "
+                      "as site_forgotten", highlight=False, soft_wrap=True)
+        if r["revoked_now"] and r["crl"] is None:
+            console.print("[yellow]warning:[/] no CA key here, so the CRL was not updated; run 'server revoke-site "
+                          f"{name} --ca-key KEY' to refuse its certificate at the handshake too",
+                          highlight=False, soft_wrap=True)
+    for k in r["kept"]:
+        console.print(f"  kept: {k}", highlight=False, soft_wrap=True)

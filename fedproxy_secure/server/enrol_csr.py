@@ -31,10 +31,12 @@ from starlette.concurrency import run_in_threadpool
 from fedproxy_secure.auditlog import AuditLog
 from fedproxy_secure.errors import ConfigError, ProtocolAbort, SecurityError
 from fedproxy_secure.server.app import BodyLimit, parse_json
-from fedproxy_secure.server.revocation import load_revoked, record_issued
+from fedproxy_secure.server.renew import renew_certificate
+from fedproxy_secure.server.revocation import load_revoked, record_issued, revocation_aware_lookup
 from fedproxy_secure.server.setup import server_paths
 from fedproxy_secure.server.store import SQLiteStore, Storage
 from fedproxy_secure.transport.pki import CLIENT_CERT_DAYS, CertPair, check_csr, sign_csr
+from fedproxy_secure.transport.renewal import RENEW_PATH, RenewRequest
 from fedproxy_secure.transport.signing import RequestVerifier, b64u_decode
 
 CSR_PATH = "/v1/csr"
@@ -123,7 +125,8 @@ def _repeat(d, store: Storage, token: str, pubkey: bytes, csr_pem: bytes, refusa
 
 
 def create_enrol_app(d: str | os.PathLike, store: Storage, audit: AuditLog, skew_s: int = 120) -> BodyLimit:
-    """The enrolment listener's ASGI app: ``POST /v1/csr`` only, bodies over 16 KiB refused unread."""
+    """The enrolment listener's ASGI app: ``POST /v1/csr`` (first enrolment from a kit) and ``POST /v1/renew``
+    (certificate renewal of an enrolled site, ``server/renew.py``) only; bodies over 16 KiB refused unread."""
     d = Path(d)
     app = FastAPI(title="fedproxy-secure enrolment", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -147,6 +150,27 @@ def create_enrol_app(d: str | os.PathLike, store: Storage, audit: AuditLog, skew
             await run_in_threadpool(pop.verify, request.method, request.url.path, body, request.headers)
             return await run_in_threadpool(enrol_csr, d, store, audit, str(msg["token"]), pub,
                                            str(msg["csr"]).encode())
+        except SecurityError as exc:
+            return refuse(403, str(exc))
+        except ConfigError as exc:
+            return refuse(503, str(exc))
+
+    renew_verifier = RequestVerifier(revocation_aware_lookup(d, store.client_key), store, skew_s)
+
+    @app.post(RENEW_PATH)
+    async def renew(request: Request):
+        body = await request.body()
+        try:  # the identity signature first: nothing of the body is parsed before it verifies
+            who = await run_in_threadpool(renew_verifier.verify, request.method, request.url.path, body,
+                                          request.headers)
+        except SecurityError as exc:
+            return refuse(401, str(exc))
+        try:
+            req = RenewRequest.model_validate(parse_json(body))
+        except (ProtocolAbort, ValueError) as exc:
+            return refuse(400, f"renewal body: {exc}"[:300])
+        try:
+            return await run_in_threadpool(renew_certificate, d, store, audit, who.client_id, req)
         except SecurityError as exc:
             return refuse(403, str(exc))
         except ConfigError as exc:

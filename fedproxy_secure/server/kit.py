@@ -58,6 +58,10 @@ def write_site_kit(d: str | os.PathLike, name: str, out: str | os.PathLike, url:
     if out.exists():
         raise ConfigError(f"--out {str(out)!r} exists; choose a new file for the kit")
     record = p["kits"] / f"{name}.json"
+    from fedproxy_secure.server.revocation import load_revoked
+
+    if name in load_revoked(d):
+        raise ConfigError(f"site {name!r} was revoked here (see pki/revoked.json); enrol the site under another name")
     if record.exists():
         raise ConfigError(f"site {name!r} already has a kit ({record}); enrol it under another name")
     url = url or deployment(d).get("url")

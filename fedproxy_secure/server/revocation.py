@@ -41,11 +41,28 @@ def load_revoked(d: str | os.PathLike) -> dict[str, dict]:
 
 def record_issued(d: str | os.PathLike, name: str, client_id: str, serial: int, not_after: float,
                   cert_sha256: str) -> None:
-    """Record the client certificate issued to site ``name`` (public data only)."""
+    """Record the client certificate issued to site ``name`` (public data only).
+
+    ``serial`` is the latest certificate; ``serials`` every serial ever issued to the site (enrolment and each
+    renewal), so a revocation lists all of them in the CRL, including an older one that has not expired yet.
+    """
     folder = revocation_paths(d)["issued"]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps({"site": name, "client_id": client_id, "serial": str(serial),
-                                                     "not_after": not_after, "cert_sha256": cert_sha256}))
+    rec = folder / f"{name}.json"
+    prev = issued_serials(d, name)
+    (folder / f"{name}.json.tmp").write_text(json.dumps({
+        "site": name, "client_id": client_id, "serial": str(serial), "serials": sorted(set(prev) | {str(serial)}),
+        "not_after": not_after, "cert_sha256": cert_sha256}))
+    os.replace(folder / f"{name}.json.tmp", rec)
+
+
+def issued_serials(d: str | os.PathLike, name: str) -> list[str]:
+    """Every certificate serial recorded as issued to site ``name`` (``[]`` when none)."""
+    rec = revocation_paths(d)["issued"] / f"{name}.json"
+    if not rec.is_file():
+        return []
+    r = json.loads(rec.read_text())
+    return sorted({str(r["serial"]), *map(str, r.get("serials", []))})
 
 
 def revoke_site(d: str | os.PathLike, name: str, reason: str = "revoked by the operator",
@@ -64,19 +81,19 @@ def revoke_site(d: str | os.PathLike, name: str, reason: str = "revoked by the o
         cid = store.revoke_client(name)
     finally:
         store.close()
-    issued = rp["issued"] / f"{name}.json"
-    serials = [json.loads(issued.read_text())["serial"]] if issued.is_file() else []
+    serials = issued_serials(d, name)
     legacy = p["enrol"] / name / "client.pem"  # a handover folder ('server enroll' without --out) still here
     if legacy.is_file():
         from fedproxy_secure.transport.pki import load_cert
 
         serials.append(str(load_cert(legacy).serial_number))
-    if cid is None and not serials and not (p["kits"] / f"{name}.json").is_file() and not (p["enrol"] / name).is_dir():
+    if (cid is None and not serials and not (p["kits"] / f"{name}.json").is_file() and not (p["enrol"] / name).is_dir()
+            and name not in load_revoked(d)):
         raise ConfigError(f"NAME: site {name!r} was never enrolled here; see 'server status' for the site names")
     sites = load_revoked(d)
     now = time.time()
     prev = sites.get(name, {})
-    sites[name] = {"client_id": cid or prev.get("client_id"), "serials": sorted(set(prev.get("serials", [])) | set(serials)),
+    sites[name] = {**prev, "client_id": cid or prev.get("client_id"), "serials": sorted(set(prev.get("serials", [])) | set(serials)),
                    "revoked_at": prev.get("revoked_at", now), "reason": reason[:200]}
     tmp = rp["revoked"].with_name(".revoked.json.tmp")
     tmp.write_text(json.dumps({"sites": sites}, indent=2))
@@ -90,6 +107,19 @@ def revoke_site(d: str | os.PathLike, name: str, reason: str = "revoked by the o
     AuditLog(p["audit"]).append("site_revoked", {"name": name, "client_id": cid, "serials": serials,
                                                  "reason": reason[:200], "crl_updated": crl is not None})
     return {"name": name, "client_id": cid, "serials": serials, "crl": crl}
+
+
+def mark_forgotten(d: str | os.PathLike, name: str, when: float) -> None:
+    """Note in the revocation list that site ``name`` was forgotten (``server forget-site``); the entry itself
+    (client id, serials) stays, so the certificate stays refused and the name is not issued again."""
+    rp = revocation_paths(d)
+    sites = load_revoked(d)
+    if name not in sites:
+        raise ConfigError(f"site {name!r} is not revoked; 'server forget-site' revokes a site before it forgets it")
+    sites[name]["forgotten_at"] = sites[name].get("forgotten_at", when)
+    tmp = rp["revoked"].with_name(".revoked.json.tmp")
+    tmp.write_text(json.dumps({"sites": sites}, indent=2))
+    os.replace(tmp, rp["revoked"])
 
 
 def revocation_aware_lookup(d: str | os.PathLike, lookup: Callable[[str], bytes | None]) -> Callable[[str], bytes | None]:

@@ -76,7 +76,8 @@ def uvicorn_server(d: str | os.PathLike, host: str = "127.0.0.1", port: int = 84
 
 def _with_enrolment_listener(config, d, ctx: ServerContext, host: str, enrol_port: int, log_level: str):
     """A ``uvicorn.Server`` for ``config`` that also serves the CSR enrolment listener on ``enrol_port``
-    (``server/enrol_csr.py``) in a thread while it runs, if some site kit is unspent (0: never)."""
+    (``server/enrol_csr.py``) in a thread while it runs, if some site kit is unspent or some site enrolled with a
+    CSR can renew its certificate (``server/renew.py``) (0: never)."""
     import threading
 
     import uvicorn
@@ -84,7 +85,9 @@ def _with_enrolment_listener(config, d, ctx: ServerContext, host: str, enrol_por
     from fedproxy_secure.server.enrol_csr import create_enrol_app, pending_kits
     from fedproxy_secure.transport.tls import uvicorn_enrol_ssl_kwargs
 
-    if not enrol_port or not pending_kits(d):
+    from fedproxy_secure.server.renew import renewable_sites
+
+    if not enrol_port or not (pending_kits(d) or renewable_sites(d)):
         return uvicorn.Server(config)
     p = server_paths(d)
     econf = uvicorn.Config(create_enrol_app(d, ctx.store, ctx.audit, ctx.verifier.skew_s), host=host,

@@ -166,6 +166,10 @@ def enroll_site(d: str | os.PathLike, name: str, server_url: str, ttl_s: float =
     out = p["enrol"] / name
     if out.exists():
         raise ConfigError(f"{out} exists: site {name!r} was already issued an enrolment bundle")
+    from fedproxy_secure.server.revocation import load_revoked
+
+    if name in load_revoked(d):
+        raise ConfigError(f"site {name!r} was revoked here (see pki/revoked.json); enrol the site under another name")
     store = SQLiteStore(p["db"])
     try:
         token = store.add_token(name, ttl_s)

@@ -233,6 +233,45 @@ class SQLiteStore:
             c.execute("UPDATE tokens SET used_at=? WHERE name=? AND used_at IS NULL", (self._clock(), name))
         return row[0] if row else None
 
+    def open_rounds_with(self, client_id: str) -> list[tuple[int, str]]:
+        """``(round_id, stage)`` of every open round whose cohort holds ``client_id``, or whose join stage
+        already holds its check-in (it would be put into the cohort)."""
+        with self._lock:
+            return _open_rounds_with(self._db, client_id)
+
+    def forget_client(self, name: str, client_id: str | None, dry_run: bool = False) -> dict[str, int]:
+        """Delete, in one transaction, every row the store keeps about site ``name`` / ``client_id`` that is
+        not needed for integrity; returns the number of rows by kind (what would go when ``dry_run``).
+
+        Deleted: its enrolment row (name, identity key, time), its token rows, its protocol messages and the
+        server's messages to it (``submissions``), its uploads and their chunks, its client reports and its
+        request nonces. Kept: the signed round configs and stage transitions (pseudonymous client ids; the
+        configs are signed, other sites hold them as evidence) and the global states (aggregates only).
+        Unless ``dry_run``, raises LookupError naming the round when the client is in an open round
+        (:meth:`open_rounds_with`), checked inside the same transaction, so nothing is deleted then.
+        """
+        cid = client_id or ""
+        queries = {
+            "enrolments": ("enrolments", "name=? OR client_id=?", (name, cid)),
+            "tokens": ("tokens", "name=?", (name,)),
+            "submissions": ("submissions", "client_id=? AND stage NOT LIKE 'out:%'", (cid,)),
+            "server_messages": ("submissions", "client_id=? AND stage LIKE 'out:%'", (cid,)),
+            "upload_chunks": ("upload_chunks", "client_id=?", (cid,)),
+            "uploads": ("uploads", "client_id=?", (cid,)),
+            "client_reports": ("client_reports", "client_id=?", (cid,)),
+            "nonces": ("nonces", "client_id=?", (cid,)),
+        }
+        with self._tx() as c:
+            if not dry_run and cid and (busy := _open_rounds_with(c, cid)):
+                rid, stage = busy[0]
+                raise LookupError(f"client {cid} is in the cohort of open round {rid} (stage {stage!r})")
+            counts = {k: int(c.execute(f"SELECT COUNT(*) FROM {t} WHERE {w}", a).fetchone()[0])
+                      for k, (t, w, a) in queries.items()}
+            if not dry_run:
+                for t, w, a in queries.values():
+                    c.execute(f"DELETE FROM {t} WHERE {w}", a)
+        return counts
+
     def client_key(self, client_id: str) -> bytes | None:
         """Raw Ed25519 public key of an active enrolled client, else None."""
         rows = self._q("SELECT pubkey FROM enrolments WHERE client_id=? AND status='active'", (client_id,))
@@ -520,6 +559,19 @@ class SQLiteStore:
         with self._tx() as c:
             return bool(_discard_uploads(c, "round_id=? AND stage=? AND client_id=? AND status='open'",
                                          (round_id, stage, client_id)))
+
+
+def _open_rounds_with(c: sqlite3.Connection, client_id: str) -> list[tuple[int, str]]:
+    """Open rounds that hold ``client_id`` in their cohort or, at the join stage, its check-in."""
+    out = []
+    for rid, stage, cfg in c.execute("SELECT round_id, stage, config FROM rounds WHERE status='open' "
+                                     "ORDER BY round_id").fetchall():
+        cohort = {str(m[0]) for m in (json.loads(cfg).get("cohort") or [])}
+        joined = c.execute("SELECT 1 FROM submissions WHERE round_id=? AND stage='join' AND client_id=?",
+                           (rid, client_id)).fetchone() is not None
+        if client_id in cohort or (stage == "join" and joined):
+            out.append((int(rid), str(stage)))
+    return out
 
 
 def _discard_uploads(c: sqlite3.Connection, where: str, args: tuple) -> list[dict]:
