@@ -11,7 +11,8 @@ import sys
 from tests.net_helpers import ROOT, env, run_short_demo
 
 def test_demo_tiny_real_training_and_audit(tmp_path):
-    r, out = run_short_demo("demo-tiny.yaml", tmp_path, timeout=300, proxy=True)
+    # with the proxy scored alone and the no-DP baseline beside the DP run (its sites opt out of policy.require_dp)
+    r, out = run_short_demo("demo-tiny.yaml", tmp_path, timeout=420, proxy=True, no_dp_baseline=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for f in ("report.md", "results.json", "rounds.png", "audit.jsonl", "server/state.db",
               "server/global_adapter/adapter_model.safetensors", "server/bundle/MANIFEST.sig"):
@@ -45,10 +46,11 @@ def test_demo_tiny_real_training_and_audit(tmp_path):
     # stage decomposition: the proxy's own gain (stage ii) and the share the plug-in carried (stage iii), DP and no-DP
     dec = res["stage_decomposition"]
     assert "## Stage decomposition" in report
-    for g in ("proxy_tuned - zs_proxy", "fused - zs_llm"):
+    for g in ("proxy_tuned - zs_proxy", "fused - zs_llm", "proxy_tuned_nodp - zs_proxy", "fused_nodp - zs_llm"):
         lo, hi = dec["gains"][g]["ci"]
         assert lo <= dec["gains"][g]["value"] <= hi
-    assert "missing" not in dec["carried"] and dec["carried_nodp"]["missing"]  # this short run has no no-DP baseline
+    assert "missing" not in dec["carried"] and "missing" not in dec["carried_nodp"]
+    assert res["no_dp"]["rounds_done"] == 2 and "**Without DP**" in report
     acfg = json.loads((out / "server" / "global_adapter" / "adapter_config.json").read_text())
     assert acfg["base_model_name_or_path"] == str((out / "proxy").resolve()) and (out / "proxy" / "fedproxy.json").is_file()
     # no private key or token left in the output
