@@ -117,10 +117,12 @@ class ClientsConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Local training on each client (per round)."""
 
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(1e-3, gt=0, description="client lr; FFA-LoRA trains only B (docs/decisions/federation-recipe.md)")
     local_steps: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
-    update_clip_norm: float = Field(1.0, gt=0, description="L2 bound of each client's update")
+    update_clip_norm: float = Field(1.0, gt=0, description="L2 bound of each client's update; binding on purpose: "
+                                    "a per-client trust region against drift under label skew "
+                                    "(docs/decisions/federation-recipe.md)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="client lr over rounds: constant, or cosine from lr to min_lr_ratio * lr")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule: the last round's lr as a fraction of lr")

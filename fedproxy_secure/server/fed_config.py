@@ -15,7 +15,8 @@ Example (every key optional; defaults shown)::
     max_aborts: 3                   # more aborted rounds than this stops the federation as failed
     deadlines: {join: 600}          # seconds per stage (others keep their defaults)
     lora: {r: 8, alpha: 16, ffa: true}
-    train: {lr: 0.0002, local_steps: 10, batch_size: 8, max_length: 256}
+    train: {lr: 0.001, local_steps: 10, batch_size: 8, max_length: 256, lr_schedule: constant}
+    server_optimizer: {name: sgd, lr: 1.0}   # sgd | avgm | adam | yogi, applied to the secure sum
     dp: {enabled: true, epsilon: 8.0, delta: 1.0e-5}   # the DP policy every site must meet or exceed
 """
 
@@ -40,7 +41,7 @@ DEFAULT_JOIN_DEADLINE_S = 600.0
 class TrainPolicy(StrictModel):
     """Local training each round (signed into every round config, applied by every site)."""
 
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(1e-3, gt=0, description="client lr (FFA-LoRA: only B is trained)")
     local_steps: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(256, ge=8)
