@@ -82,7 +82,7 @@ class QualityArgs:
     lr: float = 1e-3
     update_clip_norm: float = 1.0
     lr_schedule: str = "constant"
-    server_optimizer: dict = field(default_factory=dict)
+    server_optimizer: dict = field(default_factory=lambda: {"name": "avgm", "lr": 1.0, "beta1": 0.7})  # the recipe
     val_per_task: int = 0  # > 0: held out of each task's training split; the global proxy is scored on it every round
     centralized_lr: float = 2e-4
     centralized_epochs: int | None = None  # None: match the federation's example budget

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from fedproxy_secure.aggregate.server_opt import ServerOptimizerConfig
+from fedproxy_secure.aggregate.server_opt import RECIPE_SERVER_OPTIMIZER, ServerOptimizerConfig
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.strict import StrictModel
 
@@ -152,7 +152,9 @@ class AggregatorConfig(StrictModel):
     rho: float = Field(1.1, ge=1.0)
     ties_density: float = Field(0.2, gt=0, le=1)
     server_optimizer: ServerOptimizerConfig = Field(
-        default_factory=ServerOptimizerConfig, description="how the server applies the aggregate (sgd, avgm, adam, yogi)")
+        default_factory=lambda: RECIPE_SERVER_OPTIMIZER,
+        description="how the server applies the aggregate (sgd, avgm, adam, yogi); default FedAvgM, lr 1, momentum 0.7, "
+                    "chosen on validation curves (docs/decisions/federation-recipe.md)")
 
 
 class SecAggConfig(StrictModel):

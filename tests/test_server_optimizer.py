@@ -96,7 +96,7 @@ def _cfg_dict(aggregator: str, mode: str, opt: dict | None) -> dict:
                                "vocab": 259, "max_positions": 64}},
             "data": {"dir": "examples/data/bigbench-mini", "tasks": ["navigate"]}, "rounds": ROUNDS,
             "clients": {"count": N}, "train": {"update_clip_norm": CLIP, "lr": 1e-2, "lr_schedule": "cosine"},
-            "aggregator": {"name": aggregator, **({"server_optimizer": opt} if opt else {})},
+            "aggregator": {"name": aggregator, "server_optimizer": opt or {"name": "sgd"}},
             "secagg": {"mode": mode, "threshold": 3}}
 
 

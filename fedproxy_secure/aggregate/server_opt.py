@@ -44,6 +44,11 @@ class ServerOptimizerConfig(StrictModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule: final lr as a fraction of lr")
 
 
+#: the default of run configs and federation.yaml: FedAvgM (server lr 1, momentum 0.7), chosen on validation curves
+#: under label skew (docs/decisions/federation-recipe.md); ``ServerOptimizerConfig()`` itself is plain θ + Δ
+RECIPE_SERVER_OPTIMIZER = ServerOptimizerConfig(name="avgm", lr=1.0, beta1=0.7)
+
+
 def scheduled_lr(lr: float, schedule: str, round_index: int, total_rounds: int, min_lr_ratio: float = 0.0) -> float:
     """The learning rate of 0-based round ``round_index`` of ``total_rounds``.
 

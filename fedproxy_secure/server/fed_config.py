@@ -16,7 +16,7 @@ Example (every key optional; defaults shown)::
     deadlines: {join: 600}          # seconds per stage (others keep their defaults)
     lora: {r: 8, alpha: 16, ffa: true}
     train: {lr: 0.001, local_steps: 10, batch_size: 8, max_length: 256, lr_schedule: constant}
-    server_optimizer: {name: sgd, lr: 1.0}   # sgd | avgm | adam | yogi, applied to the secure sum
+    server_optimizer: {name: avgm, lr: 1.0, beta1: 0.7}   # sgd | avgm | adam | yogi, applied to the secure sum
     dp: {enabled: true, epsilon: 8.0, delta: 1.0e-5}   # the DP policy every site must meet or exceed
 """
 
@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator
 
-from fedproxy_secure.aggregate.server_opt import ServerOptimizerConfig
+from fedproxy_secure.aggregate.server_opt import RECIPE_SERVER_OPTIMIZER, ServerOptimizerConfig
 from fedproxy_secure.config import DPConfig, LoraConfig, format_validation_error, read_yaml_mapping
 from fedproxy_secure.errors import ConfigError
 from fedproxy_secure.server.rounds import DEFAULT_DEADLINES, FederationSettings
@@ -70,7 +70,7 @@ class FederationFile(StrictModel):
     dp: DPConfig = DPConfig(enabled=True)
     he: dict = Field(default_factory=dict)
     sa_hties: dict = Field(default_factory=dict)
-    server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig,
+    server_optimizer: ServerOptimizerConfig = Field(default_factory=lambda: RECIPE_SERVER_OPTIMIZER,
                                                     description="how the server applies each round's aggregate")
 
     @field_validator("url")
