@@ -107,14 +107,16 @@ def fed(tmp_path_factory) -> dict:
     return {"dir": d, "key": key, "keyset": keyset, "settings": d / "settings.json"}
 
 
-def test_flower_secaggplus_sa_hties_matches_simulate(fed):
-    d = fed["dir"]
-    sim_out = d / "sim-out"
+def _run_flower_and_simulate(workdir: Path, settings: Path, cfg: Path, nodes: int) -> dict:
+    """Flower's simulation engine (``nodes`` nodes) and ``simulate`` on the same run config, side by side;
+    both must exit 0. Returns Flower's results.json (its θ per round in ``workdir/flower-out``, simulate's in
+    ``workdir/sim-out``)."""
+    sim_out = workdir / "sim-out"
     sim_out.mkdir()
-    flower = subprocess.Popen([str(FLOWER_PY), "-m", "fedproxy_secure.flower.simulation", "--settings",
-                               str(fed["settings"]), "--nodes", "4", "--ray-cpus", "2"],
-                              cwd=d, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sim = subprocess.run([sys.executable, "-c", SIMULATE, str(d / "cfg.yaml"), str(sim_out)], cwd=d, env=_env(),
+    flower = subprocess.Popen([str(FLOWER_PY), "-m", "fedproxy_secure.flower.simulation", "--settings", str(settings),
+                               "--nodes", str(nodes), "--ray-cpus", "2"],
+                              cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sim = subprocess.run([sys.executable, "-c", SIMULATE, str(cfg), str(sim_out)], cwd=workdir, env=_env(),
                          capture_output=True, text=True, timeout=300)
     try:
         log, _ = flower.communicate(timeout=400)
@@ -123,8 +125,28 @@ def test_flower_secaggplus_sa_hties_matches_simulate(fed):
         raise
     assert sim.returncode == 0, sim.stderr[-3000:]
     assert flower.returncode == 0, log[-4000:]
+    return json.loads((workdir / "flower-out" / "results.json").read_text())
 
-    res = json.loads((d / "flower-out" / "results.json").read_text())
+
+def _assert_thetas_match(workdir: Path) -> None:
+    """θ after every round: Flower equals simulate within ATOL / RTOL, and each round moved θ by far more
+    than the tolerance (so the comparison can fail)."""
+    theta_prev = None
+    for r in range(1, ROUNDS + 1):
+        tf = np.load(workdir / "flower-out" / f"theta_round{r}.npy")
+        ts = np.load(workdir / "sim-out" / f"theta_round{r}.npy")
+        assert tf.shape == ts.shape
+        err = np.abs(tf - ts)
+        assert err.max() <= ATOL, (r, float(err.max()))
+        assert np.linalg.norm(tf - ts) / np.linalg.norm(ts) <= RTOL, r
+        if theta_prev is not None:
+            assert np.abs(ts - theta_prev).max() > 100 * ATOL
+        theta_prev = ts
+
+
+def test_flower_secaggplus_sa_hties_matches_simulate(fed):
+    d = fed["dir"]
+    res = _run_flower_and_simulate(d, fed["settings"], d / "cfg.yaml", nodes=4)
     assert res["accepted"] == 4 and all(j["accepted"] for j in res["join"]), res["join"]
     assert len(res["rounds"]) == ROUNDS
     for rec in res["rounds"]:
@@ -134,18 +156,7 @@ def test_flower_secaggplus_sa_hties_matches_simulate(fed):
     # stage iii ran on the server: a signed fused folder, and the fused LLM was evaluated
     assert (d / "flower-out" / "fused").is_dir() and (d / "flower-out" / "fused.keyset.json").is_file()
     assert "fused" in res["evaluation"]["methods"]
-
-    theta_prev = None
-    for r in range(1, ROUNDS + 1):
-        tf = np.load(d / "flower-out" / f"theta_round{r}.npy")
-        ts = np.load(sim_out / f"theta_round{r}.npy")
-        assert tf.shape == ts.shape
-        err = np.abs(tf - ts)
-        assert err.max() <= ATOL, (r, float(err.max()))
-        assert np.linalg.norm(tf - ts) / np.linalg.norm(ts) <= RTOL, r
-        if theta_prev is not None:  # the round moved θ by far more than the tolerance: the check can fail
-            assert np.abs(ts - theta_prev).max() > 100 * ATOL
-        theta_prev = ts
+    _assert_thetas_match(d)
 
 
 # FedAvg with a stateful server optimizer (FedAvgM): the momentum must evolve identically in both engines
@@ -169,37 +180,13 @@ def test_flower_secaggplus_fedavg_matches_simulate(fed, tmp_path):
         "config": str(tmp_path / "cfg.yaml"), "out": str(tmp_path / "flower-out"), "state_root": str(tmp_path / "state"),
         "evaluate": False, "max_weight": 16}  # the largest client: SecAgg+ quantises (n_i / max_weight) Δ_i
     (tmp_path / "settings.json").write_text(json.dumps(settings))
-    sim_out = tmp_path / "sim-out"
-    sim_out.mkdir()
-    flower = subprocess.Popen([str(FLOWER_PY), "-m", "fedproxy_secure.flower.simulation", "--settings",
-                               str(tmp_path / "settings.json"), "--nodes", "3", "--ray-cpus", "2"],
-                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sim = subprocess.run([sys.executable, "-c", SIMULATE, str(tmp_path / "cfg.yaml"), str(sim_out)], cwd=tmp_path,
-                         env=_env(), capture_output=True, text=True, timeout=300)
-    try:
-        log, _ = flower.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        flower.kill()
-        raise
-    assert sim.returncode == 0, sim.stderr[-3000:]
-    assert flower.returncode == 0, log[-4000:]
-
-    res = json.loads((tmp_path / "flower-out" / "results.json").read_text())
+    res = _run_flower_and_simulate(tmp_path, tmp_path / "settings.json", tmp_path / "cfg.yaml", nodes=3)
     assert len(res["rounds"]) == ROUNDS
     for rec in res["rounds"]:
         assert rec["survivors"] == 3
         assert rec["aggregator"]["aggregator"] == "fedavg" and rec["aggregator"]["secure_sum"] == "flower-secaggplus"
         assert rec["server_step"]["optimizer"] == "avgm"
-    theta_prev = None
-    for r in range(1, ROUNDS + 1):
-        tf = np.load(tmp_path / "flower-out" / f"theta_round{r}.npy")
-        ts = np.load(sim_out / f"theta_round{r}.npy")
-        err = np.abs(tf - ts)
-        assert err.max() <= ATOL, (r, float(err.max()))
-        assert np.linalg.norm(tf - ts) / np.linalg.norm(ts) <= RTOL, r
-        if theta_prev is not None:
-            assert np.abs(ts - theta_prev).max() > 100 * ATOL
-        theta_prev = ts
+    _assert_thetas_match(tmp_path)
 
 
 DROP_TOLERANT = """
