@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from fedproxy_secure.data.manifest import file_sha256
 from fedproxy_secure.errors import DataError, SecurityError
 
 
@@ -45,14 +46,6 @@ def default_cache() -> Path:
     return Path(os.environ.get("FEDPROXY_CACHE", Path.home() / ".cache" / "fedproxy-secure"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_pinned(pin: PinnedFile, dest_dir: Path, *, index_url: str | None = None,
                     progress: Callable[[int, int], None] | None = None) -> Path:
     """The pinned file in ``dest_dir``: reused if its hash matches, else downloaded and checked."""
@@ -60,7 +53,7 @@ def download_pinned(pin: PinnedFile, dest_dir: Path, *, index_url: str | None = 
 
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / pin.filename
-    if target.is_file() and _sha256(target) == pin.sha256:
+    if target.is_file() and file_sha256(target) == pin.sha256:
         return target
     index = (index_url or os.environ.get("FEDPROXY_PYPI_INDEX", "https://pypi.org/simple")).rstrip("/")
     try:
@@ -104,7 +97,7 @@ def fetch_bigbench(tasks: Sequence[str], cache: Path | None = None, *, sdist: Pa
     if not missing:
         return out
     archive = Path(sdist) if sdist else download_pinned(BIGBENCH_SDIST, cache / "downloads", progress=progress)
-    if sdist and _sha256(archive) != BIGBENCH_SDIST.sha256:
+    if sdist and file_sha256(archive) != BIGBENCH_SDIST.sha256:
         raise SecurityError(f"{archive}: not the pinned bigbench-1.0.0 sdist (SHA-256 mismatch)")
     wanted = {f"bigbench-1.0.0/bigbench/benchmark_tasks/{t}/task.json": t for t in missing}
     out.mkdir(parents=True, exist_ok=True)
