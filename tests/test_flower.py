@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.flower_helpers import SIMULATE, flower_env
+
 from fedproxy_secure.errors import SecurityError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,27 +72,6 @@ dp: {{enabled: false}}
 fusion: {{method: weight}}
 """
 
-SIMULATE = """
-import sys, numpy as np, torch
-torch.set_num_threads(1)
-from pathlib import Path
-from fedproxy_secure.config import load_run_config
-from fedproxy_secure.lora import get_lora_vector
-from fedproxy_secure.pipelines.simulate import federate, prepare
-cfg = load_run_config(sys.argv[1]); out = Path(sys.argv[2])
-prep = prepare(cfg, lambda m: None, bars=False)
-def keep(r, model):
-    np.save(out / f"theta_round{r + 1}.npy", get_lora_vector(model), allow_pickle=False)
-    return {}
-federate(cfg, prep, out, lambda m: None, on_round=keep)
-"""
-
-
-def _env() -> dict[str, str]:
-    return os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
-                         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONWARNINGS": "ignore"}
-
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory) -> dict:
@@ -115,8 +96,8 @@ def _run_flower_and_simulate(workdir: Path, settings: Path, cfg: Path, nodes: in
     sim_out.mkdir()
     flower = subprocess.Popen([str(FLOWER_PY), "-m", "fedproxy_secure.flower.simulation", "--settings", str(settings),
                                "--nodes", str(nodes), "--ray-cpus", "2"],
-                              cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sim = subprocess.run([sys.executable, "-c", SIMULATE, str(cfg), str(sim_out)], cwd=workdir, env=_env(),
+                              cwd=workdir, env=flower_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sim = subprocess.run([sys.executable, "-c", SIMULATE, str(cfg), str(sim_out)], cwd=workdir, env=flower_env(),
                          capture_output=True, text=True, timeout=300)
     try:
         log, _ = flower.communicate(timeout=400)
@@ -218,7 +199,7 @@ def test_drop_tolerant_secaggplus_forgets_a_node_that_never_shared_its_keys():
     """The fix behind tests/test_flower_faults.py, without Ray: after share_keys the cohort and every
     neighbour set are the nodes that completed it (Flower 1.42 kept node 5 and halted in unmask), and
     the threshold check still runs on the smaller cohort (threshold 5 > the 4 nodes left fails)."""
-    p = subprocess.run([str(FLOWER_PY), "-c", DROP_TOLERANT], env=_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run([str(FLOWER_PY), "-c", DROP_TOLERANT], env=flower_env(), capture_output=True, text=True, timeout=300)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, (p.stdout + p.stderr)[-3000:]
     out = json.loads(line[len("RESULT "):])
@@ -299,7 +280,7 @@ def test_client_refuses_bundle_with_bad_signature(fed, tmp_path):
 
     # the ClientApp itself, called with a Flower message: refuses at join, then refuses to train
     p = subprocess.run([str(FLOWER_PY), "-c", CLIENT_APP_REFUSES, str(fed["settings"]), str(bundle)],
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=flower_env(), capture_output=True, text=True, timeout=300)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, (p.stdout + p.stderr)[-3000:]
     out = json.loads(line[len("RESULT "):])

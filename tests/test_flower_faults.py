@@ -31,13 +31,14 @@ update on a Flower workflow state without Ray.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.flower_helpers import SIMULATE, flower_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWER_PY = ROOT / ".venv" / "flower" / "bin" / "python"
@@ -76,29 +77,6 @@ fusion: {{method: weight}}
 """
 
 
-SIMULATE = """
-import json, sys, numpy as np, torch
-torch.set_num_threads(1)
-from pathlib import Path
-from fedproxy_secure.config import load_run_config
-from fedproxy_secure.lora import get_lora_vector
-from fedproxy_secure.pipelines.simulate import federate, prepare
-cfg = load_run_config(sys.argv[1]); out = Path(sys.argv[2])
-prep = prepare(cfg, lambda m: None, bars=False)
-def keep(r, model):
-    np.save(out / f"theta_round{r + 1}.npy", get_lora_vector(model), allow_pickle=False)
-    return {}
-res = federate(cfg, prep, out, lambda m: None, on_round=keep)
-(out / "dropped.json").write_text(json.dumps([sorted(int(c) for c in rec["dropped"]) for rec in res.rounds]))
-"""
-
-
-def _env() -> dict[str, str]:
-    return os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
-                         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONWARNINGS": "ignore"}
-
-
 def _setup(d: Path, cfg_text: str) -> Path:
     from fedproxy_secure.flower.bundle_wire import init_operator
 
@@ -116,7 +94,7 @@ def _setup(d: Path, cfg_text: str) -> Path:
 def _flower(d: Path, settings: Path, nodes: int, drops: list[str]) -> dict:
     args = [str(FLOWER_PY), "-m", "fedproxy_secure.flower.simulation", "--settings", str(settings), "--nodes",
             str(nodes), "--ray-cpus", "2"] + [a for drop in drops for a in ("--drop-at", drop)]
-    p = subprocess.run(args, cwd=d, env=_env(), capture_output=True, text=True, timeout=900)
+    p = subprocess.run(args, cwd=d, env=flower_env(), capture_output=True, text=True, timeout=900)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-4000:]
     for drop in drops:  # each injected failure really happened
@@ -131,7 +109,7 @@ def test_fedavg_with_a_drop_in_every_secaggplus_stage_matches_simulate(tmp_path)
     sim_out = tmp_path / "sim-out"
     sim_out.mkdir()
     sim = subprocess.run([sys.executable, "-c", SIMULATE, str(tmp_path / "cfg.yaml"), str(sim_out)], cwd=tmp_path,
-                         env=_env(), capture_output=True, text=True, timeout=600)
+                         env=flower_env(), capture_output=True, text=True, timeout=600)
     assert sim.returncode == 0, sim.stderr[-3000:]
     dropped = json.loads((sim_out / "dropped.json").read_text())
     assert [len(d) for d in dropped] == [1] * rounds, dropped  # one of five drops before its masked input
